@@ -1,0 +1,188 @@
+"""Entry point: config -> tokenizer, data, models -> trainer -> run folder.
+
+    python train.py example/tiny-dpo.yml
+    python train.py example/pythia28-dpo.yml --overrides lr=2e-5 batch_size=32
+
+Everything that can fail because of the user's input (config, data, model paths) is checked BEFORE anything is
+written to the run folder, so a bad run never clobbers a good one. Such failures print one line and exit with code 2.
+"""
+import argparse
+import copy
+import os
+import pickle
+import sys
+
+import torch
+
+import data
+from trainers import DTYPES, BasicTrainer, FSDPTrainer, data_kind
+from utils import UserError, config_yaml, load_config, set_seed
+
+TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
+
+
+def pick_device(cfg) -> torch.device:
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config: device={cfg.device} but CUDA is not available on this machine (use device=cpu)")
+    if device.type == "cuda" and cfg.model.policy_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise UserError("config: model.policy_dtype=bfloat16 is not supported by this GPU; use float16 or float32")
+    return device
+
+
+def from_pretrained(loader, path, key, **kwargs):
+    """transformers' from_pretrained with a one-line error naming the config key when the path cannot be loaded."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"config: {key}: '{path}' does not exist")
+    try:
+        return loader.from_pretrained(os.path.expanduser(path), **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the local folder" if os.path.exists(path) else "the hub (no network, or no such model?)"
+        raise UserError(f"config: {key}: could not load '{path}' from {where}: {first}") from e
+
+
+def build_tokenizer(cfg):
+    from transformers import AutoTokenizer
+    key = "model.tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path else "model.name_or_path"
+    path = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
+    tokenizer = from_pretrained(AutoTokenizer, path, key, trust_remote_code=cfg.model.trust_remote_code)
+    return data.prepare_tokenizer(tokenizer)
+
+
+def disable_dropout(config_or_model):
+    """DPO compares log-probs of two models: dropout would make them noisy, so it is switched off everywhere."""
+    if isinstance(config_or_model, torch.nn.Module):
+        for module in config_or_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return config_or_model
+    for name, value in list(vars(config_or_model).items()):
+        if "dropout" in name and isinstance(value, float):
+            setattr(config_or_model, name, 0.0)
+    return config_or_model
+
+
+def load_archive(model, path):
+    """Weights from a `.pt` state dict (or {'state': state_dict}, as the original project saved), tensors only."""
+    if not os.path.isfile(path):
+        raise UserError(f"config: model.archive: '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused: the file holds Python objects other than tensors (possibly code); only "
+                        "plain state dicts load (torch.load weights_only=True)") from e
+    except Exception as e:
+        raise UserError(f"{path}: not a loadable torch state dict: {str(e).splitlines()[0]}") from e
+    if isinstance(state, dict) and isinstance(state.get("state"), dict):
+        state = state["state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a dict of tensors (a state dict)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"{path}: does not match the model architecture: {detail}") from e
+
+
+def build_policy(cfg, tokenizer, device):
+    """The trainable model, float32 master weights (autocast supplies the compute dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    m = cfg.model
+    kwargs = {"trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    archive_is_folder = bool(m.archive) and os.path.isdir(m.archive)
+    if m.name_or_path is None and not archive_is_folder:
+        arch = dict(m.from_config)
+        model_type = arch.pop("model_type", None)
+        if model_type is None:
+            raise UserError("config: model.from_config needs a model_type, e.g. llama, qwen2, gpt_neox")
+        arch.setdefault("vocab_size", len(tokenizer))
+        try:
+            config = disable_dropout(AutoConfig.for_model(model_type, **arch))
+        except (ValueError, TypeError) as e:
+            raise UserError(f"config: model.from_config: {str(e).splitlines()[0]}") from e
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    else:
+        source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
+        config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
+        model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+    if m.archive and not archive_is_folder:
+        load_archive(model, m.archive)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                        f"{model.get_input_embeddings().weight.shape[0]}: they do not belong together")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return disable_dropout(model).to(device)
+
+
+def build_reference(cfg, policy):
+    """A frozen copy of the initial policy in reference_dtype; None when the loss needs no reference."""
+    if cfg.loss.name == "sft" or cfg.loss.reference_free:
+        return None
+    reference = copy.deepcopy(policy)
+    if cfg.activation_checkpointing:
+        reference.gradient_checkpointing_disable()  # forward-only: nothing to recompute
+    dtype = DTYPES[cfg.model.reference_dtype or cfg.model.policy_dtype]
+    return reference.to(dtype).eval().requires_grad_(False)
+
+
+def build_data(cfg, tokenizer):
+    specs = [dict(s) for s in cfg.datasets]
+    eval_specs = [dict(s) for s in cfg.eval_datasets]
+    train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, data_kind(cfg.loss.name), cfg.max_length,
+                                                   cfg.max_prompt_length, cfg.n_eval_examples, cfg.seed)
+    print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return train, evaluation
+
+
+def prepare_run_dir(cfg):
+    run_dir = os.path.abspath(os.path.expanduser(cfg.output_dirs))
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml(cfg))
+    except OSError as e:
+        raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror}") from e
+    return run_dir
+
+
+def main(config_path, overrides=()):
+    cfg = load_config(config_path, overrides)
+    set_seed(cfg.seed)
+    device = pick_device(cfg)
+    tokenizer = build_tokenizer(cfg)
+    train_data, eval_data = build_data(cfg, tokenizer)
+    policy = build_policy(cfg, tokenizer, device)
+    reference = build_reference(cfg, policy)
+    run_dir = os.path.abspath(os.path.expanduser(cfg.output_dirs))
+    trainer = TRAINER_CLASSES[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
+    prepare_run_dir(cfg)  # only now, once every input has been checked
+    print(f"run folder: {run_dir} | device: {device} | policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
+          f"params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+    return trainer.train()
+
+
+def cli(argv=None):
+    parser = argparse.ArgumentParser(description="SFT / DPO training from one YAML config.")
+    parser.add_argument("config", help="YAML config file, e.g. example/tiny-dpo.yml")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, dotted keys and YAML values: lr=2e-5 model.policy_dtype=bfloat16")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of input errors")
+    args = parser.parse_args(argv)
+    try:
+        main(args.config, args.overrides)
+    except (UserError, data.DataError) as e:
+        if args.traceback:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

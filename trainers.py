@@ -1,0 +1,282 @@
+"""Trainers: one explicit training loop (BasicTrainer) and the sharded one (FSDPTrainer).
+
+The only place that tells SFT from preference training is `BasicTrainer.batch_loss`; everything else (data order,
+gradient accumulation, clipping, logging, evaluation, checkpoints) is shared.
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import losses
+from utils import MetricsWriter, UserError, plot_curves, config_yaml
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def data_kind(loss_name: str) -> str:
+    """'sft' trains on single conversations; every other loss trains on (prompt, chosen, rejected) pairs."""
+    return "sft" if loss_name == "sft" else "preference"
+
+
+def concatenated_forward(model, batch, average_log_prob=False):
+    """Run chosen and rejected through `model` in ONE forward pass (they are padded to the same length by data.collate).
+
+    Returns (chosen_logps [B], rejected_logps [B], chosen_logits_sum, rejected_logits_sum, n_chosen_tok, n_rejected_tok):
+    the summed (or averaged) log-probs of each response, and, for the `logits/*` metrics, the sum of all logits at
+    the response positions and how many values that sum covers.
+    """
+    n = batch["chosen_input_ids"].shape[0]
+    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logps = losses.sequence_logps(logits, labels, average=average_log_prob)
+    with torch.no_grad():  # mean logit over response positions (TRL's logits/chosen): sum over vocab first, no big copy
+        mask = (labels[:, 1:] != -100).float()
+        per_position = logits[:, :-1].float().sum(-1) * mask
+        counts = mask.sum(-1) * logits.shape[-1]
+    return (logps[:n], logps[n:], per_position[:n].sum(), per_position[n:].sum(), counts[:n].sum(), counts[n:].sum())
+
+
+def loss_normalizer(kind, examples) -> int:
+    """What the loss of a whole global batch is averaged over: label tokens (SFT) or preference pairs."""
+    if kind == "sft":
+        return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
+    return len(examples)
+
+
+class BasicTrainer:
+    """Single-device training: policy (+ frozen reference) on cfg.device, one readable loop in `train`."""
+
+    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir):
+        self.cfg, self.policy, self.reference, self.tokenizer = cfg, policy, reference, tokenizer
+        self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
+        self.kind = data_kind(cfg.loss.name)
+        self.device = next(policy.parameters()).device
+        self.compute_dtype = DTYPES[cfg.model.policy_dtype]
+        self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))
+        n_total = len(train_data) * cfg.n_epochs if cfg.n_epochs is not None else math.inf
+        self.n_train_examples = int(min(n_total, cfg.n_examples if cfg.n_examples is not None else math.inf))
+        self.total_steps = math.ceil(self.n_train_examples / cfg.total_batch_size)
+        self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        # fp16 needs loss scaling against underflow; bf16 and fp32 do not (enabled=False makes it a no-op)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
+        self.step, self.examples_seen = 0, 0
+
+    # ---- the one place that knows SFT from preference losses --------------------------------------------------
+    def batch_loss(self, batch, normalizer):
+        """Loss of one micro-batch, already divided by the GLOBAL batch's normalizer, and metric sums over it."""
+        cfg = self.cfg
+        if self.kind == "sft":
+            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            loss = losses.sft_loss(logits, batch["labels"], normalizer)
+            return loss, {"loss": loss.detach() * normalizer}
+        policy_c, policy_r, logits_c, logits_r, n_c, n_r = concatenated_forward(self.policy, batch)
+        if cfg.loss.reference_free:
+            ref_c = ref_r = torch.zeros_like(policy_c)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r, *_ = concatenated_forward(self.reference, batch)
+        pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
+            policy_c, policy_r, ref_c, ref_r, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
+            ipo=cfg.loss.name == "ipo", reference_free=cfg.loss.reference_free)
+        loss = pair_losses.sum() / normalizer
+        sums = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
+                "rewards/rejected": rejected_rewards.sum(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).sum(), "logps/chosen": policy_c.detach().sum(),
+                "logps/rejected": policy_r.detach().sum(), "logits/chosen": logits_c / n_c.clamp(min=1) * len(policy_c),
+                "logits/rejected": logits_r / n_r.clamp(min=1) * len(policy_c)}
+        return loss, sums
+
+    # ---- helpers -------------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def to_batch(self, examples):
+        return {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
+
+    def example_stream(self):
+        """Training examples in order: a fresh seeded permutation per epoch, cut at n_train_examples."""
+        epoch, left = 0, self.n_train_examples
+        while left > 0:
+            order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            for i in order.tolist()[:left]:
+                yield self.train_data[i]
+            left -= min(left, len(order))
+            epoch += 1
+
+    def global_batches(self):
+        stream, size = self.example_stream(), self.cfg.total_batch_size
+        while True:
+            batch = [ex for _, ex in zip(range(size), stream)]
+            if not batch:
+                return
+            yield batch
+
+    # ---- one optimizer step --------------------------------------------------------------------------------------
+    def train_step(self, examples):
+        """Forward/backward over micro-batches of one global batch, then clip and step. Returns the step's metrics."""
+        self.policy.train()
+        normalizer = loss_normalizer(self.kind, examples)
+        micro = math.ceil(self.cfg.total_batch_size / self.cfg.gradient_accumulation_steps)
+        sums, tokens = {}, 0
+        for start in range(0, len(examples), micro):
+            batch = self.to_batch(examples[start:start + micro])
+            with self.autocast():
+                loss, mb_sums = self.batch_loss(batch, normalizer)
+            self.scaler.scale(loss).backward()
+            for k, v in mb_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")))
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += len(examples)
+        metrics = {k: v / normalizer for k, v in sums.items()}
+        metrics.update(grad_norm=float(grad_norm), lr=lr, examples_seen=self.examples_seen)
+        return metrics, tokens
+
+    # ---- evaluation and samples ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        self.policy.eval()
+        sums, normalizer = {}, 0
+        size = self.cfg.eval_batch_size
+        for start in range(0, len(self.eval_data), size):
+            examples = self.eval_data[start:start + size]
+            with self.autocast():
+                _, mb_sums = self.batch_loss(self.to_batch(examples), 1)
+            normalizer += loss_normalizer(self.kind, examples)
+            for k, v in mb_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval/{k}": v / normalizer for k, v in sums.items()}
+
+    @torch.no_grad()
+    def sample(self, writer):
+        """Sample completions of the first eval prompts from the policy (and reference) into samples/step-N.txt."""
+        examples = self.eval_data[: self.cfg.n_eval_model_samples]
+        batch = self.to_batch(examples)
+        models = {"policy": self.policy, **({"reference": self.reference} if self.reference is not None else {})}
+        rows = [{"prompt": self.tokenizer.decode(ex["prompt_input_ids"], skip_special_tokens=False)} for ex in examples]
+        for name, model in models.items():
+            model.eval()
+            with self.autocast():
+                out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
+                                     max_new_tokens=self.cfg.max_new_tokens, do_sample=True, top_p=0.95,
+                                     pad_token_id=self.tokenizer.pad_token_id)
+            texts = self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1]:], skip_special_tokens=True)
+            for row, text in zip(rows, texts):
+                row[name] = text
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(self.run_dir, "samples", f"step-{self.step:06d}.txt"), "w") as f:
+            for row in rows:
+                f.write("\n".join(f"### {k}\n{v}" for k, v in row.items()) + "\n\n" + "=" * 80 + "\n\n")
+        writer.log_samples(rows, self.step)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def save(self, name):
+        """An HF folder (model in policy_dtype, tokenizer, resolved config.yaml, trainer_state.json, [optimizer.pt]).
+        Written to `<name>.tmp` first and renamed, so a crash never leaves a half-written checkpoint under `name`."""
+        final = os.path.join(self.run_dir, name)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_dtype = DTYPES[self.cfg.model.policy_dtype]
+        state = {k: v.to(save_dtype) for k, v in self.policy.state_dict().items()}
+        self.policy.save_pretrained(tmp, state_dict=state)
+        self.tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml(self.cfg))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
+        if self.cfg.save_optimizer:
+            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def train(self):
+        cfg = self.cfg
+        writer = MetricsWriter(self.run_dir, cfg)
+        do_eval = len(self.eval_data) > 0
+        if do_eval and cfg.do_first_eval:
+            self.evaluate_and_log(writer)
+        bar = tqdm(total=self.total_steps, desc=cfg.exp_name, unit="step", dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        for examples in self.global_batches():
+            metrics, tokens = self.train_step(examples)
+            window_tokens += tokens
+            bar.update(1)
+            if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
+                metrics["tokens_per_second"] = window_tokens / (time.perf_counter() - window_start)
+                writer.log(metrics, self.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
+                self.evaluate_and_log(writer)
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if not cfg.debug and cfg.save_model_step and self.step % cfg.save_model_step == 0 and self.step < self.total_steps:
+                self.save(f"step-{self.step:06d}")
+        bar.close()
+        writer.close()
+        plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
+        if not cfg.debug:
+            path = self.save("final")
+            print(f"saved final checkpoint to {path}")
+        return writer.history
+
+    def evaluate_and_log(self, writer):
+        metrics = self.evaluate()
+        writer.log(metrics, self.step)
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("eval/loss", "eval/rewards/accuracies"))
+        tqdm.write(f"step {self.step}: {summary}")
+        if self.cfg.sample_during_eval:
+            self.sample(writer)
+
+
+class FSDPTrainer(BasicTrainer):
+    """Sharded training with FSDP2 (fully_shard) across many GPUs and nodes."""
+
+    def __init__(self, *args, **kwargs):
+        raise UserError("trainer=FSDPTrainer is not available yet in this version: use trainer=BasicTrainer "
+                        "(one device) until sharded training lands")
+
+
+def build_optimizer(model, name, lr, weight_decay, extra):
+    """Any torch.optim class by name. Weight decay only on matrices (not on biases and norm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    try:
+        return getattr(torch.optim, name)([g for g in groups if g["params"]], lr=lr, **extra)
+    except TypeError as e:
+        raise UserError(f"config: optimizer_kwargs do not fit torch.optim.{name}: {e}") from e
+
+
+def build_scheduler(optimizer, kind, warmup_steps, total_steps):
+    """Linear warmup from 0 to lr over warmup_steps, then constant, linear decay to 0, or cosine decay to 0."""
+    def multiplier(step):
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)

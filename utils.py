@@ -1,0 +1,312 @@
+"""Config schema and loading, user-facing errors, seeding, and the metrics writers (JSONL / TensorBoard / WandB).
+
+The schema below is the single source of truth for every config key: its type, its default and (in the comment
+beside it) what it means. `example/full-config.yml` repeats it as a commented YAML file; a test keeps the two equal.
+"""
+import dataclasses
+import difflib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, paths, data). train.py prints it as one line and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------
+LOSSES = ("sft", "dpo", "ipo")                     # cDPO = dpo + loss.label_smoothing; reference-free = loss.reference_free
+TRAINERS = ("BasicTrainer", "FSDPTrainer")
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("constant", "linear", "cosine")       # what follows the linear warmup
+DATASET_TYPES = ("custom_dataset", "huggingface_dataset")
+HF_DATASET_NAMES = ("hh", "shp", "se")
+
+
+@dataclass
+class DatasetConfig:
+    type: str = "custom_dataset"            # custom_dataset (a local .json/.jsonl/.parquet or a hub id) | huggingface_dataset (hh, shp, se)
+    path: Optional[str] = None              # file, folder or hub id; for huggingface_dataset an optional local copy of the raw data
+    name: Optional[str] = None              # huggingface_dataset only: hh | shp | se
+    split: str = "train"                    # split to read from hub datasets and folders
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None      # hub id or local folder of the policy; null builds one from `from_config`
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    from_config: Optional[Dict[str, Any]] = None  # random init from an architecture, e.g. {model_type: llama, hidden_size: 64, ...}
+    archive: Optional[str] = None           # initial weights for policy and reference: an HF folder or a .pt state dict
+    policy_dtype: str = "float32"           # float32 | bfloat16 | float16: autocast compute dtype; master weights stay float32
+    reference_dtype: Optional[str] = None   # dtype the frozen reference is stored and run in; null = policy's compute dtype
+    fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
+    trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
+    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2; null = transformers' default
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo"                       # sft | dpo | ipo
+    beta: float = 0.1                       # DPO/IPO temperature: strength of the KL pull towards the reference
+    label_smoothing: float = 0.0            # cDPO: assumed probability that a preference label is flipped (0 = plain DPO)
+    reference_free: bool = False            # DPO without a reference model (reference log-probs taken as 0)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False                   # log to Weights & Biases (WANDB_MODE=offline works without network)
+    entity: Optional[str] = None            # WandB team or user; null = your default entity
+    project: str = "Minimal-LLM-Alignment"  # WandB project
+    name: Optional[str] = None              # run name; null = exp_name
+
+
+@dataclass
+class Config:
+    seed: int = 0                           # seeds python, numpy, torch, the data shuffle and the held-out split
+    exp_name: str = "my_experiment"         # run name; used in output_dirs and as the WandB run name
+    debug: bool = False                     # quick look: no WandB, no checkpoints
+    datasets: List[DatasetConfig] = field(default_factory=list)       # training data (one or more, concatenated)
+    eval_datasets: List[DatasetConfig] = field(default_factory=list)  # held-out data; empty = hold out n_eval_examples from datasets
+    trainer: str = "BasicTrainer"           # BasicTrainer (one device) | FSDPTrainer (sharded, many devices)
+    device: Optional[str] = None            # cuda | cpu | cuda:1 ...; null = cuda when available, else cpu
+    optimizer: str = "AdamW"                # any torch.optim class name: AdamW, Adam, RMSprop, SGD, ...
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra optimizer arguments, e.g. {betas: [0.9, 0.95]}
+    lr: float = 5e-7                        # peak learning rate
+    weight_decay: float = 0.0               # decoupled weight decay (AdamW) / L2 (others)
+    lr_scheduler: str = "constant"          # after warmup: constant | linear (decay to 0) | cosine (decay to 0)
+    warmup_steps: int = 150                 # optimizer steps of linear warmup from 0 to lr
+    total_batch_size: int = 64              # examples (DPO: preference pairs) per optimizer step; alias: batch_size
+    eval_batch_size: int = 16               # examples per forward pass during evaluation
+    gradient_accumulation_steps: int = 1    # micro-batches per optimizer step (must divide total_batch_size)
+    max_grad_norm: float = 10.0             # gradient clipping by global norm (0 = off)
+    max_length: int = 512                   # max tokens of prompt + response; longer examples are truncated
+    max_prompt_length: int = 256            # max prompt tokens (prompts keep their end)
+    n_epochs: Optional[int] = 1             # passes over the training data (null: use n_examples)
+    n_examples: Optional[int] = None        # stop after this many training examples (null: use n_epochs)
+    n_eval_examples: int = 256              # held-out examples for evaluation (0 = no evaluation, nothing held out)
+    do_first_eval: bool = True              # evaluate before the first step
+    eval_every_steps: int = 100             # evaluate every N optimizer steps (and at the end)
+    sample_during_eval: bool = False        # generate completions from eval prompts at every evaluation
+    n_eval_model_samples: int = 4           # how many prompts to sample completions for
+    max_new_tokens: int = 64                # length limit of those completions
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    print_log_step: int = 10                # write train metrics every N optimizer steps
+    save_model_step: Optional[int] = None   # also save a checkpoint every N optimizer steps (null: only at the end)
+    save_optimizer: bool = False            # save the optimizer state beside each checkpoint
+    output_dirs: str = "./outputs/${exp_name}"  # the run folder: config, metrics, curves, samples, checkpoints
+    report_to_tensorboard: bool = True      # write TensorBoard event files to <run folder>/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+ALIASES = {"batch_size": "total_batch_size"}   # the original project's config files use both names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def did_you_mean(word, options) -> str:
+    options = [str(o) for o in options]
+    lowered = {o.lower(): o for o in options}
+    match = lowered.get(str(word).lower()) or next(iter(difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)), None)
+    return f" (did you mean '{match}'?)" if match else ""
+
+
+def _check_keys(user, schema_cls, prefix=""):
+    """Unknown keys, with the full dotted name and a did-you-mean, before OmegaConf gives a less helpful message."""
+    fields = {f.name: f for f in dataclasses.fields(schema_cls)}
+    for key, value in user.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"config: unknown key '{name}'{did_you_mean(key, fields)}")
+        sub = _nested_schema(fields[key].type)
+        if sub is None:
+            continue
+        if isinstance(value, (dict, DictConfig)):
+            _check_keys(value, sub, name + ".")
+        elif isinstance(value, (list, ListConfig)):
+            for i, item in enumerate(value):
+                if not isinstance(item, (dict, DictConfig)):
+                    raise UserError(f"config: '{name}[{i}]' must be a mapping like {{type: custom_dataset, path: ...}}")
+                _check_keys(item, sub, f"{name}[{i}].")
+
+
+def _nested_schema(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in getattr(tp, "__args__", ()):   # List[DatasetConfig]
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _check_choice(key, value, allowed):
+    if value not in allowed:
+        raise UserError(f"config: {key}={value!r} is not one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}")
+
+
+def _validate(cfg):
+    _check_choice("loss.name", cfg.loss.name, LOSSES)
+    _check_choice("trainer", cfg.trainer, TRAINERS)
+    _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
+    optimizers = [n for n, c in vars(torch.optim).items()
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+    _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+    for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
+        if key == "policy_dtype" or cfg.model[key] is not None:
+            _check_choice(f"model.{key}", cfg.model[key], DTYPES)
+    if not cfg.datasets:
+        raise UserError("config: 'datasets' is empty: add at least one, e.g. datasets: [{type: custom_dataset, path: data.json}]")
+    for group in ("datasets", "eval_datasets"):
+        for i, spec in enumerate(cfg[group]):
+            _check_choice(f"{group}[{i}].type", spec.type, DATASET_TYPES)
+            if spec.type == "huggingface_dataset":
+                _check_choice(f"{group}[{i}].name", spec.name, HF_DATASET_NAMES)
+            elif not spec.path:
+                raise UserError(f"config: {group}[{i}].path is required for type custom_dataset")
+    if cfg.model.name_or_path is None and cfg.model.from_config is None:
+        raise UserError("config: set model.name_or_path (hub id or local folder) or model.from_config (random init)")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
+        raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
+    positive = ["total_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
+                "eval_every_steps", "print_log_step"]
+    for key in positive:
+        if cfg[key] <= 0:
+            raise UserError(f"config: {key} must be a positive integer, got {cfg[key]}")
+    if cfg.total_batch_size % cfg.gradient_accumulation_steps:
+        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
+                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    if cfg.n_epochs is None and cfg.n_examples is None:
+        raise UserError("config: set n_epochs or n_examples (both are null)")
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
+    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
+        raise UserError(f"config: loss.label_smoothing must be in [0, 0.5), got {cfg.loss.label_smoothing}")
+
+
+def _rename_aliases(user):
+    for alias, key in ALIASES.items():
+        if alias in user:
+            if key in user and user[key] != user[alias]:
+                raise UserError(f"config: both '{alias}' and '{key}' are set ('{alias}' is an alias of '{key}'); keep one")
+            user[key] = user.pop(alias)
+
+
+def load_config(path, overrides=()) -> DictConfig:
+    """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        user = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: keep the line/column part of the message
+        raise UserError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(user, DictConfig):
+        raise UserError(f"{path}: the config must be a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--overrides: '{item}' is not of the form key=value")
+    try:
+        layers = [OmegaConf.to_container(user), OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))]
+    except OmegaConfBaseException as e:
+        raise UserError(f"--overrides: {' '.join(str(e).splitlines()[0].split())}") from e
+    for layer in layers:  # per layer, so that `--overrides batch_size=32` beats `total_batch_size: 16` in the file
+        _rename_aliases(layer)
+    user = OmegaConf.to_container(OmegaConf.merge(*layers))
+    _check_keys(user, Config)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), user)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
+    _validate(cfg)
+    return cfg
+
+
+def config_yaml(cfg) -> str:
+    """The resolved config as YAML: what is saved beside every checkpoint."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics: JSONL always, TensorBoard and WandB when asked for
+# ----------------------------------------------------------------------------------------------------------------
+class MetricsWriter:
+    """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
+
+    def __init__(self, run_dir, cfg):
+        self.history = []
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.tb = None
+        if cfg.report_to_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.wandb = None
+        if cfg.wandb.enabled and not cfg.debug:
+            import wandb
+            self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
+                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, metrics: dict, step: int):
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if self.tb is not None:
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, rows, step):
+        """rows: list of dicts {prompt, policy, reference?}. To WandB as a table (the text file is the trainer's)."""
+        if self.wandb is not None and rows:
+            import wandb
+            columns = list(rows[0])
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+
+    def close(self):
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_curves(history, path, preference: bool):
+    """PNG of train/eval loss (and reward accuracy for preference losses) against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if preference else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for prefix, style in (("", "-"), ("eval/", "o-")):
+            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=("eval" if prefix else "train"), markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
