@@ -140,8 +140,12 @@ def build_data(cfg, tokenizer):
     return train, evaluation
 
 
+def run_dir_of(cfg) -> str:
+    return os.path.abspath(os.path.expanduser(cfg.output_dirs))
+
+
 def prepare_run_dir(cfg):
-    run_dir = os.path.abspath(os.path.expanduser(cfg.output_dirs))
+    run_dir = run_dir_of(cfg)
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
@@ -151,19 +155,24 @@ def prepare_run_dir(cfg):
     return run_dir
 
 
-def main(config_path, overrides=()):
-    cfg = load_config(config_path, overrides)
+def build_trainer(cfg):
+    """Everything the run needs, checked and loaded; nothing is written yet."""
     set_seed(cfg.seed)
     device = pick_device(cfg)
     tokenizer = build_tokenizer(cfg)
     train_data, eval_data = build_data(cfg, tokenizer)
     policy = build_policy(cfg, tokenizer, device)
     reference = build_reference(cfg, policy)
-    run_dir = os.path.abspath(os.path.expanduser(cfg.output_dirs))
-    trainer = TRAINER_CLASSES[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
+    return TRAINER_CLASSES[cfg.trainer](cfg, policy, reference, tokenizer, train_data, eval_data, run_dir_of(cfg))
+
+
+def main(config_path, overrides=()):
+    cfg = load_config(config_path, overrides)
+    trainer = build_trainer(cfg)
     prepare_run_dir(cfg)  # only now, once every input has been checked
-    print(f"run folder: {run_dir} | device: {device} | policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M "
-          f"params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6
+    print(f"run folder: {trainer.run_dir} | device: {trainer.device} | policy: {n_params:.2f}M params | "
+          f"{trainer.total_steps} steps of {cfg.total_batch_size} examples")
     return trainer.train()
 
 

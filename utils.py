@@ -192,6 +192,10 @@ def _validate(cfg):
         raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
         raise UserError(f"config: loss.label_smoothing must be in [0, 0.5), got {cfg.loss.label_smoothing}")
+    if cfg.loss.label_smoothing and cfg.loss.name != "dpo":
+        raise UserError(f"config: loss.label_smoothing (conservative DPO) needs loss.name=dpo, not {cfg.loss.name}")
+    if cfg.loss.beta <= 0:
+        raise UserError(f"config: loss.beta must be > 0, got {cfg.loss.beta}")
 
 
 def _rename_aliases(user):

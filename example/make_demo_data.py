@@ -214,7 +214,7 @@ def task_world(rng: random.Random, world: dict) -> dict:
     if kind == "about":
         q = rng.choice([f"Tell me about the {c['name']}.", f"What is a {c['name']}?"])
         a = f"The {c['name']} is a {c['size']} {c['color']} creature from the planet {c['home']}. It eats {c['food']}."
-        wrong = f"some kind of fish"
+        wrong = "some kind of fish"
     elif kind == "legs":
         q = f"How many legs does a {c['name']} have?"
         a = f"A {c['name']} has {c['legs']} legs."

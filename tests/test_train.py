@@ -1,0 +1,151 @@
+"""End to end: tiny SFT and DPO runs, their outputs, gradient accumulation, the reference model, archives."""
+import copy
+import glob
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import train
+import utils
+from conftest import ROOT, assert_one_line_error, run_cli
+
+TINY = {"sft": os.path.join(ROOT, "example", "tiny-sft.yml"), "dpo": os.path.join(ROOT, "example", "tiny-dpo.yml")}
+
+
+def local_model_overrides(model_dir):
+    return [f"model.name_or_path={model_dir}", "model.from_config=null", "model.tokenizer_name_or_path=null"]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def params_of(model):
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+
+def test_tiny_dpo_learns_and_writes_everything(tmp_path):
+    """The example as shipped: held-out reward accuracy >= 0.9, and every output a user looks at."""
+    run = tmp_path / "run"
+    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={run}", "wandb.enabled=true",
+                   "sample_during_eval=true", "n_eval_model_samples=2", "max_new_tokens=8",
+                   env={"WANDB_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    evals = [m for m in metrics if "eval/rewards/accuracies" in m]
+    assert evals[0]["step"] == 0 and evals[-1]["eval/rewards/accuracies"] >= 0.9, evals
+    train_rows = [m for m in metrics if "loss" in m]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "lr", "tokens_per_second",
+                "examples_seen"):
+        assert key in train_rows[-1], key
+    assert train_rows[-1]["loss"] < 0.6931 - 0.1                      # DPO starts at log 2
+    # TensorBoard events readable, same values as the JSONL
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("loss")] == pytest.approx([m["loss"] for m in train_rows], rel=1e-5)
+    assert "eval/rewards/accuracies" in acc.Tags()["scalars"]
+    assert glob.glob(str(run / "wandb" / "offline-run-*"))             # WandB offline run
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    samples = sorted(glob.glob(str(run / "samples" / "*.txt")))
+    assert samples and "### reference" in open(samples[-1]).read()
+    assert (run / "config.yaml").exists() and (run / "final" / "config.yaml").exists()
+    assert "eval/rewards/accuracies" in proc.stderr + proc.stdout         # progress output mentions eval
+    # the checkpoint loads in plain transformers and generates
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Is 5 larger than 3?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    proc = run_cli("train.py", "example/tiny-sft.yml", "--overrides", f"output_dirs={run}", "n_epochs=1",
+                   "sample_during_eval=false", *local_model_overrides(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], after[k]) for k in before if "norm" not in k)
+    metrics = read_jsonl(run / "metrics.jsonl")
+    train_loss = [m["loss"] for m in metrics if "loss" in m]
+    eval_loss = [m["eval/loss"] for m in metrics if "eval/loss" in m]
+    assert train_loss[-1] < train_loss[0] - 1.0 and eval_loss[-1] < eval_loss[0] - 1.0
+    assert (run / "loss_curve.png").exists()
+
+
+def build(kind, model_dir, *overrides):
+    cfg = utils.load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
+    return train.build_trainer(cfg)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_gradient_accumulation_equivalence(kind, tiny_model_dir):
+    """One step on the same 8 examples: 1 micro-batch of 8 == 8 micro-batches of 1 (SGD, no clipping)."""
+    common = ["optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0", "total_batch_size=8"]
+    weights = {}
+    for accumulation in (1, 8):
+        trainer = build(kind, tiny_model_dir, *common, f"gradient_accumulation_steps={accumulation}")
+        before = params_of(trainer.policy)
+        trainer.train_step(next(trainer.global_batches()))
+        weights[accumulation] = {k: v - before[k] for k, v in params_of(trainer.policy).items()}
+    for k in weights[1]:
+        delta = weights[1][k]
+        assert delta.abs().max() > 0 or "rotary" in k
+        torch.testing.assert_close(weights[8][k], delta, rtol=1e-4, atol=1e-6 * max(1.0, delta.abs().max().item()))
+
+
+def test_dpo_reference_frozen_and_policy_moves(tiny_model_dir):
+    trainer = build("dpo", tiny_model_dir, "n_examples=32", "n_epochs=null", "debug=true",
+                    f"output_dirs={tiny_model_dir}/../dpo-ref-run")
+    initial = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    trainer.train()
+    reference, policy = params_of(trainer.reference), params_of(trainer.policy)
+    assert all(torch.equal(reference[k], initial[k]) for k in initial)
+    assert any(not torch.equal(policy[k], initial[k]) for k in initial)
+    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    assert not os.path.exists(os.path.join(trainer.run_dir, "final"))  # debug: no checkpoint
+
+
+def test_sft_has_no_reference_and_n_examples_counts(tiny_model_dir):
+    trainer = build("sft", tiny_model_dir, "n_epochs=null", "n_examples=40", "total_batch_size=16")
+    assert trainer.reference is None
+    assert trainer.total_steps == 3
+    assert sum(len(b) for b in trainer.global_batches()) == 40
+
+
+def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    good = tmp_path / "policy.pt"
+    torch.save({"state": model.state_dict(), "step_idx": 3}, good)  # the original project's archive layout
+    trainer = build("dpo", tiny_model_dir, f"model.archive={good}")
+    for k, v in model.state_dict().items():
+        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.state_dict()[k], v)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state": Exploit()}, f)
+    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"model.archive={evil}",
+                   f"output_dirs={tmp_path}/run", *local_model_overrides(tiny_model_dir))
+    assert_one_line_error(proc, str(evil), "refused")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_fsdp_trainer_not_yet_available(tmp_path):
+    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", "trainer=FSDPTrainer", f"output_dirs={tmp_path}/r")
+    assert_one_line_error(proc, "FSDPTrainer")
+    assert not (tmp_path / "r").exists()
