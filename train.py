@@ -11,6 +11,7 @@ import copy
 import os
 import pickle
 import sys
+import warnings
 
 import torch
 
@@ -69,7 +70,9 @@ def load_archive(model, path):
     if not os.path.isfile(path):
         raise UserError(f"config: model.archive: '{path}' does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"{path}: refused: the file holds Python objects other than tensors (possibly code); only "
                         "plain state dicts load (torch.load weights_only=True)") from e
@@ -183,6 +186,8 @@ def cli(argv=None):
                         help="config overrides, dotted keys and YAML values: lr=2e-5 model.policy_dtype=bfloat16")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of input errors")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines
     try:
         main(args.config, args.overrides)
     except (UserError, data.DataError) as e:

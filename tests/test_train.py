@@ -107,6 +107,7 @@ def test_dpo_reference_frozen_and_policy_moves(tiny_model_dir):
     trainer = build("dpo", tiny_model_dir, "n_examples=32", "n_epochs=null", "debug=true",
                     f"output_dirs={tiny_model_dir}/../dpo-ref-run")
     initial = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    train.prepare_run_dir(trainer.cfg)
     trainer.train()
     reference, policy = params_of(trainer.reference), params_of(trainer.policy)
     assert all(torch.equal(reference[k], initial[k]) for k in initial)

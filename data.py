@@ -1,0 +1,738 @@
+"""Datasets for SFT and preference (DPO/IPO) training: load, validate, tokenize, truncate, split, collate.
+
+Formats (detected per file from the records' keys; one format per file; every record is validated):
+  SFT         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}            (seed format)
+              {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}             (ShareGPT)
+  preference  {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}      (seed format)
+              {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]} (TRL)
+  raw hub     Anthropic/hh-rlhf ("hh"), stanfordnlp/SHP ("shp"), HuggingFaceH4/stack-exchange-preferences ("se")
+Preference data used for SFT trains on prompt + chosen (hh: the chosen transcript, as the original DPO code does);
+shp and se are preference-only. SFT data cannot be used for preference training (it has no rejected response).
+
+Tokenization goes through the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none). Labels are the
+token ids on assistant tokens (content + end-of-turn token) and -100 everywhere else; the assistant mask comes from
+the template's {% generation %} markers, or else from prefix-consistent incremental rendering.
+
+CLI:  python data.py check FILE [--loss sft|dpo] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
+      python data.py convert IN OUT --to sft|dpo
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+HUB_IDS = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFaceH4/stack-exchange-preferences"}
+DATA_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+FORMAT_NAMES = {"messages": "messages (SFT)", "sharegpt": "conversations (ShareGPT SFT)",
+                "seed_pref": "conversations/chosen/rejected (preference)", "trl": "prompt/chosen/rejected (TRL preference)",
+                "hh": "Anthropic HH", "shp": "Stanford SHP", "se": "stack-exchange-preferences"}
+SFT_FORMATS = ("messages", "sharegpt")
+
+# ChatML-style text. Assistant content + eos_token sit inside {% generation %} so exactly they are labelled (the
+# model learns to stop); other turns end with the literal text '<|im_end|>' (eos_token for ChatML tokenizers).
+# The tokenizer's bos_token, if any, is rendered once at the start (text is tokenized without special tokens).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- if bos_token %}{{- bos_token }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_GENERATION_RE = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+class DataError(Exception):
+    """One-line, user-facing message naming the file, the record index (0-based) and the field, e.g.
+    "example/data/bad.json: record 3: field 'chosen': missing"."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split("\n")))  # always one line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Record validation and parsers: raw record (dict) -> list of normalized records
+# ---------------------------------------------------------------------------------------------------------------
+def _fail(field, msg):
+    raise DataError(f"field '{field}': {msg}")
+
+
+def _str(value, field, allow_empty=False):
+    if value is None:
+        _fail(field, "missing")
+    if not isinstance(value, str):
+        _fail(field, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        _fail(field, "empty")
+    return value
+
+
+def _number(value, field):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(field, "missing" if value is None else f"must be a number, got {type(value).__name__}")
+    return value
+
+
+def _message(m, field, role_key, text_key, roles):
+    if not isinstance(m, dict):
+        _fail(field, f"must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
+    role = m.get(role_key)
+    if role is None:
+        _fail(f"{field}.{role_key}", "missing")
+    if not isinstance(role, str) or role not in roles:
+        _fail(f"{field}.{role_key}", f"unknown value {role!r}; allowed: {', '.join(roles)}")
+    role = roles[role]
+    # Empty system/user text is legal; an empty assistant turn would be nothing to learn.
+    return {"role": role, "content": _str(m.get(text_key), f"{field}.{text_key}", allow_empty=role != "assistant")}
+
+
+def _messages(value, field, role_key="role", text_key="content", roles=ROLES):
+    if value is None:
+        _fail(field, "missing")
+    if not isinstance(value, list):
+        _fail(field, f"must be a list of messages, got {type(value).__name__}")
+    if not value:
+        _fail(field, "empty list")
+    return [_message(m, f"{field}[{j}]", role_key, text_key, roles) for j, m in enumerate(value)]
+
+
+def _sft(msgs, field):
+    if not any(m["role"] == "assistant" for m in msgs):
+        _fail(field, "no assistant message (nothing to learn)")
+    return [{"messages": msgs}]
+
+
+def _prompt(msgs, field):
+    if msgs[-1]["role"] != "user":
+        _fail(field, f"the prompt must end with a user message, got {msgs[-1]['role']!r}")
+    return msgs
+
+
+def _response(value, field, role_key, text_key, roles):
+    """chosen/rejected: a string (TRL), one message object (seed) or a list of messages -> [assistant messages]."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": _str(value, field)}]
+    if isinstance(value, dict):
+        msgs, sub = [_message(value, field, role_key, text_key, roles)], [field]
+    else:
+        msgs = _messages(value, field, role_key, text_key, roles)
+        sub = [f"{field}[{j}]" for j in range(len(msgs))]
+    for m, f in zip(msgs, sub):
+        if m["role"] != "assistant":
+            want = [k for k, v in roles.items() if v == "assistant"][0]
+            _fail(f"{f}.{role_key}", f"the response must be {want!r}, got {m['role']!r}")
+    return msgs
+
+
+def _parse_messages(rec):
+    return _sft(_messages(rec.get("messages"), "messages"), "messages")
+
+
+def _parse_sharegpt(rec):
+    return _sft(_messages(rec.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES), "conversations")
+
+
+def _parse_seed_pref(rec):
+    args = ("from", "value", SHAREGPT_ROLES)
+    prompt = _prompt(_messages(rec.get("conversations"), "conversations", *args), "conversations")
+    return [{"prompt": prompt, "chosen": _response(rec.get("chosen"), "chosen", *args),
+             "rejected": _response(rec.get("rejected"), "rejected", *args)}]
+
+
+def _parse_trl(rec):
+    p = rec.get("prompt")
+    prompt = [{"role": "user", "content": _str(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
+    for side in ("chosen", "rejected"):
+        if rec.get(side) is None:
+            _fail(side, "missing")
+    return [{"prompt": _prompt(prompt, "prompt"), "chosen": _response(rec["chosen"], "chosen", "role", "content", ROLES),
+             "rejected": _response(rec["rejected"], "rejected", "role", "content", ROLES)}]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_turns(text, field):
+    parts = _HH_TURN.split(_str(text, field))
+    if parts[0].strip() or len(parts) < 3:
+        _fail(field, "not an Anthropic HH transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+             for who, body in zip(parts[1::2], parts[2::2])]
+    if turns[-1]["role"] != "assistant":
+        _fail(field, "the transcript must end with an '\\n\\nAssistant:' turn")
+    return turns
+
+
+def _parse_hh(rec):
+    """prompt = the turns before the final assistant turn; chosen/rejected = the final turns. Pairs whose transcripts
+    differ before the final turn, or with an empty final response, are dropped (counted, not errors)."""
+    chosen, rejected = _hh_turns(rec.get("chosen"), "chosen"), _hh_turns(rec.get("rejected"), "rejected")
+    prompt = chosen[:-1]
+    if (rejected[:-1] != prompt or not prompt or prompt[-1]["role"] != "user"
+            or not chosen[-1]["content"] or not rejected[-1]["content"]):
+        return []
+    return [{"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}]
+
+
+def _pair(question, chosen, rejected):
+    return {"prompt": [{"role": "user", "content": question}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _parse_shp(rec):
+    """labels == 1 means human_ref_A is preferred. As in the DPO paper, pairs whose score ratio is below 2 are
+    dropped (counted), as are pairs with an empty response."""
+    history = _str(rec.get("history"), "history")
+    a = _str(rec.get("human_ref_A"), "human_ref_A", allow_empty=True)
+    b = _str(rec.get("human_ref_B"), "human_ref_B", allow_empty=True)
+    label = rec.get("labels")
+    if isinstance(label, bool) or label not in (0, 1):
+        _fail("labels", "missing" if label is None else f"must be 0 or 1 (1 = A preferred), got {label!r}")
+    sa, sb = _number(rec.get("score_A"), "score_A"), _number(rec.get("score_B"), "score_B")
+    if (min(sa, sb) > 0 and max(sa, sb) < 2 * min(sa, sb)) or not a.strip() or not b.strip():
+        return []
+    return [_pair(history, a, b) if label == 1 else _pair(history, b, a)]
+
+
+def _parse_se(rec):
+    """Every pair of answers with different pm_score; the higher-scored answer is chosen. HTML is kept as is."""
+    question = _str(rec.get("question"), "question")
+    answers = rec.get("answers")
+    if not isinstance(answers, list):
+        _fail("answers", "missing" if answers is None else f"must be a list, got {type(answers).__name__}")
+    scored = []
+    for j, ans in enumerate(answers):
+        if not isinstance(ans, dict):
+            _fail(f"answers[{j}]", f"must be an object with 'text' and 'pm_score', got {type(ans).__name__}")
+        text = _str(ans.get("text"), f"answers[{j}].text", allow_empty=True)
+        score = _number(ans.get("pm_score"), f"answers[{j}].pm_score")
+        if text.strip():
+            scored.append((text, score))
+    return [_pair(question, *((x[0], y[0]) if x[1] > y[1] else (y[0], x[0])))
+            for i, x in enumerate(scored) for y in scored[i + 1:] if x[1] != y[1]]
+
+
+PARSERS = {"messages": _parse_messages, "sharegpt": _parse_sharegpt, "seed_pref": _parse_seed_pref,
+           "trl": _parse_trl, "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se}
+
+
+def _detect(rec):
+    """Format name from a record's keys (None when unrecognized)."""
+    keys = set(rec)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "seed_pref" if keys & {"chosen", "rejected"} else "sharegpt"
+    if "prompt" in keys:
+        return "trl"
+    if keys & {"history", "human_ref_A", "human_ref_B"}:
+        return "shp"
+    if keys & {"question", "answers"}:
+        return "se"
+    if keys & {"chosen", "rejected"}:
+        return "hh"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files / hub datasets
+# ---------------------------------------------------------------------------------------------------------------
+def _read_json(path):
+    """A JSON list of records, or JSON lines (.jsonl, or a .json whose text is not one JSON list)."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
+    if ".jsonl" not in os.path.basename(path):
+        try:
+            rows = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: treat the file as JSON lines
+                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        else:
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON list of records (or JSON lines), got a {type(rows).__name__}")
+            return rows
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON at line {n} column {e.colno}: {e.msg}") from None
+    return rows
+
+
+def _with_datasets(fn, label):
+    """Run fn(datasets) quietly; any loader failure becomes a DataError."""
+    import datasets
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        return fn(datasets)
+    except Exception as e:  # pyarrow / hub / filesystem errors: report one line, not a traceback
+        raise DataError(f"{label}: cannot load: {type(e).__name__}: {str(e).strip()[:300]}") from None
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bar()
+
+
+def _read_file(path):
+    if path.endswith(".parquet"):
+        return _with_datasets(lambda ds: ds.load_dataset("parquet", data_files=path, split="train").to_list(), path)
+    if path.endswith(DATA_EXTS):
+        return _read_json(path)
+    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_EXTS)})")
+
+
+def _local_files(path, split):
+    """A file, or the data files in a folder (recursive; those whose name starts with `split` when there are any)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or folder")
+    files = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs
+                   if f.endswith(DATA_EXTS) and "/." not in d)
+    if not files:
+        raise DataError(f"{path}: folder has no data files ({', '.join(DATA_EXTS)})")
+    return [f for f in files if os.path.basename(f).startswith(split)] or files
+
+
+def _sources(spec):
+    """-> (forced format or None, [(label, raw rows)])."""
+    typ, name, split = spec.get("type", "custom_dataset"), spec.get("name"), spec.get("split") or "train"
+    path = os.path.expanduser(spec["path"]) if spec.get("path") else None
+    if typ == "huggingface_dataset":
+        if name not in HUB_IDS:
+            raise DataError(f"datasets: huggingface_dataset needs name: hh | shp | se, got {name!r}")
+        hub_id = None if path else HUB_IDS[name]
+    elif typ == "custom_dataset":
+        if not path:
+            raise DataError("datasets: custom_dataset needs a path (a .json/.jsonl/.parquet file, a folder or a hub id)")
+        # Something that looks like a path is never sent to the hub: "no such file" is the useful error.
+        looks_local = path.endswith(DATA_EXTS) or path.startswith((".", "/")) or path.count("/") != 1
+        hub_id = None if os.path.exists(path) or looks_local else path
+        name = None
+    else:
+        raise DataError(f"datasets: unknown type {typ!r}; allowed: custom_dataset, huggingface_dataset")
+    if hub_id:
+        label = f"{hub_id} [{split}]"
+        return name, [(label, _with_datasets(lambda ds: ds.load_dataset(hub_id, split=split).to_list(), label))]
+    return name, [(f, _read_file(f)) for f in _local_files(path, split)]
+
+
+def _parse_rows(label, rows, forced, kind):
+    """Validate and normalize one file's raw rows. -> (records, raw index of each record, n dropped, format).
+    The file's format is record 0's (or `forced`, for huggingface_dataset); kind None keeps each format's own kind."""
+    if not rows:
+        raise DataError(f"{label}: no records (empty dataset)")
+    fmt = forced or (_detect(rows[0]) if isinstance(rows[0], dict) else None)
+    if fmt:
+        _check_kind(label, fmt, kind)
+    records, index, dropped = [], [], 0
+    for i, row in enumerate(rows):
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"expected a JSON object, got {type(row).__name__}")
+            if fmt is None:
+                raise DataError(f"unrecognized format (keys {sorted(row)}); expected 'messages', 'conversations' "
+                                "[+ 'chosen'/'rejected'], 'prompt'/'chosen'/'rejected', or raw hh/shp/se fields")
+            found = _detect(row)
+            if forced is None and found not in (None, fmt):
+                raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} (one format per file)")
+            new = PARSERS[fmt](row)
+        except DataError as e:
+            raise DataError(f"{label}: record {i}: {e}") from None
+        dropped += not new
+        # Preference data used for SFT: the conversation is prompt + chosen.
+        records += [r if kind != "sft" or "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in new]
+        index += [i] * len(new)
+    return records, index, dropped, fmt
+
+
+def _check_kind(label, fmt, kind):
+    if kind == "preference" and fmt in SFT_FORMATS:
+        raise DataError(f"{label}: SFT data ({FORMAT_NAMES[fmt]}) has no rejected responses: it cannot be used as "
+                        "preference (dpo) data")
+    if kind == "sft" and fmt in ("shp", "se"):
+        raise DataError(f"{label}: {FORMAT_NAMES[fmt]} is preference-only data; for SFT use hh or an SFT file")
+
+
+def _load(spec, kind):
+    """-> (records, origins [(label, raw index)], n dropped, {label: format})."""
+    if kind not in ("sft", "preference", None):
+        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    forced, sources = _sources(spec)
+    records, origins, dropped, formats = [], [], 0, {}
+    for label, rows in sources:
+        recs, index, n_dropped, formats[label] = _parse_rows(label, rows, forced, kind)
+        records += recs
+        origins += [(label, i) for i in index]
+        dropped += n_dropped
+    if not records:
+        raise DataError(f"{', '.join(formats)}: no usable records (empty dataset; {dropped} dropped)")
+    return records, origins, dropped, formats
+
+
+def load_examples(spec: dict, kind: str) -> list[dict]:
+    """Load and validate one dataset spec {type, path, name, split}; kind 'sft' | 'preference'. Returns
+    sft: [{"messages": [{"role", "content"}, ...]}]; preference: [{"prompt": [msgs], "chosen": [assistant msgs],
+    "rejected": [assistant msgs]}]. Raises DataError naming file, record index and field."""
+    return _load(spec, kind)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization
+# ---------------------------------------------------------------------------------------------------------------
+def prepare_tokenizer(tokenizer):
+    """Sets DEFAULT_CHAT_TEMPLATE when the tokenizer has no chat template and pad_token = eos_token when it has no
+    pad token (collate pads explicitly, so padding_side does not matter). Returns the tokenizer."""
+    if tokenizer.eos_token is None and (tokenizer.chat_template is None or tokenizer.pad_token is None):
+        raise DataError(f"tokenizer {tokenizer.name_or_path!r}: has no eos_token; set one (e.g. in tokenizer_config.json)")
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _render_ids(tok, messages, add_generation_prompt):
+    """Token ids of the rendered template. The text already holds every special token the template wants (e.g.
+    bos_token), so it is tokenized with add_special_tokens=False: no doubled BOS."""
+    try:
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja errors raised by templates, e.g. "roles must alternate"
+        raise DataError(f"chat template of tokenizer {tok.name_or_path!r} failed: {type(e).__name__}: {e}") from None
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _template_error(tok, what):
+    return DataError(f"chat template of tokenizer {tok.name_or_path!r} is not prefix-consistent ({what}), so the "
+                     "assistant tokens cannot be located; add {% generation %}...{% endgeneration %} around assistant "
+                     "content in the template, or use a template that renders earlier turns identically")
+
+
+def _assistant_tokens(tok, messages, first=0):
+    """-> (ids, mask): the rendered conversation's token ids and a 0/1 mask that is 1 on the tokens of the assistant
+    messages with index >= first (their content and end-of-turn token)."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    if _GENERATION_RE.search(template) and getattr(tok, "is_fast", False):
+        out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        if first:
+            n = len(_render_ids(tok, messages[:first], True))
+            mask[:n] = [0] * n
+        return ids, mask
+    # No markers: the tokens that messages[:i+1] adds to messages[:i] + generation prompt are assistant turn i.
+    ids = _render_ids(tok, messages, False)
+    mask = [0] * len(ids)
+    for i in range(first, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before, upto = _render_ids(tok, messages[:i], True), _render_ids(tok, messages[:i + 1], False)
+        if ids[:len(before)] != before or ids[:len(upto)] != upto or len(upto) <= len(before):
+            raise _template_error(tok, f"rendering messages[:{i}] with add_generation_prompt=True is not a token "
+                                       f"prefix of rendering messages[:{i + 1}]")
+        span = ids[len(before):len(upto)]
+        # Drop what the template adds after the end-of-turn token (e.g. ChatML's '\n'): not something to learn.
+        if tok.eos_token_id in span:
+            span = span[:len(span) - span[::-1].index(tok.eos_token_id)]
+        mask[len(before):len(before) + len(span)] = [1] * len(span)
+    return ids, mask
+
+
+def _labels(ids, mask):
+    return [t if m else -100 for t, m in zip(ids, mask)]
+
+
+def _encode_sft(example, tok):
+    """-> (input_ids, labels, generation prompt ids) before truncation."""
+    msgs = example["messages"]
+    ids, mask = _assistant_tokens(tok, msgs)
+    if not any(mask):
+        raise DataError("field 'messages': the assistant mask is empty (no assistant tokens after the chat template)")
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return ids, _labels(ids, mask), _render_ids(tok, msgs[:last], True)
+
+
+def _encode_preference(example, tok):
+    """-> (prompt ids, {side: (response ids, response labels)}) before truncation; prompt ids + response ids is the
+    rendered prompt + response conversation."""
+    prompt = _render_ids(tok, example["prompt"], True)
+    sides = {}
+    for side in ("chosen", "rejected"):
+        ids, mask = _assistant_tokens(tok, example["prompt"] + example[side], first=len(example["prompt"]))
+        if ids[:len(prompt)] != prompt:
+            raise _template_error(tok, f"the prompt rendered with add_generation_prompt=True is not a token prefix "
+                                       f"of prompt + {side}")
+        if not any(mask):
+            raise DataError(f"field '{side}': the assistant mask is empty (no assistant tokens after the chat template)")
+        sides[side] = (ids[len(prompt):], _labels(ids, mask)[len(prompt):])
+    return prompt, sides
+
+
+def _keep_end(ids, n):
+    return ids[len(ids) - n:] if len(ids) > n else ids
+
+
+def _truncate_sft(ids, labels, max_length, max_prompt_length):
+    """When the sequence is longer than max_length: the prompt (tokens before the first labelled token) keeps its
+    last max_prompt_length tokens, then the sequence keeps its first max_length tokens. -> (ids, labels, truncated)."""
+    if len(ids) <= max_length:
+        return ids, labels, False
+    first = next(i for i, l in enumerate(labels) if l != -100)
+    cut = max(0, first - max_prompt_length)
+    return ids[cut:cut + max_length], labels[cut:cut + max_length], True
+
+
+def _truncate_preference(prompt, sides, max_length, max_prompt_length):
+    """When prompt + the longer response exceeds max_length: the prompt keeps its last max_prompt_length tokens;
+    if still too long, both responses keep their first max_length - len(prompt) tokens."""
+    longest = max(len(ids) for ids, _ in sides.values())
+    truncated = False
+    if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
+        prompt, truncated = _keep_end(prompt, max_prompt_length), True
+    room = max(0, max_length - len(prompt))
+    if longest > room:
+        sides, truncated = {k: (ids[:room], lab[:room]) for k, (ids, lab) in sides.items()}, True
+    return prompt, sides, truncated
+
+
+def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
+                     max_prompt_length: int) -> tuple[dict | None, bool]:
+    """Tokenize one normalized record through the chat template. Returns (tokenized, was_truncated); tokenized is
+    None when no labelled token is left after truncation (skip it).
+      sft:        {"input_ids", "labels", "prompt_input_ids"}; labels = input_ids on assistant tokens, else -100.
+                  prompt_input_ids = the messages before the last assistant turn with add_generation_prompt=True,
+                  keeping its last max_prompt_length tokens (used to sample completions).
+      preference: {"prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"};
+                  <side>_input_ids = prompt_input_ids + response ids; labels -100 on the prompt.
+    Truncation: when prompt + response exceeds max_length, the prompt (the context before the first labelled token)
+    keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
+    Raises DataError when the assistant mask is empty before any truncation."""
+    if kind == "sft":
+        ids, labels, prompt = _encode_sft(example, tokenizer)
+        ids, labels, truncated = _truncate_sft(ids, labels, max_length, max_prompt_length)
+        if all(l == -100 for l in labels):
+            return None, truncated
+        return {"input_ids": ids, "labels": labels, "prompt_input_ids": _keep_end(prompt, max_prompt_length)}, truncated
+    if kind != "preference":
+        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    prompt, sides = _encode_preference(example, tokenizer)
+    prompt, sides, truncated = _truncate_preference(prompt, sides, max_length, max_prompt_length)
+    if any(all(l == -100 for l in lab) for _, lab in sides.values()):
+        return None, truncated
+    out = {"prompt_input_ids": prompt}
+    for side, (ids, lab) in sides.items():
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
+    return out, truncated
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets and batches
+# ---------------------------------------------------------------------------------------------------------------
+def _load_all(specs, kind):
+    records, origins, dropped = [], [], 0
+    for spec in specs:
+        r, o, d, _ = _load(spec, kind)
+        records, origins, dropped = records + r, origins + o, dropped + d
+    return records, origins, dropped
+
+
+def _tokenize_all(records, origins, tokenizer, kind, max_length, max_prompt_length, stats):
+    out = []
+    for rec, (label, i) in zip(records, origins):
+        try:
+            tok, truncated = tokenize_example(rec, tokenizer, kind, max_length, max_prompt_length)
+        except DataError as e:
+            raise DataError(f"{label}: record {i}: {e}") from None
+        stats["truncated"] += truncated
+        stats["skipped"] += tok is None
+        if tok is not None:
+            out.append(tok)
+    return out
+
+
+def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, kind: str, max_length: int,
+                   max_prompt_length: int, n_eval_examples: int, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """Load every train spec (concatenated) and shuffle with random.Random(seed). Eval: without eval_specs the first
+    n_eval_examples shuffled records are held out; with eval_specs, eval = their first n_eval_examples records
+    (file order) and train is not reduced; n_eval_examples == 0 -> no eval. Then tokenize everything.
+    Returns (train, eval, stats), stats = {"train", "eval", "truncated", "skipped" (nothing left to learn after
+    truncation), "dropped" (raw hh/shp/se records filtered out)}. Raises DataError; prints nothing."""
+    if not train_specs:
+        raise DataError("datasets: no training dataset given")
+    records, origins, dropped = _load_all(train_specs, kind)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    records, origins = [records[i] for i in order], [origins[i] for i in order]
+    n_eval = max(0, n_eval_examples)
+    if eval_specs and n_eval:
+        ev_records, ev_origins, ev_dropped = _load_all(eval_specs, kind)
+        ev_records, ev_origins, dropped = ev_records[:n_eval], ev_origins[:n_eval], dropped + ev_dropped
+    else:
+        if n_eval >= len(records):
+            raise DataError(f"datasets: only {len(records)} training records: cannot hold out n_eval_examples={n_eval}; "
+                            "lower n_eval_examples or set eval_datasets")
+        ev_records, ev_origins = records[:n_eval], origins[:n_eval]
+        records, origins = records[n_eval:], origins[n_eval:]
+    stats = {"truncated": 0, "skipped": 0, "dropped": dropped}
+    train = _tokenize_all(records, origins, tokenizer, kind, max_length, max_prompt_length, stats)
+    evals = _tokenize_all(ev_records, ev_origins, tokenizer, kind, max_length, max_prompt_length, stats)
+    if not train:
+        raise DataError(f"datasets: no training example left: all {stats['skipped']} were skipped after truncation "
+                        f"(max_length={max_length}, max_prompt_length={max_prompt_length})")
+    return train, evals, {"train": len(train), "eval": len(evals), **stats}
+
+
+def _pad(seqs, value, length, left=False):
+    import torch  # imported here so that the CLI and the loaders start fast
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for row, seq in zip(out, seqs):
+        if seq:
+            (row[length - len(seq):] if left else row[:len(seq)]).copy_(torch.tensor(seq, dtype=torch.long))
+    return out
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict[str, "torch.Tensor"]:
+    """Pad a batch of tokenize_example outputs (kind detected from the keys) into long tensors.
+      sft:        input_ids, attention_mask, labels [B, T], right-padded (pad_token_id / 0 / -100)
+      preference: chosen_/rejected_ input_ids, attention_mask, labels [B, T], right-padded to ONE common T (the
+                  longest of chosen and rejected) so the trainer can torch.cat them along the batch dim
+      both:       prompt_input_ids, prompt_attention_mask [B, P], LEFT-padded (for generate)."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
+    sides = ("chosen", "rejected") if "chosen_input_ids" in examples[0] else ("",)
+    T = max(len(ex[f"{s}{'_' if s else ''}input_ids"]) for ex in examples for s in sides)
+    batch = {}
+    for s in sides:
+        p = f"{s}_" if s else ""
+        ids = [ex[f"{p}input_ids"] for ex in examples]
+        batch[f"{p}input_ids"] = _pad(ids, pad_token_id, T)
+        batch[f"{p}attention_mask"] = _pad([[1] * len(x) for x in ids], 0, T)
+        batch[f"{p}labels"] = _pad([ex[f"{p}labels"] for ex in examples], -100, T)
+    prompts = [ex["prompt_input_ids"] for ex in examples]
+    P = max(len(x) for x in prompts)
+    batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
+    batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def _percentiles(values):
+    v = sorted(values)
+    at = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
+    return f"p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}"
+
+
+def _cmd_check(args):
+    kind = {"sft": "sft", "dpo": "preference", None: None}[args.loss]
+    records, _, dropped, formats = _load({"type": "custom_dataset", "path": args.file}, kind)
+    fmt = next(iter(formats.values()))
+    kind = kind or ("sft" if fmt in SFT_FORMATS else "preference")
+    print(f"{args.file}: {len(records)} records ({dropped} dropped), format {FORMAT_NAMES[fmt]}, kind {kind}: ok")
+    tok_path = args.tokenizer or (os.path.join(ROOT, "example", "tokenizer")
+                                  if os.path.isdir(os.path.join(ROOT, "example", "tokenizer")) else None)
+    if not tok_path:
+        return
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tok_path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{tok_path}: cannot load tokenizer: {e}") from None
+    lengths, n_trunc, n_skip = {}, 0, 0
+    for i, rec in enumerate(records):
+        try:
+            if kind == "sft":
+                ids, labels, _ = _encode_sft(rec, tokenizer)
+                full = {"sequence": len(ids)}
+            else:
+                prompt, sides = _encode_preference(rec, tokenizer)
+                full = {"prompt": len(prompt), **{f"prompt+{s}": len(prompt) + len(ids) for s, (ids, _) in sides.items()}}
+            tok, truncated = tokenize_example(rec, tokenizer, kind, args.max_length, args.max_prompt_length)
+        except DataError as e:
+            raise DataError(f"{args.file}: record {i}: {e}") from None
+        for k, n in full.items():
+            lengths.setdefault(k, []).append(n)
+        n_trunc, n_skip = n_trunc + truncated, n_skip + (tok is None)
+    print(f"tokens ({tok_path}):")
+    for k, v in lengths.items():
+        print(f"  {k:16s} {_percentiles(v)}")
+    print(f"at max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: "
+          f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
+
+
+def _to_seed(rec):
+    """A normalized record -> the seed README's format (messages, or conversations/chosen/rejected with from/value)."""
+    if "messages" in rec:
+        return {"messages": rec["messages"]}
+    back = {v: k for k, v in SHAREGPT_ROLES.items()}
+    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
+    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
+    return {"conversations": [turn(m) for m in rec["prompt"]], "chosen": side(rec["chosen"]),
+            "rejected": side(rec["rejected"])}
+
+
+def _cmd_convert(args):
+    if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
+        raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
+    kind = "sft" if args.to == "sft" else "preference"
+    records = _load({"type": "custom_dataset", "path": args.input}, kind)[0]
+    rows = [_to_seed(r) for r in records]
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise DataError(f"{args.out}: folder {out_dir} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if args.out.endswith(".jsonl"):
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            else:
+                json.dump(rows, f, ensure_ascii=False, indent=1)
+        os.replace(tmp, args.out)  # atomic: OUT is either the old file or the complete new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {len(rows)} {args.to} records to {args.out}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="data.py", description="Check or convert SFT / preference datasets.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate every record; with a tokenizer, token-length statistics")
+    check.add_argument("file")
+    check.add_argument("--loss", choices=("sft", "dpo"), default=None, help="default: from the file's format")
+    check.add_argument("--tokenizer", default=None, help="default: example/tokenizer when it exists")
+    check.add_argument("--max-length", type=int, default=512)
+    check.add_argument("--max-prompt-length", type=int, default=256)
+    conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format")
+    conv.add_argument("input", metavar="IN")
+    conv.add_argument("out", metavar="OUT")
+    conv.add_argument("--to", choices=("sft", "dpo"), required=True)
+    args = ap.parse_args(argv)
+    try:
+        _cmd_check(args) if args.command == "check" else _cmd_convert(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
