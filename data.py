@@ -31,6 +31,8 @@ import tempfile
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+# How a message is spelled: (role key, text key, {accepted role: normalized role}).
+CHATML, SHAREGPT = ("role", "content", ROLES), ("from", "value", SHAREGPT_ROLES)
 HUB_IDS = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFaceH4/stack-exchange-preferences"}
 DATA_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 FORMAT_NAMES = {"messages": "messages (SFT)", "sharegpt": "conversations (ShareGPT SFT)",
@@ -63,18 +65,14 @@ class DataError(Exception):
         super().__init__(" ".join(str(message).split("\n")))  # always one line
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Record validation and parsers: raw record (dict) -> list of normalized records
-# ---------------------------------------------------------------------------------------------------------------
+# --- Record validation and parsers: raw record (dict) -> list of normalized records -----------------------------
 def _fail(field, msg):
     raise DataError(f"field '{field}': {msg}")
 
 
 def _str(value, field, allow_empty=False):
-    if value is None:
-        _fail(field, "missing")
     if not isinstance(value, str):
-        _fail(field, f"must be a string, got {type(value).__name__}")
+        _fail(field, "missing" if value is None else f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         _fail(field, "empty")
     return value
@@ -86,70 +84,45 @@ def _number(value, field):
     return value
 
 
-def _message(m, field, role_key, text_key, roles):
+def _message(m, field, schema):
+    role_key, text_key, roles = schema
     if not isinstance(m, dict):
         _fail(field, f"must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
     role = m.get(role_key)
-    if role is None:
-        _fail(f"{field}.{role_key}", "missing")
     if not isinstance(role, str) or role not in roles:
-        _fail(f"{field}.{role_key}", f"unknown value {role!r}; allowed: {', '.join(roles)}")
+        _fail(f"{field}.{role_key}", "missing" if role is None else f"unknown value {role!r}; allowed: {', '.join(roles)}")
     role = roles[role]
     # Empty system/user text is legal; an empty assistant turn would be nothing to learn.
     return {"role": role, "content": _str(m.get(text_key), f"{field}.{text_key}", allow_empty=role != "assistant")}
 
 
-def _messages(value, field, role_key="role", text_key="content", roles=ROLES):
-    if value is None:
-        _fail(field, "missing")
-    if not isinstance(value, list):
-        _fail(field, f"must be a list of messages, got {type(value).__name__}")
-    if not value:
-        _fail(field, "empty list")
-    return [_message(m, f"{field}[{j}]", role_key, text_key, roles) for j, m in enumerate(value)]
-
-
-def _sft(msgs, field):
-    if not any(m["role"] == "assistant" for m in msgs):
-        _fail(field, "no assistant message (nothing to learn)")
-    return [{"messages": msgs}]
-
-
-def _prompt(msgs, field):
-    if msgs[-1]["role"] != "user":
-        _fail(field, f"the prompt must end with a user message, got {msgs[-1]['role']!r}")
-    return msgs
-
-
-def _response(value, field, role_key, text_key, roles):
-    """chosen/rejected: a string (TRL), one message object (seed) or a list of messages -> [assistant messages]."""
-    if isinstance(value, str):
+def _messages(value, field, schema=CHATML, use=None):
+    """A non-empty list of messages -> normalized [{"role", "content"}], checked for its use: "sft" (has an assistant
+    turn), "prompt" (ends with a user turn) or "response" (assistant turns only; a string or one message also do)."""
+    if use == "response" and isinstance(value, str):
         return [{"role": "assistant", "content": _str(value, field)}]
-    if isinstance(value, dict):
-        msgs, sub = [_message(value, field, role_key, text_key, roles)], [field]
+    if use == "response" and isinstance(value, dict):
+        fields, value = [field], [value]
+    elif isinstance(value, list) and value:
+        fields = [f"{field}[{j}]" for j in range(len(value))]
     else:
-        msgs = _messages(value, field, role_key, text_key, roles)
-        sub = [f"{field}[{j}]" for j in range(len(msgs))]
-    for m, f in zip(msgs, sub):
+        _fail(field, "missing" if value is None else "empty list" if isinstance(value, list)
+              else f"must be a list of messages, got {type(value).__name__}")
+    msgs = [_message(m, f, schema) for m, f in zip(value, fields)]
+    if use == "sft" and not any(m["role"] == "assistant" for m in msgs):
+        _fail(field, "no assistant message (nothing to learn)")
+    if use == "prompt" and msgs[-1]["role"] != "user":
+        _fail(field, f"the prompt must end with a user message, got {msgs[-1]['role']!r}")
+    for m, f in zip(msgs, fields if use == "response" else []):
         if m["role"] != "assistant":
-            want = [k for k, v in roles.items() if v == "assistant"][0]
-            _fail(f"{f}.{role_key}", f"the response must be {want!r}, got {m['role']!r}")
+            want = next(k for k, v in schema[2].items() if v == "assistant")
+            _fail(f"{f}.{schema[0]}", f"the response must be {want!r}, got {m['role']!r}")
     return msgs
 
 
-def _parse_messages(rec):
-    return _sft(_messages(rec.get("messages"), "messages"), "messages")
-
-
-def _parse_sharegpt(rec):
-    return _sft(_messages(rec.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES), "conversations")
-
-
-def _parse_seed_pref(rec):
-    args = ("from", "value", SHAREGPT_ROLES)
-    prompt = _prompt(_messages(rec.get("conversations"), "conversations", *args), "conversations")
-    return [{"prompt": prompt, "chosen": _response(rec.get("chosen"), "chosen", *args),
-             "rejected": _response(rec.get("rejected"), "rejected", *args)}]
+def _preference(rec, prompt, schema):
+    return [{"prompt": prompt, **{side: _messages(rec.get(side), side, schema, "response")
+                                  for side in ("chosen", "rejected")}}]
 
 
 def _parse_trl(rec):
@@ -158,8 +131,8 @@ def _parse_trl(rec):
     for side in ("chosen", "rejected"):
         if rec.get(side) is None:
             _fail(side, "missing")
-    return [{"prompt": _prompt(prompt, "prompt"), "chosen": _response(rec["chosen"], "chosen", "role", "content", ROLES),
-             "rejected": _response(rec["rejected"], "rejected", "role", "content", ROLES)}]
+    # The prompt's last-turn check comes after the missing-side check; re-checking normalized messages is a no-op.
+    return _preference(rec, _messages(prompt, "prompt", CHATML, "prompt"), CHATML)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -225,33 +198,50 @@ def _parse_se(rec):
             for i, x in enumerate(scored) for y in scored[i + 1:] if x[1] != y[1]]
 
 
-PARSERS = {"messages": _parse_messages, "sharegpt": _parse_sharegpt, "seed_pref": _parse_seed_pref,
-           "trl": _parse_trl, "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se}
+# Format -> parser: raw record -> [normalized records] ([] = dropped, counted), DataError on invalid data.
+PARSERS = {
+    "messages": lambda rec: [{"messages": _messages(rec.get("messages"), "messages", CHATML, "sft")}],
+    "sharegpt": lambda rec: [{"messages": _messages(rec.get("conversations"), "conversations", SHAREGPT, "sft")}],
+    "seed_pref": lambda rec: _preference(
+        rec, _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"), SHAREGPT),
+    "trl": _parse_trl, "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se,
+}
+# Format from a record's keys: the first entry that shares a key wins ("conversations" + chosen/rejected: seed_pref).
+_SIGNATURES = (("messages", {"messages"}), ("sharegpt", {"conversations"}), ("trl", {"prompt"}),
+               ("shp", {"history", "human_ref_A", "human_ref_B"}), ("se", {"question", "answers"}),
+               ("hh", {"chosen", "rejected"}))
 
 
 def _detect(rec):
     """Format name from a record's keys (None when unrecognized)."""
-    keys = set(rec)
-    if "messages" in keys:
-        return "messages"
-    if "conversations" in keys:
-        return "seed_pref" if keys & {"chosen", "rejected"} else "sharegpt"
-    if "prompt" in keys:
-        return "trl"
-    if keys & {"history", "human_ref_A", "human_ref_B"}:
-        return "shp"
-    if keys & {"question", "answers"}:
-        return "se"
-    if keys & {"chosen", "rejected"}:
-        return "hh"
+    for fmt, keys in _SIGNATURES:
+        if keys & set(rec):
+            return "seed_pref" if fmt == "sharegpt" and {"chosen", "rejected"} & set(rec) else fmt
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading files / hub datasets
-# ---------------------------------------------------------------------------------------------------------------
-def _read_json(path):
-    """A JSON list of records, or JSON lines (.jsonl, or a .json whose text is not one JSON list)."""
+# --- Reading files / hub datasets --------------------------------------------------------------------------------
+def _with_datasets(fn, label):
+    """Run fn(datasets) quietly; any loader failure becomes a DataError."""
+    import datasets
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        return fn(datasets)
+    except Exception as e:  # pyarrow / hub / filesystem errors: report one line, not a traceback
+        raise DataError(f"{label}: cannot load: {type(e).__name__}: {str(e).strip()[:300]}") from None
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bar()
+
+
+def _read_file(path):
+    """Raw rows of a parquet file, a JSON list of records, or JSON lines (.jsonl, or a .json whose text is not one
+    JSON list)."""
+    if path.endswith(".parquet"):
+        return _with_datasets(lambda ds: ds.load_dataset("parquet", data_files=path, split="train").to_list(), path)
+    if not path.endswith(DATA_EXTS):
+        raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_EXTS)})")
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             text = f.read()
@@ -275,28 +265,6 @@ def _read_json(path):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: invalid JSON at line {n} column {e.colno}: {e.msg}") from None
     return rows
-
-
-def _with_datasets(fn, label):
-    """Run fn(datasets) quietly; any loader failure becomes a DataError."""
-    import datasets
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bar()
-    try:
-        return fn(datasets)
-    except Exception as e:  # pyarrow / hub / filesystem errors: report one line, not a traceback
-        raise DataError(f"{label}: cannot load: {type(e).__name__}: {str(e).strip()[:300]}") from None
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bar()
-
-
-def _read_file(path):
-    if path.endswith(".parquet"):
-        return _with_datasets(lambda ds: ds.load_dataset("parquet", data_files=path, split="train").to_list(), path)
-    if path.endswith(DATA_EXTS):
-        return _read_json(path)
-    raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_EXTS)})")
 
 
 def _local_files(path, split):
@@ -364,25 +332,41 @@ def _parse_rows(label, rows, forced, kind):
     return records, index, dropped, fmt
 
 
-def _check_kind(label, fmt, kind):
-    if kind == "preference" and fmt in SFT_FORMATS:
-        raise DataError(f"{label}: SFT data ({FORMAT_NAMES[fmt]}) has no rejected responses: it cannot be used as "
-                        "preference (dpo) data")
-    if kind == "sft" and fmt in ("shp", "se"):
-        raise DataError(f"{label}: {FORMAT_NAMES[fmt]} is preference-only data; for SFT use hh or an SFT file")
-
-
 def _load(spec, kind):
-    """-> (records, origins [(label, raw index)], n dropped, {label: format})."""
+    """Validate and normalize one dataset spec. -> (records, origins [(label, raw index)], n dropped, {label: format}).
+    A file's format is its record 0's (or the spec's name, for huggingface_dataset); kind None keeps each format's
+    own kind."""
     if kind not in ("sft", "preference", None):
         raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
     forced, sources = _sources(spec)
     records, origins, dropped, formats = [], [], 0, {}
     for label, rows in sources:
-        recs, index, n_dropped, formats[label] = _parse_rows(label, rows, forced, kind)
-        records += recs
-        origins += [(label, i) for i in index]
-        dropped += n_dropped
+        if not rows:
+            raise DataError(f"{label}: no records (empty dataset)")
+        fmt = formats[label] = forced or (_detect(rows[0]) if isinstance(rows[0], dict) else None)
+        if kind == "preference" and fmt in SFT_FORMATS:
+            raise DataError(f"{label}: SFT data ({FORMAT_NAMES[fmt]}) has no rejected responses: it cannot be used as "
+                            "preference (dpo) data")
+        if kind == "sft" and fmt in ("shp", "se"):
+            raise DataError(f"{label}: {FORMAT_NAMES[fmt]} is preference-only data; for SFT use hh or an SFT file")
+        for i, row in enumerate(rows):
+            try:
+                if not isinstance(row, dict):
+                    raise DataError(f"expected a JSON object, got {type(row).__name__}")
+                if fmt is None:
+                    raise DataError(f"unrecognized format (keys {sorted(row)}); expected 'messages', 'conversations' "
+                                    "[+ 'chosen'/'rejected'], 'prompt'/'chosen'/'rejected', or raw hh/shp/se fields")
+                found = _detect(row)
+                if forced is None and found not in (None, fmt):
+                    raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} "
+                                    "(one format per file)")
+                new = PARSERS[fmt](row)
+            except DataError as e:
+                raise DataError(f"{label}: record {i}: {e}") from None
+            dropped += not new
+            # Preference data used for SFT: the conversation is prompt + chosen.
+            records += [r if kind != "sft" or "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in new]
+            origins += [(label, i)] * len(new)
     if not records:
         raise DataError(f"{', '.join(formats)}: no usable records (empty dataset; {dropped} dropped)")
     return records, origins, dropped, formats
@@ -395,9 +379,7 @@ def load_examples(spec: dict, kind: str) -> list[dict]:
     return _load(spec, kind)[0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenization
-# ---------------------------------------------------------------------------------------------------------------
+# --- Tokenization ------------------------------------------------------------------------------------------------
 def prepare_tokenizer(tokenizer):
     """Sets DEFAULT_CHAT_TEMPLATE when the tokenizer has no chat template and pad_token = eos_token when it has no
     pad token (collate pads explicitly, so padding_side does not matter). Returns the tokenizer."""
@@ -411,8 +393,7 @@ def prepare_tokenizer(tokenizer):
 
 
 def _render_ids(tok, messages, add_generation_prompt):
-    """Token ids of the rendered template. The text already holds every special token the template wants (e.g.
-    bos_token), so it is tokenized with add_special_tokens=False: no doubled BOS."""
+    # The text already holds every special token the template wants (e.g. bos_token): no doubled BOS.
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors raised by templates, e.g. "roles must alternate"
@@ -426,9 +407,10 @@ def _template_error(tok, what):
                      "content in the template, or use a template that renders earlier turns identically")
 
 
-def _assistant_tokens(tok, messages, first=0):
-    """-> (ids, mask): the rendered conversation's token ids and a 0/1 mask that is 1 on the tokens of the assistant
-    messages with index >= first (their content and end-of-turn token)."""
+def _labelled(tok, messages, field, first=0, prompt=None):
+    """-> (ids, labels) of the rendered conversation: labels = ids on the tokens of the assistant messages with index
+    >= first (their content and end-of-turn token), else -100. DataError when `prompt` (ids) is not a prefix of ids,
+    then when no token is labelled."""
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     if _GENERATION_RE.search(template) and getattr(tok, "is_fast", False):
         out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
@@ -436,72 +418,54 @@ def _assistant_tokens(tok, messages, first=0):
         if first:
             n = len(_render_ids(tok, messages[:first], True))
             mask[:n] = [0] * n
-        return ids, mask
-    # No markers: the tokens that messages[:i+1] adds to messages[:i] + generation prompt are assistant turn i.
-    ids = _render_ids(tok, messages, False)
-    mask = [0] * len(ids)
-    for i in range(first, len(messages)):
-        if messages[i]["role"] != "assistant":
-            continue
-        before, upto = _render_ids(tok, messages[:i], True), _render_ids(tok, messages[:i + 1], False)
-        if ids[:len(before)] != before or ids[:len(upto)] != upto or len(upto) <= len(before):
-            raise _template_error(tok, f"rendering messages[:{i}] with add_generation_prompt=True is not a token "
-                                       f"prefix of rendering messages[:{i + 1}]")
-        span = ids[len(before):len(upto)]
-        # Drop what the template adds after the end-of-turn token (e.g. ChatML's '\n'): not something to learn.
-        if tok.eos_token_id in span:
-            span = span[:len(span) - span[::-1].index(tok.eos_token_id)]
-        mask[len(before):len(before) + len(span)] = [1] * len(span)
-    return ids, mask
-
-
-def _labels(ids, mask):
-    return [t if m else -100 for t, m in zip(ids, mask)]
-
-
-def _encode_sft(example, tok):
-    """-> (input_ids, labels, generation prompt ids) before truncation."""
-    msgs = example["messages"]
-    ids, mask = _assistant_tokens(tok, msgs)
+    else:  # No markers: the tokens that messages[:i+1] adds to messages[:i] + generation prompt are assistant turn i.
+        ids = _render_ids(tok, messages, False)
+        mask = [0] * len(ids)
+        for i in range(first, len(messages)):
+            if messages[i]["role"] != "assistant":
+                continue
+            before, upto = _render_ids(tok, messages[:i], True), _render_ids(tok, messages[:i + 1], False)
+            if ids[:len(before)] != before or ids[:len(upto)] != upto or len(upto) <= len(before):
+                raise _template_error(tok, f"rendering messages[:{i}] with add_generation_prompt=True is not a token "
+                                           f"prefix of rendering messages[:{i + 1}]")
+            span = ids[len(before):len(upto)]
+            # Drop what the template adds after the end-of-turn token (e.g. ChatML's '\n'): not something to learn.
+            if tok.eos_token_id in span:
+                span = span[:len(span) - span[::-1].index(tok.eos_token_id)]
+            mask[len(before):len(before) + len(span)] = [1] * len(span)
+    if prompt is not None and ids[:len(prompt)] != prompt:
+        raise _template_error(tok, f"the prompt rendered with add_generation_prompt=True is not a token prefix "
+                                   f"of prompt + {field}")
     if not any(mask):
-        raise DataError("field 'messages': the assistant mask is empty (no assistant tokens after the chat template)")
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return ids, _labels(ids, mask), _render_ids(tok, msgs[:last], True)
-
-
-def _encode_preference(example, tok):
-    """-> (prompt ids, {side: (response ids, response labels)}) before truncation; prompt ids + response ids is the
-    rendered prompt + response conversation."""
-    prompt = _render_ids(tok, example["prompt"], True)
-    sides = {}
-    for side in ("chosen", "rejected"):
-        ids, mask = _assistant_tokens(tok, example["prompt"] + example[side], first=len(example["prompt"]))
-        if ids[:len(prompt)] != prompt:
-            raise _template_error(tok, f"the prompt rendered with add_generation_prompt=True is not a token prefix "
-                                       f"of prompt + {side}")
-        if not any(mask):
-            raise DataError(f"field '{side}': the assistant mask is empty (no assistant tokens after the chat template)")
-        sides[side] = (ids[len(prompt):], _labels(ids, mask)[len(prompt):])
-    return prompt, sides
+        raise DataError(f"field '{field}': the assistant mask is empty (no assistant tokens after the chat template)")
+    return ids, [t if m else -100 for t, m in zip(ids, mask)]
 
 
 def _keep_end(ids, n):
     return ids[len(ids) - n:] if len(ids) > n else ids
 
 
-def _truncate_sft(ids, labels, max_length, max_prompt_length):
-    """When the sequence is longer than max_length: the prompt (tokens before the first labelled token) keeps its
-    last max_prompt_length tokens, then the sequence keeps its first max_length tokens. -> (ids, labels, truncated)."""
-    if len(ids) <= max_length:
-        return ids, labels, False
-    first = next(i for i, l in enumerate(labels) if l != -100)
-    cut = max(0, first - max_prompt_length)
-    return ids[cut:cut + max_length], labels[cut:cut + max_length], True
+def _tokenize_sft(example, tok, max_length, max_prompt_length):
+    msgs = example["messages"]
+    ids, labels = _labelled(tok, msgs, "messages")
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    prompt = _keep_end(_render_ids(tok, msgs[:last], True), max_prompt_length)
+    truncated = len(ids) > max_length
+    if truncated:  # the prompt = the tokens before the first labelled one
+        first = next(i for i, l in enumerate(labels) if l != -100)
+        cut = max(0, first - max_prompt_length)
+        ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+    if all(l == -100 for l in labels):
+        return None, truncated
+    return {"input_ids": ids, "labels": labels, "prompt_input_ids": prompt}, truncated
 
 
-def _truncate_preference(prompt, sides, max_length, max_prompt_length):
-    """When prompt + the longer response exceeds max_length: the prompt keeps its last max_prompt_length tokens;
-    if still too long, both responses keep their first max_length - len(prompt) tokens."""
+def _tokenize_preference(example, tok, max_length, max_prompt_length):
+    prompt = _render_ids(tok, example["prompt"], True)
+    sides = {}
+    for side in ("chosen", "rejected"):
+        ids, labels = _labelled(tok, example["prompt"] + example[side], side, len(example["prompt"]), prompt)
+        sides[side] = (ids[len(prompt):], labels[len(prompt):])
     longest = max(len(ids) for ids, _ in sides.values())
     truncated = False
     if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
@@ -509,7 +473,12 @@ def _truncate_preference(prompt, sides, max_length, max_prompt_length):
     room = max(0, max_length - len(prompt))
     if longest > room:
         sides, truncated = {k: (ids[:room], lab[:room]) for k, (ids, lab) in sides.items()}, True
-    return prompt, sides, truncated
+    if any(all(l == -100 for l in lab) for _, lab in sides.values()):
+        return None, truncated
+    out = {"prompt_input_ids": prompt}
+    for side, (ids, lab) in sides.items():
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
+    return out, truncated
 
 
 def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
@@ -525,48 +494,13 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
     Raises DataError when the assistant mask is empty before any truncation."""
     if kind == "sft":
-        ids, labels, prompt = _encode_sft(example, tokenizer)
-        ids, labels, truncated = _truncate_sft(ids, labels, max_length, max_prompt_length)
-        if all(l == -100 for l in labels):
-            return None, truncated
-        return {"input_ids": ids, "labels": labels, "prompt_input_ids": _keep_end(prompt, max_prompt_length)}, truncated
+        return _tokenize_sft(example, tokenizer, max_length, max_prompt_length)
     if kind != "preference":
         raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
-    prompt, sides = _encode_preference(example, tokenizer)
-    prompt, sides, truncated = _truncate_preference(prompt, sides, max_length, max_prompt_length)
-    if any(all(l == -100 for l in lab) for _, lab in sides.values()):
-        return None, truncated
-    out = {"prompt_input_ids": prompt}
-    for side, (ids, lab) in sides.items():
-        out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
-    return out, truncated
+    return _tokenize_preference(example, tokenizer, max_length, max_prompt_length)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Datasets and batches
-# ---------------------------------------------------------------------------------------------------------------
-def _load_all(specs, kind):
-    records, origins, dropped = [], [], 0
-    for spec in specs:
-        r, o, d, _ = _load(spec, kind)
-        records, origins, dropped = records + r, origins + o, dropped + d
-    return records, origins, dropped
-
-
-def _tokenize_all(records, origins, tokenizer, kind, max_length, max_prompt_length, stats):
-    out = []
-    for rec, (label, i) in zip(records, origins):
-        try:
-            tok, truncated = tokenize_example(rec, tokenizer, kind, max_length, max_prompt_length)
-        except DataError as e:
-            raise DataError(f"{label}: record {i}: {e}") from None
-        stats["truncated"] += truncated
-        stats["skipped"] += tok is None
-        if tok is not None:
-            out.append(tok)
-    return out
-
-
+# --- Datasets and batches ----------------------------------------------------------------------------------------
 def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, kind: str, max_length: int,
                    max_prompt_length: int, n_eval_examples: int, seed: int) -> tuple[list[dict], list[dict], dict]:
     """Load every train spec (concatenated) and shuffle with random.Random(seed). Eval: without eval_specs the first
@@ -574,25 +508,38 @@ def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, k
     (file order) and train is not reduced; n_eval_examples == 0 -> no eval. Then tokenize everything.
     Returns (train, eval, stats), stats = {"train", "eval", "truncated", "skipped" (nothing left to learn after
     truncation), "dropped" (raw hh/shp/se records filtered out)}. Raises DataError; prints nothing."""
+    def load_all(specs):  # -> ([(record, (label, raw index))], n dropped)
+        loaded = [_load(spec, kind) for spec in specs]
+        return [x for recs, origins, _, _ in loaded for x in zip(recs, origins)], sum(d for _, _, d, _ in loaded)
+
+    def tokenize_all(pairs):
+        out = []
+        for rec, (label, i) in pairs:
+            try:
+                tok, truncated = tokenize_example(rec, tokenizer, kind, max_length, max_prompt_length)
+            except DataError as e:
+                raise DataError(f"{label}: record {i}: {e}") from None
+            stats["truncated"] += truncated
+            stats["skipped"] += tok is None
+            if tok is not None:
+                out.append(tok)
+        return out
+
     if not train_specs:
         raise DataError("datasets: no training dataset given")
-    records, origins, dropped = _load_all(train_specs, kind)
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    records, origins = [records[i] for i in order], [origins[i] for i in order]
+    records, dropped = load_all(train_specs)
+    random.Random(seed).shuffle(records)
     n_eval = max(0, n_eval_examples)
     if eval_specs and n_eval:
-        ev_records, ev_origins, ev_dropped = _load_all(eval_specs, kind)
-        ev_records, ev_origins, dropped = ev_records[:n_eval], ev_origins[:n_eval], dropped + ev_dropped
+        ev_records, ev_dropped = load_all(eval_specs)
+        ev_records, dropped = ev_records[:n_eval], dropped + ev_dropped
     else:
         if n_eval >= len(records):
             raise DataError(f"datasets: only {len(records)} training records: cannot hold out n_eval_examples={n_eval}; "
                             "lower n_eval_examples or set eval_datasets")
-        ev_records, ev_origins = records[:n_eval], origins[:n_eval]
-        records, origins = records[n_eval:], origins[n_eval:]
+        ev_records, records = records[:n_eval], records[n_eval:]
     stats = {"truncated": 0, "skipped": 0, "dropped": dropped}
-    train = _tokenize_all(records, origins, tokenizer, kind, max_length, max_prompt_length, stats)
-    evals = _tokenize_all(ev_records, ev_origins, tokenizer, kind, max_length, max_prompt_length, stats)
+    train, evals = tokenize_all(records), tokenize_all(ev_records)
     if not train:
         raise DataError(f"datasets: no training example left: all {stats['skipped']} were skipped after truncation "
                         f"(max_length={max_length}, max_prompt_length={max_prompt_length})")
@@ -632,69 +579,53 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, "torch.Tensor"
     return batch
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------------------------
-def _percentiles(values):
-    v = sorted(values)
-    at = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
-    return f"p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}"
-
-
+# --- CLI ---------------------------------------------------------------------------------------------------------
 def _cmd_check(args):
     kind = {"sft": "sft", "dpo": "preference", None: None}[args.loss]
     records, _, dropped, formats = _load({"type": "custom_dataset", "path": args.file}, kind)
     fmt = next(iter(formats.values()))
     kind = kind or ("sft" if fmt in SFT_FORMATS else "preference")
     print(f"{args.file}: {len(records)} records ({dropped} dropped), format {FORMAT_NAMES[fmt]}, kind {kind}: ok")
-    tok_path = args.tokenizer or (os.path.join(ROOT, "example", "tokenizer")
-                                  if os.path.isdir(os.path.join(ROOT, "example", "tokenizer")) else None)
-    if not tok_path:
+    tok_path = args.tokenizer or os.path.join(ROOT, "example", "tokenizer")
+    if not (args.tokenizer or os.path.isdir(tok_path)):  # no tokenizer given and no example one: records only
         return
     from transformers import AutoTokenizer
     try:
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tok_path))
     except (OSError, ValueError) as e:
         raise DataError(f"{tok_path}: cannot load tokenizer: {e}") from None
-    lengths, n_trunc, n_skip = {}, 0, 0
+    columns = ({"sequence": "input_ids"} if kind == "sft" else
+               {"prompt": "prompt_input_ids", "prompt+chosen": "chosen_input_ids", "prompt+rejected": "rejected_input_ids"})
+    lengths, n_trunc, n_skip = {name: [] for name in columns}, 0, 0
     for i, rec in enumerate(records):
         try:
-            if kind == "sft":
-                ids, labels, _ = _encode_sft(rec, tokenizer)
-                full = {"sequence": len(ids)}
-            else:
-                prompt, sides = _encode_preference(rec, tokenizer)
-                full = {"prompt": len(prompt), **{f"prompt+{s}": len(prompt) + len(ids) for s, (ids, _) in sides.items()}}
+            full, _ = tokenize_example(rec, tokenizer, kind, sys.maxsize, sys.maxsize)  # untruncated lengths
             tok, truncated = tokenize_example(rec, tokenizer, kind, args.max_length, args.max_prompt_length)
         except DataError as e:
             raise DataError(f"{args.file}: record {i}: {e}") from None
-        for k, n in full.items():
-            lengths.setdefault(k, []).append(n)
+        for name, key in columns.items():
+            lengths[name].append(len(full[key]))
         n_trunc, n_skip = n_trunc + truncated, n_skip + (tok is None)
     print(f"tokens ({tok_path}):")
-    for k, v in lengths.items():
-        print(f"  {k:16s} {_percentiles(v)}")
+    for name, v in lengths.items():
+        v = sorted(v)
+        at = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
+        print(f"  {name:16s} p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}")
     print(f"at max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: "
           f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
-
-
-def _to_seed(rec):
-    """A normalized record -> the seed README's format (messages, or conversations/chosen/rejected with from/value)."""
-    if "messages" in rec:
-        return {"messages": rec["messages"]}
-    back = {v: k for k, v in SHAREGPT_ROLES.items()}
-    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
-    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
-    return {"conversations": [turn(m) for m in rec["prompt"]], "chosen": side(rec["chosen"]),
-            "rejected": side(rec["rejected"])}
 
 
 def _cmd_convert(args):
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
         raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
-    kind = "sft" if args.to == "sft" else "preference"
-    records = _load({"type": "custom_dataset", "path": args.input}, kind)[0]
-    rows = [_to_seed(r) for r in records]
+    records = _load({"type": "custom_dataset", "path": args.input}, "sft" if args.to == "sft" else "preference")[0]
+    # Write the seed README's format: messages, or conversations/chosen/rejected with from/value.
+    back = {v: k for k, v in SHAREGPT_ROLES.items()}
+    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
+    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
+    rows = [{"messages": r["messages"]} if "messages" in r else
+            {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
+            for r in records]
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise DataError(f"{args.out}: folder {out_dir} does not exist")

@@ -119,7 +119,7 @@ def build_policy(cfg, tokenizer, device):
                         f"{model.get_input_embeddings().weight.shape[0]}: they do not belong together")
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return disable_dropout(model).to(device)
 
 
@@ -129,7 +129,7 @@ def build_reference(cfg, policy):
         return None
     reference = copy.deepcopy(policy)
     if cfg.activation_checkpointing:
-        reference.gradient_checkpointing_disable()  # forward-only: nothing to recompute
+        reference.activation_checkpointing_disable()  # forward-only: nothing to recompute
     dtype = DTYPES[cfg.model.reference_dtype or cfg.model.policy_dtype]
     return reference.to(dtype).eval().requires_grad_(False)
 

@@ -198,6 +198,10 @@ class BasicTrainer:
         save_dtype = DTYPES[self.cfg.model.policy_dtype]
         state = {k: v.to(save_dtype) for k, v in self.policy.state_dict().items()}
         self.policy.save_pretrained(tmp, state_dict=state)
+        with open(os.path.join(tmp, "config.json")) as f:  # save_pretrained records the float32 master dtype
+            hf_config = json.load(f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
         self.tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
             f.write(config_yaml(self.cfg))
