@@ -45,13 +45,10 @@ SFT_FORMATS = ("messages", "sharegpt")
 # The tokenizer's bos_token, if any, is rendered once at the start (text is tokenized without special tokens).
 DEFAULT_CHAT_TEMPLATE = (
     "{%- if bos_token %}{{- bos_token }}{%- endif %}"
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
     "{%- generation %}{{- message['content'] + eos_token }}{%- endgeneration %}"
-    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
-    "{{- '\\n' }}"
-    "{%- endfor %}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}{{- '\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 _GENERATION_RE = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -84,18 +81,6 @@ def _number(value, field):
     return value
 
 
-def _message(m, field, schema):
-    role_key, text_key, roles = schema
-    if not isinstance(m, dict):
-        _fail(field, f"must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
-    role = m.get(role_key)
-    if not isinstance(role, str) or role not in roles:
-        _fail(f"{field}.{role_key}", "missing" if role is None else f"unknown value {role!r}; allowed: {', '.join(roles)}")
-    role = roles[role]
-    # Empty system/user text is legal; an empty assistant turn would be nothing to learn.
-    return {"role": role, "content": _str(m.get(text_key), f"{field}.{text_key}", allow_empty=role != "assistant")}
-
-
 def _messages(value, field, schema=CHATML, use=None):
     """A non-empty list of messages -> normalized [{"role", "content"}], checked for its use: "sft" (has an assistant
     turn), "prompt" (ends with a user turn) or "response" (assistant turns only; a string or one message also do)."""
@@ -108,15 +93,25 @@ def _messages(value, field, schema=CHATML, use=None):
     else:
         _fail(field, "missing" if value is None else "empty list" if isinstance(value, list)
               else f"must be a list of messages, got {type(value).__name__}")
-    msgs = [_message(m, f, schema) for m, f in zip(value, fields)]
+    role_key, text_key, roles = schema
+    msgs = []
+    for m, f in zip(value, fields):
+        if not isinstance(m, dict):
+            _fail(f, f"must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
+        role = m.get(role_key)
+        if not isinstance(role, str) or role not in roles:
+            _fail(f"{f}.{role_key}", "missing" if role is None else f"unknown value {role!r}; allowed: {', '.join(roles)}")
+        role = roles[role]
+        # Empty system/user text is legal; an empty assistant turn would be nothing to learn.
+        msgs.append({"role": role, "content": _str(m.get(text_key), f"{f}.{text_key}", allow_empty=role != "assistant")})
     if use == "sft" and not any(m["role"] == "assistant" for m in msgs):
         _fail(field, "no assistant message (nothing to learn)")
     if use == "prompt" and msgs[-1]["role"] != "user":
         _fail(field, f"the prompt must end with a user message, got {msgs[-1]['role']!r}")
     for m, f in zip(msgs, fields if use == "response" else []):
         if m["role"] != "assistant":
-            want = next(k for k, v in schema[2].items() if v == "assistant")
-            _fail(f"{f}.{schema[0]}", f"the response must be {want!r}, got {m['role']!r}")
+            want = next(k for k, v in roles.items() if v == "assistant")
+            _fail(f"{f}.{role_key}", f"the response must be {want!r}, got {m['role']!r}")
     return msgs
 
 
@@ -169,8 +164,7 @@ def _parse_shp(rec):
     """labels == 1 means human_ref_A is preferred. As in the DPO paper, pairs whose score ratio is below 2 are
     dropped (counted), as are pairs with an empty response."""
     history = _str(rec.get("history"), "history")
-    a = _str(rec.get("human_ref_A"), "human_ref_A", allow_empty=True)
-    b = _str(rec.get("human_ref_B"), "human_ref_B", allow_empty=True)
+    a, b = (_str(rec.get(k), k, allow_empty=True) for k in ("human_ref_A", "human_ref_B"))
     label = rec.get("labels")
     if isinstance(label, bool) or label not in (0, 1):
         _fail("labels", "missing" if label is None else f"must be 0 or 1 (1 = A preferred), got {label!r}")
@@ -212,8 +206,7 @@ _SIGNATURES = (("messages", {"messages"}), ("sharegpt", {"conversations"}), ("tr
                ("hh", {"chosen", "rejected"}))
 
 
-def _detect(rec):
-    """Format name from a record's keys (None when unrecognized)."""
+def _detect(rec):  # -> format name, None when unrecognized
     for fmt, keys in _SIGNATURES:
         if keys & set(rec):
             return "seed_pref" if fmt == "sharegpt" and {"chosen", "rejected"} & set(rec) else fmt
@@ -236,8 +229,7 @@ def _with_datasets(fn, label):
 
 
 def _read_file(path):
-    """Raw rows of a parquet file, a JSON list of records, or JSON lines (.jsonl, or a .json whose text is not one
-    JSON list)."""
+    """Raw rows of a .parquet, a JSON list of records, or JSON lines (.jsonl, or a .json that is not one JSON list)."""
     if path.endswith(".parquet"):
         return _with_datasets(lambda ds: ds.load_dataset("parquet", data_files=path, split="train").to_list(), path)
     if not path.endswith(DATA_EXTS):
@@ -250,13 +242,12 @@ def _read_file(path):
     if ".jsonl" not in os.path.basename(path):
         try:
             rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first value: treat the file as JSON lines
-                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        else:
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON list of records (or JSON lines), got a {type(rows).__name__}")
             return rows
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: treat the file as JSON lines
+                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -265,19 +256,6 @@ def _read_file(path):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: invalid JSON at line {n} column {e.colno}: {e.msg}") from None
     return rows
-
-
-def _local_files(path, split):
-    """A file, or the data files in a folder (recursive; those whose name starts with `split` when there are any)."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise DataError(f"{path}: no such file or folder")
-    files = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs
-                   if f.endswith(DATA_EXTS) and "/." not in d)
-    if not files:
-        raise DataError(f"{path}: folder has no data files ({', '.join(DATA_EXTS)})")
-    return [f for f in files if os.path.basename(f).startswith(split)] or files
 
 
 def _sources(spec):
@@ -300,42 +278,22 @@ def _sources(spec):
     if hub_id:
         label = f"{hub_id} [{split}]"
         return name, [(label, _with_datasets(lambda ds: ds.load_dataset(hub_id, split=split).to_list(), label))]
-    return name, [(f, _read_file(f)) for f in _local_files(path, split)]
-
-
-def _parse_rows(label, rows, forced, kind):
-    """Validate and normalize one file's raw rows. -> (records, raw index of each record, n dropped, format).
-    The file's format is record 0's (or `forced`, for huggingface_dataset); kind None keeps each format's own kind."""
-    if not rows:
-        raise DataError(f"{label}: no records (empty dataset)")
-    fmt = forced or (_detect(rows[0]) if isinstance(rows[0], dict) else None)
-    if fmt:
-        _check_kind(label, fmt, kind)
-    records, index, dropped = [], [], 0
-    for i, row in enumerate(rows):
-        try:
-            if not isinstance(row, dict):
-                raise DataError(f"expected a JSON object, got {type(row).__name__}")
-            if fmt is None:
-                raise DataError(f"unrecognized format (keys {sorted(row)}); expected 'messages', 'conversations' "
-                                "[+ 'chosen'/'rejected'], 'prompt'/'chosen'/'rejected', or raw hh/shp/se fields")
-            found = _detect(row)
-            if forced is None and found not in (None, fmt):
-                raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} (one format per file)")
-            new = PARSERS[fmt](row)
-        except DataError as e:
-            raise DataError(f"{label}: record {i}: {e}") from None
-        dropped += not new
-        # Preference data used for SFT: the conversation is prompt + chosen.
-        records += [r if kind != "sft" or "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in new]
-        index += [i] * len(new)
-    return records, index, dropped, fmt
+    if os.path.isfile(path):
+        return name, [(path, _read_file(path))]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or folder")
+    # A folder: its data files (recursive), those whose name starts with `split` when there are any.
+    files = sorted(os.path.join(d, f) for d, dirs, fs in os.walk(path) for f in fs
+                   if f.endswith(DATA_EXTS) and "/." not in d)
+    if not files:
+        raise DataError(f"{path}: folder has no data files ({', '.join(DATA_EXTS)})")
+    files = [f for f in files if os.path.basename(f).startswith(split)] or files
+    return name, [(f, _read_file(f)) for f in files]
 
 
 def _load(spec, kind):
-    """Validate and normalize one dataset spec. -> (records, origins [(label, raw index)], n dropped, {label: format}).
-    A file's format is its record 0's (or the spec's name, for huggingface_dataset); kind None keeps each format's
-    own kind."""
+    """-> (records, origins [(label, raw index)], n dropped, {label: format}). A file's format is its record 0's (the
+    spec's name for huggingface_dataset); kind None keeps each format's own kind."""
     if kind not in ("sft", "preference", None):
         raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
     forced, sources = _sources(spec)
@@ -408,16 +366,14 @@ def _template_error(tok, what):
 
 
 def _labelled(tok, messages, field, first=0, prompt=None):
-    """-> (ids, labels) of the rendered conversation: labels = ids on the tokens of the assistant messages with index
-    >= first (their content and end-of-turn token), else -100. DataError when `prompt` (ids) is not a prefix of ids,
-    then when no token is labelled."""
-    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
-    if _GENERATION_RE.search(template) and getattr(tok, "is_fast", False):
+    """-> (ids, labels) of the rendered conversation; labels = ids on the assistant messages with index >= first
+    (content and end-of-turn token), else -100. DataError when ids do not start with `prompt` or nothing is labelled."""
+    template = tok.chat_template
+    if isinstance(template, str) and _GENERATION_RE.search(template) and getattr(tok, "is_fast", False):
         out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if first:
-            n = len(_render_ids(tok, messages[:first], True))
-            mask[:n] = [0] * n
+        if prompt is not None:  # the prompt = messages[:first] rendered with add_generation_prompt=True
+            mask[:len(prompt)] = [0] * len(prompt)
     else:  # No markers: the tokens that messages[:i+1] adds to messages[:i] + generation prompt are assistant turn i.
         ids = _render_ids(tok, messages, False)
         mask = [0] * len(ids)
@@ -441,46 +397,6 @@ def _labelled(tok, messages, field, first=0, prompt=None):
     return ids, [t if m else -100 for t, m in zip(ids, mask)]
 
 
-def _keep_end(ids, n):
-    return ids[len(ids) - n:] if len(ids) > n else ids
-
-
-def _tokenize_sft(example, tok, max_length, max_prompt_length):
-    msgs = example["messages"]
-    ids, labels = _labelled(tok, msgs, "messages")
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    prompt = _keep_end(_render_ids(tok, msgs[:last], True), max_prompt_length)
-    truncated = len(ids) > max_length
-    if truncated:  # the prompt = the tokens before the first labelled one
-        first = next(i for i, l in enumerate(labels) if l != -100)
-        cut = max(0, first - max_prompt_length)
-        ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
-    if all(l == -100 for l in labels):
-        return None, truncated
-    return {"input_ids": ids, "labels": labels, "prompt_input_ids": prompt}, truncated
-
-
-def _tokenize_preference(example, tok, max_length, max_prompt_length):
-    prompt = _render_ids(tok, example["prompt"], True)
-    sides = {}
-    for side in ("chosen", "rejected"):
-        ids, labels = _labelled(tok, example["prompt"] + example[side], side, len(example["prompt"]), prompt)
-        sides[side] = (ids[len(prompt):], labels[len(prompt):])
-    longest = max(len(ids) for ids, _ in sides.values())
-    truncated = False
-    if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
-        prompt, truncated = _keep_end(prompt, max_prompt_length), True
-    room = max(0, max_length - len(prompt))
-    if longest > room:
-        sides, truncated = {k: (ids[:room], lab[:room]) for k, (ids, lab) in sides.items()}, True
-    if any(all(l == -100 for l in lab) for _, lab in sides.values()):
-        return None, truncated
-    out = {"prompt_input_ids": prompt}
-    for side, (ids, lab) in sides.items():
-        out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
-    return out, truncated
-
-
 def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
                      max_prompt_length: int) -> tuple[dict | None, bool]:
     """Tokenize one normalized record through the chat template. Returns (tokenized, was_truncated); tokenized is
@@ -494,10 +410,39 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
     Raises DataError when the assistant mask is empty before any truncation."""
     if kind == "sft":
-        return _tokenize_sft(example, tokenizer, max_length, max_prompt_length)
+        msgs = example["messages"]
+        ids, labels = _labelled(tokenizer, msgs, "messages")
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompt = _render_ids(tokenizer, msgs[:last], True)
+        truncated = len(ids) > max_length
+        if truncated:
+            first = next(i for i, l in enumerate(labels) if l != -100)
+            cut = max(0, first - max_prompt_length)
+            ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+        if all(l == -100 for l in labels):
+            return None, truncated
+        return {"input_ids": ids, "labels": labels,
+                "prompt_input_ids": prompt[max(0, len(prompt) - max_prompt_length):]}, truncated
     if kind != "preference":
         raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
-    return _tokenize_preference(example, tokenizer, max_length, max_prompt_length)
+    prompt = _render_ids(tokenizer, example["prompt"], True)
+    sides = {}  # side -> (response ids, response labels)
+    for side in ("chosen", "rejected"):
+        ids, labels = _labelled(tokenizer, example["prompt"] + example[side], side, len(example["prompt"]), prompt)
+        sides[side] = (ids[len(prompt):], labels[len(prompt):])
+    longest = max(len(ids) for ids, _ in sides.values())
+    truncated = False
+    if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
+        prompt, truncated = prompt[len(prompt) - max_prompt_length:], True
+    room = max(0, max_length - len(prompt))
+    if longest > room:
+        sides, truncated = {k: (ids[:room], lab[:room]) for k, (ids, lab) in sides.items()}, True
+    if any(all(l == -100 for l in lab) for _, lab in sides.values()):
+        return None, truncated
+    out = {"prompt_input_ids": prompt}
+    for side, (ids, lab) in sides.items():
+        out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
+    return out, truncated
 
 
 # --- Datasets and batches ----------------------------------------------------------------------------------------
@@ -563,11 +508,10 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, "torch.Tensor"
       both:       prompt_input_ids, prompt_attention_mask [B, P], LEFT-padded (for generate)."""
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
-    sides = ("chosen", "rejected") if "chosen_input_ids" in examples[0] else ("",)
-    T = max(len(ex[f"{s}{'_' if s else ''}input_ids"]) for ex in examples for s in sides)
+    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in examples[0] else ("",)
+    T = max(len(ex[f"{p}input_ids"]) for ex in examples for p in prefixes)
     batch = {}
-    for s in sides:
-        p = f"{s}_" if s else ""
+    for p in prefixes:
         ids = [ex[f"{p}input_ids"] for ex in examples]
         batch[f"{p}input_ids"] = _pad(ids, pad_token_id, T)
         batch[f"{p}attention_mask"] = _pad([[1] * len(x) for x in ids], 0, T)

@@ -465,3 +465,4 @@ def test_cli_convert_round_trip(tmp_path):
     assert not os.path.exists(tmp_path / "x.json")
     before = open(out_dpo).read()
     assert data.main(["convert", out_dpo, out_dpo, "--to", "dpo"]) == 2 and open(out_dpo).read() == before
+

@@ -69,8 +69,14 @@ def test_tiny_dpo_learns_and_writes_everything(tmp_path):
 def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     proc = run_cli("train.py", "example/tiny-sft.yml", "--overrides", f"output_dirs={run}", "n_epochs=1",
-                   "sample_during_eval=false", *local_model_overrides(tiny_model_dir))
+                   "sample_during_eval=false", "save_model_step=10", "save_optimizer=true",
+                   *local_model_overrides(tiny_model_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = sorted(os.listdir(run))
+    assert [s for s in steps if s.startswith("step-")] == ["step-000010", "step-000020"]   # 23 steps in all
+    assert (run / "step-000010" / "optimizer.pt").exists() and (run / "final" / "optimizer.pt").exists()
+    assert not any(s.endswith(".tmp") for s in steps)
+    assert json.load(open(run / "final" / "trainer_state.json")) == {"step": 23, "examples_seen": 368}
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
     assert before.keys() == after.keys()
@@ -80,6 +86,10 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     eval_loss = [m["eval/loss"] for m in metrics if "eval/loss" in m]
     assert train_loss[-1] < train_loss[0] - 1.0 and eval_loss[-1] < eval_loss[0] - 1.0
     assert (run / "loss_curve.png").exists()
+    # the pythia recipe: DPO starts from the SFT run's folder (model.archive), policy and reference alike
+    trainer = build("dpo", tiny_model_dir, f"model.archive={run / 'final'}")
+    for k, v in after.items():
+        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.state_dict()[k], v)
 
 
 def build(kind, model_dir, *overrides):
@@ -252,3 +262,24 @@ def test_lr_schedule_hand_values():
             opt.step()
             sched.step()
         assert seen == pytest.approx(values, abs=1e-6), kind
+
+
+@pytest.mark.parametrize("overrides, expected_loss", [
+    (["loss.name=dpo"], 0.6931472),                              # policy == reference: h = 0, -log sigmoid(0) = log 2
+    (["loss.name=dpo", "loss.label_smoothing=0.2"], 0.6931472),  # cDPO: 0.8 log 2 + 0.2 log 2
+    (["loss.name=ipo", "loss.beta=0.1"], 25.0),                   # (0 - 1 / (2 * 0.1))^2
+    (["loss.name=ipo", "loss.beta=0.5"], 1.0),                    # (0 - 1 / (2 * 0.5))^2
+])
+def test_first_step_loss_of_each_preference_loss(overrides, expected_loss, tiny_model_dir):
+    """At step 0 the policy equals the reference, so every pair's log-ratio difference h is 0: known losses."""
+    _, metrics = one_sgd_step("dpo", tiny_model_dir, *overrides)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0 and metrics["rewards/accuracies"] == 0
+
+
+def test_reference_free_has_no_reference_model(tiny_model_dir):
+    trainer = build("dpo", tiny_model_dir, "loss.reference_free=true")
+    assert trainer.reference is None
+    metrics, _ = trainer.train_step(next(trainer.global_batches()))
+    # rewards are beta * policy log-probs when the reference is taken as 0
+    assert metrics["rewards/chosen"] == pytest.approx(0.1 * metrics["logps/chosen"], rel=1e-5)
