@@ -7,6 +7,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+import train
 import utils
 from conftest import ROOT, assert_one_line_error, run_cli
 
@@ -73,9 +74,14 @@ def test_null_epochs_with_n_examples():
     ("lr_scheduler=cosin", ["lr_scheduler", "did you mean 'cosine'"]),
     ("datasets=[{type: huggingface_dataset, name: hhh}]", ["datasets[0].name", "hh, shp, se"]),
 ])
-def test_bad_config_is_one_line_error(override, needles, tmp_path):
-    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", override, f"output_dirs={tmp_path}/run")
-    assert_one_line_error(proc, *needles)
+def test_bad_config_is_one_line_error(override, needles, tmp_path, capsys):
+    """In-process through train.cli (test_broken_yaml_and_missing_file covers the real subprocess)."""
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", override,
+                      f"output_dirs={tmp_path}/run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: config: "), err
+    for needle in needles:
+        assert needle in err[0], (needle, err[0])
     assert not os.path.exists(tmp_path / "run")
 
 
