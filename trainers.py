@@ -95,6 +95,30 @@ class BasicTrainer:
                 "logits/rejected": logits_r / n_r.clamp(min=1) * len(policy_c)}
         return loss, sums
 
+    # ---- what a multi-process trainer (FSDPTrainer) changes; one process here ----------------------------------
+    rank, world_size = 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, shows the bar and writes files."""
+        return self.rank == 0
+
+    def local_share(self, examples):
+        """This process's part of a global batch: all of it on one device."""
+        return examples
+
+    def reduce_sums(self, sums: dict) -> dict:
+        """Metric sums over all processes: as they are on one device."""
+        return sums
+
+    def clip_gradients(self, max_norm) -> float:
+        """Clip the global gradient norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
+
+    def full_state_dict(self):
+        """The policy's complete weights, for the export on the main process."""
+        return self.policy.state_dict()
+
     # ---- helpers -------------------------------------------------------------------------------------------------
     def autocast(self):
         if self.compute_dtype == torch.float32:
@@ -126,11 +150,12 @@ class BasicTrainer:
     def train_step(self, examples):
         """Forward/backward over micro-batches of one global batch, then clip and step. Returns the step's metrics."""
         self.policy.train()
-        normalizer = loss_normalizer(self.kind, examples)
-        micro = math.ceil(self.cfg.total_batch_size / self.cfg.gradient_accumulation_steps)
+        normalizer = loss_normalizer(self.kind, examples)  # of the GLOBAL batch, so every share is weighted right
+        local = self.local_share(examples)
+        micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens = {}, 0
-        for start in range(0, len(examples), micro):
-            batch = self.to_batch(examples[start:start + micro])
+        for start in range(0, len(local), micro):
+            batch = self.to_batch(local[start:start + micro])
             with self.autocast():
                 loss, mb_sums = self.batch_loss(batch, normalizer)
             self.scaler.scale(loss).backward()
@@ -139,7 +164,7 @@ class BasicTrainer:
             tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")))
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+        grad_norm = self.clip_gradients(max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -147,8 +172,10 @@ class BasicTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.examples_seen += len(examples)
+        sums = self.reduce_sums({**sums, "tokens": tokens})
+        tokens = sums.pop("tokens")
         metrics = {k: v / normalizer for k, v in sums.items()}
-        metrics.update(grad_norm=float(grad_norm), lr=lr, examples_seen=self.examples_seen)
+        metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
         return metrics, tokens
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------
@@ -157,13 +184,16 @@ class BasicTrainer:
         self.policy.eval()
         sums, normalizer = {}, 0
         size = self.cfg.eval_batch_size
-        for start in range(0, len(self.eval_data), size):
-            examples = self.eval_data[start:start + size]
+        local = self.local_share(self.eval_data)
+        for start in range(0, len(local), size):
+            examples = local[start:start + size]
             with self.autocast():
                 _, mb_sums = self.batch_loss(self.to_batch(examples), 1)
             normalizer += loss_normalizer(self.kind, examples)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+        sums = self.reduce_sums({**sums, "normalizer": normalizer})
+        normalizer = sums.pop("normalizer")
         return {f"eval/{k}": v / normalizer for k, v in sums.items()}
 
     @torch.no_grad()
@@ -182,6 +212,8 @@ class BasicTrainer:
             texts = self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1]:], skip_special_tokens=True)
             for row, text in zip(rows, texts):
                 row[name] = text
+        if not self.is_main:
+            return
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
         with open(os.path.join(self.run_dir, "samples", f"step-{self.step:06d}.txt"), "w") as f:
             for row in rows:
@@ -196,7 +228,9 @@ class BasicTrainer:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_dtype = DTYPES[self.cfg.model.policy_dtype]
-        state = {k: v.to(save_dtype) for k, v in self.policy.state_dict().items()}
+        state = {k: v.to(save_dtype) for k, v in self.full_state_dict().items()}  # collective under FSDP
+        if not self.is_main:
+            return final
         self.policy.save_pretrained(tmp, state_dict=state)
         with open(os.path.join(tmp, "config.json")) as f:  # save_pretrained records the float32 master dtype
             hf_config = json.load(f)
@@ -216,11 +250,11 @@ class BasicTrainer:
     # ---- the loop ------------------------------------------------------------------------------------------------
     def train(self):
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir, cfg)
+        writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main)
         do_eval = len(self.eval_data) > 0
         if do_eval and cfg.do_first_eval:
             self.evaluate_and_log(writer)
-        bar = tqdm(total=self.total_steps, desc=cfg.exp_name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, desc=cfg.exp_name, unit="step", dynamic_ncols=True, disable=not self.is_main)
         window_tokens, window_start = 0, time.perf_counter()
         for examples in self.global_batches():
             metrics, tokens = self.train_step(examples)
@@ -238,17 +272,20 @@ class BasicTrainer:
                 self.save(f"step-{self.step:06d}")
         bar.close()
         writer.close()
-        plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
+        if self.is_main:
+            plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
         if not cfg.debug:
             path = self.save("final")
-            print(f"saved final checkpoint to {path}")
+            if self.is_main:
+                print(f"saved final checkpoint to {path}")
         return writer.history
 
     def evaluate_and_log(self, writer):
         metrics = self.evaluate()
         writer.log(metrics, self.step)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("eval/loss", "eval/rewards/accuracies"))
-        tqdm.write(f"step {self.step}: {summary}")
+        if self.is_main:
+            tqdm.write(f"step {self.step}: {summary}")
         if self.cfg.sample_during_eval:
             self.sample(writer)
 

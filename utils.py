@@ -255,15 +255,16 @@ def set_seed(seed: int):
 class MetricsWriter:
     """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
 
-    def __init__(self, run_dir, cfg):
+    def __init__(self, run_dir, cfg, enabled=True):
+        """enabled=False (processes other than the main one): keeps the history, writes nothing."""
         self.history = []
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
         self.tb = None
-        if cfg.report_to_tensorboard:
+        if cfg.report_to_tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         self.wandb = None
-        if cfg.wandb.enabled and not cfg.debug:
+        if cfg.wandb.enabled and not cfg.debug and enabled:
             import wandb
             self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
                                     dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
@@ -271,8 +272,9 @@ class MetricsWriter:
     def log(self, metrics: dict, step: int):
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.history.append(record)
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
         for key, value in metrics.items():
             if self.tb is not None:
                 self.tb.add_scalar(key, value, step)
@@ -287,7 +289,8 @@ class MetricsWriter:
             self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
 
     def close(self):
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
