@@ -10,6 +10,7 @@ import argparse
 import copy
 import os
 import pickle
+import shutil
 import sys
 import warnings
 
@@ -17,7 +18,8 @@ import torch
 
 import data
 from trainers import DTYPES, BasicTrainer, FSDPTrainer, data_kind
-from utils import UserError, config_yaml, load_config, set_seed
+from utils import (TrainingError, UserError, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
+                   set_seed, write_atomic)
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
 
@@ -147,14 +149,42 @@ def run_dir_of(cfg) -> str:
     return os.path.abspath(os.path.expanduser(cfg.output_dirs))
 
 
-def prepare_run_dir(cfg):
+def resolve_resume(cfg):
+    """The checkpoint to continue from, or None to start afresh; refuses to mix a new run into an old run's folder."""
+    run_dir = run_dir_of(cfg)
+    if cfg.resume is None:
+        old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
+        if old_run and not cfg.overwrite:
+            raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, or "
+                            "start afresh with overwrite=true (removes its files)")
+        return None
+    if cfg.resume == "auto":
+        found = list_checkpoints(run_dir, resumable=True)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
+        raise UserError(f"config: resume: '{cfg.resume}' is not a complete checkpoint folder (no trainer_state.json); "
+                        "use resume=auto or a step-N / final folder of a run")
+    return cfg.resume
+
+
+def prepare_run_dir(cfg, n_params=0, fresh=True):
+    """Create the run folder (emptied first for overwrite=true), drop half-written checkpoints, check it can hold a
+    checkpoint, save the resolved config. Called only once every input has been checked."""
     run_dir = run_dir_of(cfg)
     try:
+        if fresh and cfg.overwrite and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
         os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml(cfg))
+        remove_partial_checkpoints(run_dir)
+        write_atomic(os.path.join(run_dir, "config.yaml"), config_yaml(cfg))
     except OSError as e:
-        raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror}") from e
+        raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror or e}") from e
+    export_bytes = DTYPES[cfg.model.policy_dtype].itemsize
+    state_bytes = (8 + (4 if export_bytes < 4 else 0)) if cfg.save_optimizer else 0  # Adam moments (+ fp32 masters)
+    need, free = n_params * (export_bytes + state_bytes), shutil.disk_usage(run_dir).free
+    if not cfg.debug and need > free:
+        raise UserError(f"config: output_dirs: '{run_dir}' has {free / 2**30:.1f} GiB free but one checkpoint needs about "
+                        f"{need / 2**30:.1f} GiB: free space or point output_dirs elsewhere")
     return run_dir
 
 
@@ -170,13 +200,24 @@ def build_trainer(cfg):
 
 
 def main(config_path, overrides=()):
+    """Returns the exit code: 0 finished, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
     cfg = load_config(config_path, overrides)
+    resume_from = resolve_resume(cfg)
     trainer = build_trainer(cfg)
-    prepare_run_dir(cfg)  # only now, once every input has been checked
-    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6
-    print(f"run folder: {trainer.run_dir} | device: {trainer.device} | policy: {n_params:.2f}M params | "
-          f"{trainer.total_steps} steps of {cfg.total_batch_size} examples")
-    return trainer.train()
+    if resume_from:
+        trainer.load_checkpoint(resume_from)
+    n_params = sum(p.numel() for p in trainer.policy.parameters())
+    prepare_run_dir(cfg, n_params, fresh=resume_from is None)  # only now, once every input has been checked
+    if trainer.is_main:
+        start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+        print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} | policy: {n_params / 1e6:.2f}M params "
+              f"| {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+    if trainer.train() == "interrupted":
+        if trainer.is_main:
+            again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
+            print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}")
+        return 128 + trainer.stop_signal
+    return 0
 
 
 def cli(argv=None):
@@ -189,13 +230,18 @@ def cli(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines
     try:
-        main(args.config, args.overrides)
-    except (UserError, data.DataError) as e:
+        return main(args.config, args.overrides)
+    except (UserError, data.DataError, TrainingError, torch.OutOfMemoryError) as e:
         if args.traceback:
             raise
+        if isinstance(e, torch.OutOfMemoryError):
+            e = ("out of GPU memory: lower the micro-batch (raise gradient_accumulation_steps), set "
+                 "activation_checkpointing=true, lower max_length, or shard with trainer=FSDPTrainer")
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 2 if isinstance(e, (UserError, data.DataError)) else 1
+    except KeyboardInterrupt:
+        print("aborted (no checkpoint saved for the current step)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 
 import torch
@@ -15,7 +17,8 @@ from tqdm import tqdm
 
 import data
 import losses
-from utils import MetricsWriter, UserError, plot_curves, config_yaml
+from utils import (MetricsWriter, TrainingError, UserError, config_yaml, plot_curves, prune_checkpoints, rng_state,
+                   set_rng_state)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,7 +71,8 @@ class BasicTrainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not (enabled=False makes it a no-op)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
-        self.step, self.examples_seen = 0, 0
+        self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
+        self.wandb_id, self.stop_signal = None, None
 
     # ---- the one place that knows SFT from preference losses --------------------------------------------------
     def batch_loss(self, batch, normalizer):
@@ -128,18 +132,19 @@ class BasicTrainer:
     def to_batch(self, examples):
         return {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
 
-    def example_stream(self):
-        """Training examples in order: a fresh seeded permutation per epoch, cut at n_train_examples."""
-        epoch, left = 0, self.n_train_examples
-        while left > 0:
+    def example_stream(self, start=0):
+        """Training examples in order from position `start`: a fresh seeded permutation per epoch, cut at
+        n_train_examples. The order is a pure function of (seed, position), which is what makes resuming exact."""
+        position = start
+        while position < self.n_train_examples:
+            epoch, offset = divmod(position, len(self.train_data))
             order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for i in order.tolist()[:left]:
+            for i in order.tolist()[offset:offset + self.n_train_examples - position]:
                 yield self.train_data[i]
-            left -= min(left, len(order))
-            epoch += 1
+            position += min(len(self.train_data) - offset, self.n_train_examples - position)
 
     def global_batches(self):
-        stream, size = self.example_stream(), self.cfg.total_batch_size
+        stream, size = self.example_stream(self.examples_seen), self.cfg.total_batch_size
         while True:
             batch = [ex for _, ex in zip(range(size), stream)]
             if not batch:
@@ -166,8 +171,19 @@ class BasicTrainer:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = self.clip_gradients(max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # fp16: the grad scaler skips steps with inf gradients by itself (that is how it finds its scale)
+        finite = math.isfinite(sums["loss"]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            tqdm.write(f"warning: step {self.step + 1}: non-finite loss or gradient (loss={sums['loss']}, "
+                       f"grad_norm={grad_norm}): step skipped ({self.nonfinite_streak} in a row)")
+            if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+                raise TrainingError(f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient: training "
+                                    "diverged (lower lr, check the data, or use bfloat16 instead of float16); the last "
+                                    "good checkpoint is kept")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -222,63 +238,141 @@ class BasicTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, name):
-        """An HF folder (model in policy_dtype, tokenizer, resolved config.yaml, trainer_state.json, [optimizer.pt]).
-        Written to `<name>.tmp` first and renamed, so a crash never leaves a half-written checkpoint under `name`."""
+        """An HF folder (model in policy_dtype, tokenizer, config.yaml, trainer_state.json) plus, with save_optimizer,
+        training_state.pt: everything `load_checkpoint` needs to continue exactly. Written to `<name>.tmp`, flushed
+        and renamed, so a crash never leaves a half-written checkpoint under `name`; a failed save leaves the earlier
+        checkpoints as they were."""
         final = os.path.join(self.run_dir, name)
         tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         save_dtype = DTYPES[self.cfg.model.policy_dtype]
         state = {k: v.to(save_dtype) for k, v in self.full_state_dict().items()}  # collective under FSDP
         if not self.is_main:
             return final
-        self.policy.save_pretrained(tmp, state_dict=state)
-        with open(os.path.join(tmp, "config.json")) as f:  # save_pretrained records the float32 master dtype
-            hf_config = json.load(f)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
-        self.tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(config_yaml(self.cfg))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
-        if self.cfg.save_optimizer:
-            torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.write_checkpoint(tmp, state, save_dtype)
+            if os.path.exists(final):  # `final` of a resumed run: swap, then drop the old one
+                os.replace(final, final + ".old.tmp")
+            os.replace(tmp, final)
+            shutil.rmtree(final + ".old.tmp", ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"could not save checkpoint {final}: {e.strerror or e} (earlier checkpoints are kept)") from e
+        if self.cfg.save_total_limit:
+            prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
         return final
+
+    def write_checkpoint(self, folder, state, save_dtype):
+        self.policy.save_pretrained(folder, state_dict=state)
+        with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
+            hf_config = json.load(f)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
+        self.tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "config.yaml"), "w") as f:
+            f.write(config_yaml(self.cfg))
+        if self.cfg.save_optimizer:
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict(), "rng": rng_state(), "wandb_id": self.wandb_id,
+                        "nonfinite_streak": self.nonfinite_streak,
+                        # exported weights in half precision lose bits: keep the float32 masters for an exact resume
+                        "master_weights": None if save_dtype == torch.float32 else self.policy.state_dict()},
+                       os.path.join(folder, "training_state.pt"))
+        with open(os.path.join(folder, "trainer_state.json"), "w") as f:  # written last: marks the folder complete
+            json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
+        for root, _, files in os.walk(folder):  # on disk before the rename makes the checkpoint visible
+            for file in files:
+                with open(os.path.join(root, file), "rb") as f:
+                    os.fsync(f.fileno())
+
+    def load_checkpoint(self, folder):
+        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
+        from safetensors.torch import load_file
+        path = os.path.join(folder, "training_state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"resume: {folder} holds no training state (saved with save_optimizer=false): it can start "
+                            "a new run as model.archive, but cannot be resumed")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights = state["master_weights"]
+        if weights is None:
+            weights = {}
+            for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+                weights.update(load_file(os.path.join(folder, file)))
+        missing, _ = self.policy.load_state_dict(weights, strict=False)
+        if any(not k.endswith("lm_head.weight") for k in missing):  # tied lm_head is not stored separately
+            raise UserError(f"resume: {folder} does not match the model: missing {missing[:3]}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            counters = json.load(f)
+        self.step, self.examples_seen = counters["step"], counters["examples_seen"]
+        self.nonfinite_streak, self.wandb_id = state["nonfinite_streak"], state["wandb_id"]
+        set_rng_state(state["rng"])
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def train(self):
+        """Train to the end, or until SIGTERM/SIGINT: then finish the step, save, and return 'interrupted'."""
         cfg = self.cfg
-        writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main)
+        resumed = self.step > 0
+        writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, resume_step=self.step if resumed else None,
+                               wandb_id=self.wandb_id)
+        self.wandb_id = writer.wandb_id
         do_eval = len(self.eval_data) > 0
-        if do_eval and cfg.do_first_eval:
+        if do_eval and cfg.do_first_eval and not resumed:
             self.evaluate_and_log(writer)
-        bar = tqdm(total=self.total_steps, desc=cfg.exp_name, unit="step", dynamic_ncols=True, disable=not self.is_main)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, unit="step", dynamic_ncols=True,
+                   disable=not self.is_main)
         window_tokens, window_start = 0, time.perf_counter()
-        for examples in self.global_batches():
-            metrics, tokens = self.train_step(examples)
-            window_tokens += tokens
-            bar.update(1)
-            if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
-                metrics["tokens_per_second"] = window_tokens / (time.perf_counter() - window_start)
-                writer.log(metrics, self.step)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-                window_tokens, window_start = 0, time.perf_counter()
-            if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
-                self.evaluate_and_log(writer)
-                window_start = time.perf_counter()  # evaluation time is not training throughput
-            if not cfg.debug and cfg.save_model_step and self.step % cfg.save_model_step == 0 and self.step < self.total_steps:
-                self.save(f"step-{self.step:06d}")
+        with self.stop_on_signals():
+            for examples in self.global_batches():
+                metrics, tokens = self.train_step(examples)
+                window_tokens += tokens
+                bar.update(1)
+                if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
+                    metrics["tokens_per_second"] = window_tokens / (time.perf_counter() - window_start)
+                    writer.log(metrics, self.step)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                    window_tokens, window_start = 0, time.perf_counter()
+                if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
+                    self.evaluate_and_log(writer)
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
+                if not cfg.debug and self.step < self.total_steps and (periodic or self.stop_signal):
+                    self.save(f"step-{self.step:06d}")
+                if self.stop_signal:
+                    break
         bar.close()
         writer.close()
         if self.is_main:
             plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
+        if self.stop_signal and self.step < self.total_steps:
+            return "interrupted"
         if not cfg.debug:
             path = self.save("final")
             if self.is_main:
                 print(f"saved final checkpoint to {path}")
-        return writer.history
+        return "finished"
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """SIGTERM (preemption) / first Ctrl-C: finish the step, save, stop. A second Ctrl-C aborts at once."""
+        def request_stop(signum, frame):
+            if self.stop_signal is not None or signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            if self.is_main:
+                tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                           "(Ctrl-C again aborts at once)")
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
     def evaluate_and_log(self, writer):
         metrics = self.evaluate()

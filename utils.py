@@ -8,6 +8,7 @@ import difflib
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 class UserError(Exception):
     """A mistake the user can fix (config, paths, data). train.py prints it as one line and exits with code 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (diverged, disk full). train.py prints it as one line and exits with code 1."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,7 +106,11 @@ class Config:
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     print_log_step: int = 10                # write train metrics every N optimizer steps
     save_model_step: Optional[int] = None   # also save a checkpoint every N optimizer steps (null: only at the end)
-    save_optimizer: bool = False            # save the optimizer state beside each checkpoint
+    save_optimizer: bool = True             # save optimizer, scheduler and RNG state in each checkpoint (needed to resume)
+    save_total_limit: Optional[int] = None  # keep only the newest K step-N checkpoints (final is always kept); null = all
+    resume: Optional[str] = None            # null | auto (newest complete checkpoint in the run folder, else start fresh) | a checkpoint folder
+    overwrite: bool = False                 # start afresh in a run folder that already holds a run (its files are removed)
+    max_nonfinite_steps: int = 5            # a step with a non-finite loss/gradient is skipped; stop after this many in a row
     output_dirs: str = "./outputs/${exp_name}"  # the run folder: config, metrics, curves, samples, checkpoints
     report_to_tensorboard: bool = True      # write TensorBoard event files to <run folder>/tensorboard
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -188,6 +197,10 @@ def _validate(cfg):
                         f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise UserError("config: set n_epochs or n_examples (both are null)")
+    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
+        raise UserError(f"config: save_total_limit must be >= 1 or null, got {cfg.save_total_limit}")
+    if cfg.max_nonfinite_steps < 1:
+        raise UserError(f"config: max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}")
     if cfg.max_prompt_length >= cfg.max_length:
         raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
     if not 0.0 <= cfg.loss.label_smoothing < 0.5:
@@ -238,6 +251,16 @@ def load_config(path, overrides=()) -> DictConfig:
     return cfg
 
 
+def write_atomic(path, text: str):
+    """Write a file so that a crash leaves either the old or the new content, never half of it."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def config_yaml(cfg) -> str:
     """The resolved config as YAML: what is saved beside every checkpoint."""
     return OmegaConf.to_yaml(cfg, resolve=True)
@@ -249,25 +272,86 @@ def set_seed(seed: int):
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """Every random generator's state, as plain tensors and tuples (loadable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint folders: <run>/step-000100, <run>/final; written as <name>.tmp and renamed when complete
+# ----------------------------------------------------------------------------------------------------------------
+def list_checkpoints(run_dir, resumable=False) -> list:
+    """Complete checkpoints in the run folder as (step, path), oldest first; resumable=True: only those that hold
+    the optimizer/RNG state. Half-written ones (`*.tmp`) are never listed."""
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        state = os.path.join(path, "trainer_state.json")
+        if name.endswith(".tmp") or not os.path.isfile(state):
+            continue
+        if resumable and not os.path.isfile(os.path.join(path, "training_state.pt")):
+            continue
+        with open(state) as f:
+            found.append((json.load(f)["step"], name == "final", path))
+    return [(step, path) for step, _, path in sorted(found)]
+
+
+def remove_partial_checkpoints(run_dir):
+    """A crash during a save leaves `<name>.tmp`: never used, removed at the next start."""
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        if name.endswith(".tmp") and os.path.isdir(os.path.join(run_dir, name)):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+
+
+def prune_checkpoints(run_dir, keep):
+    """Keep the newest `keep` step-N checkpoints; `final` is never removed."""
+    steps = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path).startswith("step-")]
+    for path in steps[:-keep] if keep else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: JSONL always, TensorBoard and WandB when asked for
 # ----------------------------------------------------------------------------------------------------------------
 class MetricsWriter:
     """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
 
-    def __init__(self, run_dir, cfg, enabled=True):
-        """enabled=False (processes other than the main one): keeps the history, writes nothing."""
+    def __init__(self, run_dir, cfg, enabled=True, resume_step=None, wandb_id=None):
+        """enabled=False (processes other than the main one): keeps the history, writes nothing.
+        resume_step: continue a run from its checkpoint at that step: what was logged after it is dropped (JSONL
+        rewritten, TensorBoard purged, the WandB run resumed by id), so the curves carry no duplicates."""
+        path = os.path.join(run_dir, "metrics.jsonl")
         self.history = []
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                self.history = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+        self.jsonl = None
+        if enabled:
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
+            self.jsonl = open(path, "a")
         self.tb = None
         if cfg.report_to_tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            purge = 0 if resume_step is None else resume_step + 1  # drop events of an earlier, unfinished attempt
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
         self.wandb = None
         if cfg.wandb.enabled and not cfg.debug and enabled:
             import wandb
             self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
-                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True))
+                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id,
+                                    resume="allow" if wandb_id else None)
+        self.wandb_id = self.wandb.id if self.wandb is not None else wandb_id
 
     def log(self, metrics: dict, step: int):
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}

@@ -40,7 +40,8 @@ def snapshot(folder):
 
 def run_and_check(capsys, run_dir, overrides, needles, config="example/tiny-dpo.yml"):
     before = snapshot(run_dir)
-    code = train.cli([os.path.join(ROOT, config), "--overrides", f"output_dirs={run_dir}", *overrides])
+    # overwrite=true: even a run told to replace the old one must leave it intact when its input is bad
+    code = train.cli([os.path.join(ROOT, config), "--overrides", f"output_dirs={run_dir}", "overwrite=true", *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err

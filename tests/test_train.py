@@ -74,7 +74,7 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = sorted(os.listdir(run))
     assert [s for s in steps if s.startswith("step-")] == ["step-000010", "step-000020"]   # 23 steps in all
-    assert (run / "step-000010" / "optimizer.pt").exists() and (run / "final" / "optimizer.pt").exists()
+    assert (run / "step-000010" / "training_state.pt").exists() and (run / "final" / "training_state.pt").exists()
     assert not any(s.endswith(".tmp") for s in steps)
     assert json.load(open(run / "final" / "trainer_state.json")) == {"step": 23, "examples_seen": 368}
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
