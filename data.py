@@ -307,6 +307,9 @@ def _load(spec, kind):
                             "preference (dpo) data")
         if kind == "sft" and fmt in ("shp", "se"):
             raise DataError(f"{label}: {FORMAT_NAMES[fmt]} is preference-only data; for SFT use hh or an SFT file")
+        if kind == "sft" and fmt in ("seed_pref", "trl"):  # hh alone trains SFT on its chosen side, as the original did
+            raise DataError(f"{label}: {FORMAT_NAMES[fmt]} data with loss.name=sft: train it with dpo/ipo, or make an "
+                            f"SFT file of prompt + chosen with: python data.py convert {label} OUT.json --to sft")
         for i, row in enumerate(rows):
             try:
                 if not isinstance(row, dict):
@@ -322,7 +325,7 @@ def _load(spec, kind):
             except DataError as e:
                 raise DataError(f"{label}: record {i}: {e}") from None
             dropped += not new
-            # Preference data used for SFT: the conversation is prompt + chosen.
+            # hh used for SFT: the conversation is prompt + chosen.
             records += [r if kind != "sft" or "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in new]
             origins += [(label, i)] * len(new)
     if not records:
@@ -562,7 +565,9 @@ def _cmd_check(args):
 def _cmd_convert(args):
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
         raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
-    records = _load({"type": "custom_dataset", "path": args.input}, "sft" if args.to == "sft" else "preference")[0]
+    records = _load({"type": "custom_dataset", "path": args.input}, None if args.to == "sft" else "preference")[0]
+    if args.to == "sft":  # preference -> SFT: the conversation is prompt + chosen
+        records = [r if "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in records]
     # Write the seed README's format: messages, or conversations/chosen/rejected with from/value.
     back = {v: k for k, v in SHAREGPT_ROLES.items()}
     turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731

@@ -324,7 +324,7 @@ class BasicTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, unit="step", dynamic_ncols=True,
                    disable=not self.is_main)
         window_tokens, window_start = 0, time.perf_counter()
-        with self.stop_on_signals():
+        with bar, self.stop_on_signals():  # the bar is closed (its line ended) even when an error stops training
             for examples in self.global_batches():
                 metrics, tokens = self.train_step(examples)
                 window_tokens += tokens
@@ -342,7 +342,6 @@ class BasicTrainer:
                     self.save(f"step-{self.step:06d}")
                 if self.stop_signal:
                     break
-        bar.close()
         writer.close()
         if self.is_main:
             plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")

@@ -7,20 +7,27 @@ import pytest
 import train
 from conftest import ROOT
 
-GOOD_PAIR = {"conversations": [{"from": "human", "value": "Is 3 larger than 2?"}],
-             "chosen": {"from": "gpt", "value": "Yes, 3 is larger."}, "rejected": {"from": "gpt", "value": "no."}}
+CORPUS = os.path.join(ROOT, "tests", "bad_inputs")
 
-BAD_DATA = {  # name: (file content, loss, words the error must contain)
-    "malformed_json": ('[{"conversations": [', "dpo", ["invalid JSON", "line 1"]),
-    "missing_chosen": (json.dumps([GOOD_PAIR, {k: v for k, v in GOOD_PAIR.items() if k != "chosen"}]), "dpo",
-                       ["record 1", "'chosen'", "missing"]),
-    "unknown_role": (json.dumps([{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}]),
-                     "sft", ["record 0", "messages[1].role", "robot", "system, user, assistant"]),
-    "non_string_content": (json.dumps([{"messages": [{"role": "user", "content": "hi"},
-                                                     {"role": "assistant", "content": 5}]}]),
-                           "sft", ["record 0", "messages[1].content", "string"]),
-    "empty_dataset": ("[]", "dpo", ["empty"]),
-    "no_assistant_turn": (json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]), "sft", ["record 0"]),
+# file in tests/bad_inputs -> (loss, words the one-line error must contain besides the file name)
+BAD_DATA = {
+    "syntax_error.json": ("dpo", ["invalid JSON", "line 3 column 28"]),
+    "trailing_comma.json": ("sft", ["invalid JSON", "line 1"]),
+    "lines_with_bad_line.jsonl": ("dpo", ["invalid JSON", "line 3"]),
+    "missing_chosen.json": ("dpo", ["record 1", "'chosen'", "missing"]),
+    "missing_rejected_value.json": ("dpo", ["record 1", "'rejected.value'", "missing"]),
+    "unknown_role.json": ("sft", ["record 1", "messages[1].role", "robot", "system, user, assistant"]),
+    "unknown_from.json": ("dpo", ["record 1", "conversations[0].from", "alien", "system, human, gpt"]),
+    "non_string_content.json": ("sft", ["record 0", "messages[1].content", "string"]),
+    "conversations_not_a_list.json": ("dpo", ["record 0", "'conversations'", "list"]),
+    "empty_response.json": ("dpo", ["record 2", "'chosen.value'", "empty"]),
+    "no_assistant_turn.json": ("sft", ["record 1", "no assistant message"]),
+    "prompt_ends_with_assistant.json": ("dpo", ["record 0", "'conversations'", "must end with a user message"]),
+    "mixed_formats.json": ("dpo", ["record 1", "one format per file"]),
+    "top_level_object.json": ("dpo", ["JSON list"]),
+    "empty.json": ("dpo", ["empty"]),
+    "unknown_format.json": ("sft", ["record 0", "unrecognized format", "instruction"]),
+    "wrong_encoding.json": ("sft", ["utf-8", "position 85"]),
 }
 
 
@@ -51,14 +58,17 @@ def run_and_check(capsys, run_dir, overrides, needles, config="example/tiny-dpo.
     return err[0]
 
 
-@pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_dataset(case, tmp_path, run_dir, capsys):
-    content, loss, needles = BAD_DATA[case]
-    path = tmp_path / f"{case}.json"
-    path.write_text(content)
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_dataset(name, run_dir, capsys):
+    loss, needles = BAD_DATA[name]
+    path = os.path.join(CORPUS, name)
     config = "example/tiny-sft.yml" if loss == "sft" else "example/tiny-dpo.yml"
     run_and_check(capsys, run_dir, [f"datasets=[{{type: custom_dataset, path: {path}}}]", "n_eval_examples=0"],
-                  [str(path), *needles], config=config)
+                  [path, *needles], config=config)
+
+
+def test_corpus_is_complete():
+    assert sorted(BAD_DATA) == sorted(os.listdir(CORPUS))
 
 
 def test_missing_data_file(tmp_path, run_dir, capsys):
@@ -90,3 +100,41 @@ def test_too_few_examples_for_eval(run_dir, capsys):
 
 def test_missing_archive(tmp_path, run_dir, capsys):
     run_and_check(capsys, run_dir, [f"model.archive={tmp_path}/x.pt"], ["model.archive", "x.pt"])
+
+
+def test_preference_data_for_sft_is_refused(run_dir, capsys):
+    run_and_check(capsys, run_dir, ["datasets=[{type: custom_dataset, path: example/data/dpo_demo.json}]"],
+                  ["dpo_demo.json", "loss.name=sft", "data.py convert"], config="example/tiny-sft.yml")
+
+
+def test_tokenizer_without_eos_or_pad(tmp_path, run_dir, capsys):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "example", "tokenizer"))
+    tokenizer.eos_token = tokenizer.pad_token = None
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "tok")
+    run_and_check(capsys, run_dir, [f"model.tokenizer_name_or_path={tmp_path / 'tok'}"], ["tokenizer", "eos_token"])
+
+
+def test_archive_with_wrong_shapes(tmp_path, run_dir, capsys):
+    import torch
+    bad = tmp_path / "wrong.pt"
+    torch.save({"model.embed_tokens.weight": torch.zeros(7, 3)}, bad)
+    run_and_check(capsys, run_dir, [f"model.archive={bad}"], [str(bad), "does not match the model"])
+
+
+def test_huge_record_and_long_prompt_are_truncated_not_fatal(tmp_path):
+    """Not errors: a prompt longer than max_length keeps its end, a huge response its start; both are counted."""
+    import data
+    from transformers import AutoTokenizer
+    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(ROOT, "example", "tokenizer")))
+    pairs = [{"conversations": [{"from": "human", "value": "why? " * 3000}], "chosen": {"from": "gpt", "value": "Yes."},
+              "rejected": {"from": "gpt", "value": "no."}},
+             {"conversations": [{"from": "human", "value": "Tell me."}], "chosen": {"from": "gpt", "value": "a b " * 200000},
+              "rejected": {"from": "gpt", "value": "no."}}]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(pairs))
+    train_data, _, stats = data.build_datasets([{"type": "custom_dataset", "path": str(path)}], [], tokenizer,
+                                               "preference", 128, 64, 0, 0)
+    assert stats["truncated"] == 2 and len(train_data) == 2
+    assert all(len(ex["chosen_input_ids"]) <= 128 and len(ex["rejected_input_ids"]) <= 128 for ex in train_data)

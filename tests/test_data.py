@@ -219,8 +219,9 @@ def test_preference_formats_seed_and_trl():
                                             {"role": "user", "content": "Spell cat."}],
                                  "chosen": [{"role": "assistant", "content": "C-A-T."}],
                                  "rejected": [{"role": "assistant", "content": "Dog."}]}
-    # Preference data for SFT: prompt + chosen.
-    assert load("dpo_seed.json", "sft")[1] == {"messages": seed[1]["prompt"] + seed[1]["chosen"]}
+    # Preference files are no SFT data (data.py convert --to sft makes them so); hh is (see test_hh_parser).
+    with pytest.raises(DataError, match="dpo_seed.json: .* loss.name=sft: .*data.py convert"):
+        load("dpo_seed.json", "sft")
     with pytest.raises(DataError, match="sft_messages.json: SFT data .* no rejected"):
         load("sft_messages.json", "preference")
 
@@ -456,7 +457,7 @@ def test_cli_convert_round_trip(tmp_path):
                        "chosen": {"from": "gpt", "value": "C-A-T."}, "rejected": {"from": "gpt", "value": "Dog."}}
     assert load(out_dpo, "preference") == load("dpo_trl.jsonl", "preference")
     assert data.main(["convert", out_dpo, out_sft, "--to", "sft"]) == 0
-    assert load(out_sft, "sft") == load("dpo_trl.jsonl", "sft")
+    assert load(out_sft, "sft") == [{"messages": r["prompt"] + r["chosen"]} for r in load("dpo_trl.jsonl", "preference")]
     assert json.loads(open(out_sft).readline()) == {"messages": [{"role": "user", "content": "Is 7 larger than 5?"},
                                                                  {"role": "assistant", "content": "Yes, 7 is larger than 5."}]}
     assert sorted(os.listdir(tmp_path)) == ["dpo.json", "sft.jsonl"]  # no temp files left

@@ -1,0 +1,186 @@
+"""Exact resume after SIGKILL / SIGTERM, atomic checkpoints, run-folder protection, faults, reproducibility."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+import utils
+from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
+
+# 12 steps of 8 pairs; checkpoints every 2 steps; log every step so the metrics are compared step by step
+RUN = ["n_epochs=null", "n_examples=96", "total_batch_size=8", "save_model_step=2", "print_log_step=1",
+       "eval_every_steps=5", "n_eval_examples=16", "save_total_limit=2", "sample_during_eval=true",
+       "n_eval_model_samples=1", "max_new_tokens=4"]
+SECRET = "sk-not-a-real-key-0123456789"
+
+
+def start(run_dir, *extra):
+    env = {**os.environ, **OFFLINE_ENV, "WANDB_API_KEY": SECRET}
+    return subprocess.Popen([sys.executable, "train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={run_dir}",
+                             *RUN, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def metrics_without_timing(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_second"} for line in f]
+
+
+def final_weights(run_dir):
+    return load_file(os.path.join(run_dir, "final", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    proc = start(run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return run_dir
+
+
+def test_killed_and_preempted_runs_resume_exactly(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    # 1. SIGKILL right after the first checkpoint
+    proc = start(run_dir)
+    wait_for(run_dir / "step-000002" / "trainer_state.json", proc)
+    proc.kill()
+    proc.wait()
+    # 2. resume, then SIGTERM (preemption) once step 6 is checkpointed: finish the step, save, exit 143
+    proc = start(run_dir, "resume=auto")
+    wait_for(run_dir / "step-000006" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "resume=auto" in out and "Traceback" not in err
+    # 3. resume, SIGKILL somewhere after step 8's checkpoint (mid-step, mid-eval or mid-save)
+    proc = start(run_dir, "resume=auto")
+    wait_for(run_dir / "step-000008" / "trainer_state.json", proc)
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    # 4. resume to the end
+    proc = start(run_dir, "resume=auto")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in out
+
+    expected, got = final_weights(uninterrupted), final_weights(run_dir)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # the metrics continue without duplicates or gaps and equal the uninterrupted run's
+    assert metrics_without_timing(run_dir) == metrics_without_timing(uninterrupted)
+    # save_total_limit=2: only the two newest step checkpoints are kept (final always), nothing half-written
+    kept = sorted(n for n in os.listdir(run_dir) if n.startswith("step-") or n == "final" or n.endswith(".tmp"))
+    assert kept == ["final", "step-000008", "step-000010"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 13))  # purged and continued, no duplicates
+
+
+def test_no_secret_in_run_folder(uninterrupted):
+    for root, _, files in os.walk(uninterrupted):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert SECRET.encode() not in f.read(), os.path.join(root, name)
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
+    run_dir = tmp_path / "run"
+    for name, step in (("step-000004", 4), ("step-000006.tmp", 6)):
+        (run_dir / name).mkdir(parents=True)
+        (run_dir / name / "trainer_state.json").write_text(json.dumps({"step": step, "examples_seen": 8 * step}))
+        (run_dir / name / "training_state.pt").write_bytes(b"")
+    assert [s for s, _ in utils.list_checkpoints(run_dir, resumable=True)] == [4]
+    utils.remove_partial_checkpoints(run_dir)
+    assert sorted(os.listdir(run_dir)) == ["step-000004"]
+
+
+def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("exp_name: other\n")
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run" in err and "resume=auto" in err and "overwrite=true" in err
+    assert (run_dir / "config.yaml").read_text() == "exp_name: other\n"
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}",
+                      "resume=" + str(run_dir / "nope")])
+    assert code == 2 and "not a complete checkpoint folder" in capsys.readouterr().err
+
+
+def test_overwrite_and_resume_auto_without_checkpoint_start_afresh(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    (run_dir / "stale.txt").write_text("old")
+    short = [f"output_dirs={run_dir}", "n_epochs=null", "n_examples=16", "n_eval_examples=0", "debug=true"]
+    assert train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), [*short, "resume=auto"]) == 0
+    assert [r["step"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))] == [1]  # the old line is dropped
+    assert train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), [*short, "overwrite=true"]) == 0
+    assert not (run_dir / "stale.txt").exists()
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+                            ["n_eval_examples=0", "max_nonfinite_steps=2", "total_batch_size=4", f"output_dirs={tmp_path}"])
+    trainer = train.build_trainer(cfg)
+    with torch.no_grad():
+        trainer.policy.model.norm.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    batches = trainer.global_batches()
+    trainer.train_step(next(batches))                     # skipped with a warning: no update
+    after = trainer.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "norm.weight" not in k or "layers" in k)
+    assert trainer.step == 1 and trainer.nonfinite_streak == 1
+    with pytest.raises(utils.TrainingError, match="2 steps in a row"):
+        trainer.train_step(next(batches))
+
+
+def test_out_of_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
+    import trainers
+
+    def oom(self, examples):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(trainers.BasicTrainer, "train_step", oom)  # a test-only fault injection
+    code = train.cli([os.path.join(ROOT, "example", "tiny-sft.yml"), "--overrides", f"output_dirs={tmp_path}/run",
+                      "do_first_eval=false"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # after the progress bar, on a line of its own
+    assert last.startswith("error: out of GPU memory")
+    for knob in ("gradient_accumulation_steps", "activation_checkpointing", "max_length", "FSDPTrainer"):
+        assert knob in last
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_cli("train.py", "example/tiny-sft.yml", "--overrides", f"output_dirs={blocker}/run")
+    assert_one_line_error(proc, "output_dirs", "cannot write")
+
+
+def test_same_config_twice_gives_identical_metrics(tmp_path):
+    runs = []
+    for i in range(2):
+        run_dir = tmp_path / f"run{i}"
+        overrides = [f"output_dirs={run_dir}", "n_epochs=null", "n_examples=48", "print_log_step=1", "eval_every_steps=2",
+                     "n_eval_examples=16", "debug=true"]
+        assert train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides) == 0
+        runs.append(metrics_without_timing(run_dir))
+    assert runs[0] == runs[1] and len(runs[0]) == 3 + 3  # 3 train rows, evals at steps 0, 2, 3
