@@ -6,8 +6,8 @@ Formats (detected per file from the records' keys; one format per file; every re
   preference  {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}      (seed format)
               {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]} (TRL)
   raw hub     Anthropic/hh-rlhf ("hh"), stanfordnlp/SHP ("shp"), HuggingFaceH4/stack-exchange-preferences ("se")
-Preference data used for SFT trains on prompt + chosen (hh: the chosen transcript, as the original DPO code does);
-shp and se are preference-only. SFT data cannot be used for preference training (it has no rejected response).
+hh used for SFT trains on its chosen transcript (as the original DPO code does); other preference data must be
+converted first (`convert --to sft`). SFT data cannot be used for preference training (no rejected response).
 
 Tokenization goes through the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none). Labels are the
 token ids on assistant tokens (content + end-of-turn token) and -100 everywhere else; the assistant mask comes from

@@ -167,6 +167,8 @@ class BasicTrainer:
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")))
+        sums = self.reduce_sums({**sums, "tokens": tokens})  # before deciding on the step: every rank decides alike
+        tokens = sums.pop("tokens")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = self.clip_gradients(max_norm)
@@ -188,8 +190,6 @@ class BasicTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.examples_seen += len(examples)
-        sums = self.reduce_sums({**sums, "tokens": tokens})
-        tokens = sums.pop("tokens")
         metrics = {k: v / normalizer for k, v in sums.items()}
         metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
         return metrics, tokens

@@ -51,7 +51,9 @@ def test_tiny_dpo_learns_and_writes_everything(tmp_path):
     acc.Reload()
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([m["loss"] for m in train_rows], rel=1e-5)
     assert "eval/rewards/accuracies" in acc.Tags()["scalars"]
-    assert glob.glob(str(run / "wandb" / "offline-run-*"))             # WandB offline run
+    assert glob.glob(str(run / "wandb" / "offline-run-*"))             # WandB offline run, with the samples table
+    tables = glob.glob(str(run / "wandb" / "offline-run-*" / "files" / "media" / "table" / "samples_*.table.json"))
+    assert tables and json.load(open(tables[0]))["columns"] == ["prompt", "policy", "reference"]
     assert (run / "loss_curve.png").stat().st_size > 1000
     samples = sorted(glob.glob(str(run / "samples" / "*.txt")))
     assert samples and "### reference" in open(samples[-1]).read()
