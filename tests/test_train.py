@@ -285,3 +285,16 @@ def test_reference_free_has_no_reference_model(tiny_model_dir):
     metrics, _ = trainer.train_step(next(trainer.global_batches()))
     # rewards are beta * policy log-probs when the reference is taken as 0
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * metrics["logps/chosen"], rel=1e-5)
+
+
+def test_dropout_is_disabled(tmp_path):
+    """A config asking for dropout still trains deterministically: two train-mode forwards agree exactly."""
+    cfg = utils.load_config(TINY["dpo"], ["model.from_config.attention_dropout=0.5", "n_eval_examples=0",
+                                          f"output_dirs={tmp_path}"])
+    trainer = train.build_trainer(cfg)
+    assert trainer.policy.config.attention_dropout == 0.0
+    trainer.policy.train()
+    batch = trainer.to_batch(trainer.train_data[:4])
+    with torch.no_grad():
+        first, second = (trainer.policy(input_ids=batch["chosen_input_ids"], use_cache=False).logits for _ in range(2))
+    assert torch.equal(first, second)
