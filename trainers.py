@@ -115,6 +115,10 @@ class BasicTrainer:
         """Metric sums over all processes: as they are on one device."""
         return sums
 
+    def any_process(self, flag: bool) -> bool:
+        """True when the flag is set on any process (a signal may reach the ranks at different steps)."""
+        return flag
+
     def clip_gradients(self, max_norm) -> float:
         """Clip the global gradient norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
@@ -338,9 +342,11 @@ class BasicTrainer:
                     self.evaluate_and_log(writer)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
-                if not cfg.debug and self.step < self.total_steps and (periodic or self.stop_signal):
+                stop = self.any_process(self.stop_signal is not None)
+                if not cfg.debug and self.step < self.total_steps and (periodic or stop):
                     self.save(f"step-{self.step:06d}")
-                if self.stop_signal:
+                if stop:
+                    self.stop_signal = self.stop_signal or signal.SIGTERM
                     break
         writer.close()
         if self.is_main:
