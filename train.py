@@ -2,6 +2,8 @@
 
     python train.py example/tiny-dpo.yml
     python train.py example/pythia28-dpo.yml --overrides lr=2e-5 batch_size=32
+    python train.py example/pythia28-dpo.yml --overrides trainer=FSDPTrainer      # one worker per GPU (CPU: fsdp.world_size)
+    torchrun --nproc_per_node 8 train.py example/pythia28-dpo.yml --overrides trainer=FSDPTrainer
 
 Everything that can fail because of the user's input (config, data, model paths) is checked BEFORE anything is
 written to the run folder, so a bad run never clobbers a good one. Such failures print one line and exit with code 2.
@@ -10,16 +12,23 @@ import argparse
 import copy
 import os
 import pickle
+import socket
 import sys
 import warnings
 
 import torch
+import torch.multiprocessing as mp
 
 import data
 from trainers import DTYPES, BasicTrainer, FSDPTrainer, data_kind
 from utils import UserError, config_yaml, load_config, set_seed
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process) prints; under torchrun and our own launcher RANK is in the environment."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def pick_device(cfg) -> torch.device:
@@ -139,7 +148,8 @@ def build_data(cfg, tokenizer):
     eval_specs = [dict(s) for s in cfg.eval_datasets]
     train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, data_kind(cfg.loss.name), cfg.max_length,
                                                    cfg.max_prompt_length, cfg.n_eval_examples, cfg.seed)
-    print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if is_main_process():
+        print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return train, evaluation
 
 
@@ -162,6 +172,8 @@ def build_trainer(cfg):
     """Everything the run needs, checked and loaded; nothing is written yet."""
     set_seed(cfg.seed)
     device = pick_device(cfg)
+    if cfg.trainer == "FSDPTrainer" and device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process; "cuda" now means this one
     tokenizer = build_tokenizer(cfg)
     train_data, eval_data = build_data(cfg, tokenizer)
     policy = build_policy(cfg, tokenizer, device)
@@ -173,10 +185,55 @@ def main(config_path, overrides=()):
     cfg = load_config(config_path, overrides)
     trainer = build_trainer(cfg)
     prepare_run_dir(cfg)  # only now, once every input has been checked
-    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6
-    print(f"run folder: {trainer.run_dir} | device: {trainer.device} | policy: {n_params:.2f}M params | "
-          f"{trainer.total_steps} steps of {cfg.total_batch_size} examples")
-    return trainer.train()
+    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6 * trainer.world_size  # sharded: a share each
+    if trainer.is_main:
+        print(f"run folder: {trainer.run_dir} | device: {trainer.device} x {trainer.world_size} | policy: {n_params:.2f}M "
+              f"params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+    history = trainer.train()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return history
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(local_rank, world_size, port, config_path, overrides, errors):
+    """One process of a one-machine FSDP run started by `launch_workers`: the environment torchrun would give it."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        main(config_path, overrides)
+    except (UserError, data.DataError) as e:
+        errors.put(str(e))  # every rank finds the same input error; the launcher prints the first one, once
+        sys.exit(2)
+
+
+def launch_workers(args, cfg) -> int:
+    """Plain `python train.py ... trainer=FSDPTrainer`: one worker per visible GPU, or fsdp.world_size CPU workers
+    (gloo) on a machine without one. When any worker fails, the others are stopped (no hang) and we exit non-zero."""
+    on_gpus = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
+    world_size = torch.cuda.device_count() if on_gpus else cfg.fsdp.world_size
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.start_processes(worker, args=(world_size, free_port(), args.config, args.overrides, errors),
+                           nprocs=world_size, start_method="spawn")
+    except mp.ProcessExitedException as e:
+        if e.exit_code == 2 and not errors.empty():
+            print(f"error: {errors.get()}", file=sys.stderr)
+            return 2
+        print(f"error: worker rank {e.error_index} (pid {e.pid}) died with exit code {e.exit_code}; all {world_size} "
+              "workers were stopped", file=sys.stderr)
+        return 1
+    except mp.ProcessRaisedException as e:
+        print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cli(argv=None):
@@ -189,11 +246,15 @@ def cli(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines
     try:
+        cfg = load_config(args.config, args.overrides)  # main loads it again; here it picks the launcher
+        if cfg.trainer == "FSDPTrainer" and "RANK" not in os.environ:
+            return launch_workers(args, cfg)
         main(args.config, args.overrides)
     except (UserError, data.DataError) as e:
         if args.traceback:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():  # under torchrun every rank finds the same input error: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
