@@ -10,6 +10,7 @@ written to the run folder, so a bad run never clobbers a good one. Such failures
 """
 import argparse
 import copy
+import logging
 import os
 import pickle
 import socket
@@ -20,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 import data
-from trainers import DTYPES, BasicTrainer, FSDPTrainer, data_kind
+from trainers import DTYPES, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
 from utils import UserError, config_yaml, load_config, set_seed
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
@@ -219,7 +220,10 @@ def launch_workers(args, cfg) -> int:
     (gloo) on a machine without one. When any worker fails, the others are stopped (no hang) and we exit non-zero."""
     on_gpus = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
     world_size = torch.cuda.device_count() if on_gpus else cfg.fsdp.world_size
+    check_batch_split(cfg, world_size)  # the workers check it too (torchrun); here it fails before any is started
     errors = mp.get_context("spawn").SimpleQueue()
+    # spawn logs a warning for each worker it stops after another failed; our own one line says it better
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         mp.start_processes(worker, args=(world_size, free_port(), args.config, args.overrides, errors),
                            nprocs=world_size, start_method="spawn")
