@@ -15,6 +15,7 @@ import os
 import pickle
 import socket
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -202,7 +203,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(local_rank, world_size, port, config_path, overrides, errors):
+def worker(local_rank, world_size, port, config_path, overrides, error_dir):
     """One process of a one-machine FSDP run started by `launch_workers`: the environment torchrun would give it."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -211,7 +212,10 @@ def worker(local_rank, world_size, port, config_path, overrides, errors):
     try:
         main(config_path, overrides)
     except (UserError, data.DataError) as e:
-        errors.put(str(e))  # every rank finds the same input error; the launcher prints the first one, once
+        # every rank finds the same input error; the launcher prints one. A file, not a queue: a killed worker leaves
+        # no lock or semaphore behind
+        with open(os.path.join(error_dir, f"rank-{local_rank}.txt"), "w") as f:
+            f.write(str(e))
         sys.exit(2)
 
 
@@ -221,22 +225,26 @@ def launch_workers(args, cfg) -> int:
     on_gpus = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
     world_size = torch.cuda.device_count() if on_gpus else cfg.fsdp.world_size
     check_batch_split(cfg, world_size)  # the workers check it too (torchrun); here it fails before any is started
-    errors = mp.get_context("spawn").SimpleQueue()
     # spawn logs a warning for each worker it stops after another failed; our own one line says it better
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    try:
-        mp.start_processes(worker, args=(world_size, free_port(), args.config, args.overrides, errors),
-                           nprocs=world_size, start_method="spawn")
-    except mp.ProcessExitedException as e:
-        if e.exit_code == 2 and not errors.empty():
-            print(f"error: {errors.get()}", file=sys.stderr)
-            return 2
-        print(f"error: worker rank {e.error_index} (pid {e.pid}) died with exit code {e.exit_code}; all {world_size} "
-              "workers were stopped", file=sys.stderr)
-        return 1
-    except mp.ProcessRaisedException as e:
-        print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory() as error_dir:
+        try:
+            mp.start_processes(worker, args=(world_size, free_port(), args.config, args.overrides, error_dir),
+                               nprocs=world_size, start_method="spawn")
+        except mp.ProcessExitedException as e:
+            messages = sorted(os.listdir(error_dir))
+            if e.exit_code == 2 and messages:
+                with open(os.path.join(error_dir, messages[0])) as f:
+                    print(f"error: {f.read()}", file=sys.stderr)
+                return 2
+            how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+            print(f"error: worker rank {e.error_index} (pid {e.error_pid}) {how}; all {world_size} workers were "
+                  "stopped", file=sys.stderr)
+            return 1
+        except mp.ProcessRaisedException as e:
+            print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

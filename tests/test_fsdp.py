@@ -108,3 +108,43 @@ def test_batch_not_divisible_by_world_size_is_one_line_error(tmp_path):
                    "gradient_accumulation_steps=2", f"output_dirs={tmp_path}/r")
     assert_one_line_error(proc, "total_batch_size=6", "2 x 2")
     assert not (tmp_path / "r").exists()
+
+
+def worker_pids(parent):
+    """The spawned training workers of `parent` (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{parent}/task/{parent}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    pids = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
+    """A rank killed mid-training (as when its node dies): the launcher stops the other one and exits non-zero."""
+    run = tmp_path / "run"
+    args = ["train.py", TINY["sft"], "--overrides", "trainer=FSDPTrainer", f"output_dirs={run}", "n_epochs=50",
+            "n_eval_examples=0", "print_log_step=1", *local_model_overrides(tiny_model_dir)]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():  # training has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "was killed by SIGKILL" in stderr and "all 2 workers were stopped" in stderr
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in workers)
