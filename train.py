@@ -131,6 +131,8 @@ def build_policy(cfg, tokenizer, device):
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.trainer == "FSDPTrainer":  # it moves the weights to the GPU one block at a time as it shards them
+        return disable_dropout(model)
     return disable_dropout(model).to(device)
 
 
@@ -187,7 +189,7 @@ def main(config_path, overrides=()):
     cfg = load_config(config_path, overrides)
     trainer = build_trainer(cfg)
     prepare_run_dir(cfg)  # only now, once every input has been checked
-    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6 * trainer.world_size  # sharded: a share each
+    n_params = sum(p.numel() for p in trainer.policy.parameters()) / 1e6  # a sharded DTensor counts its full size
     if trainer.is_main:
         print(f"run folder: {trainer.run_dir} | device: {trainer.device} x {trainer.world_size} | policy: {n_params:.2f}M "
               f"params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")

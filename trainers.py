@@ -321,7 +321,7 @@ class FSDPTrainer(BasicTrainer):
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         check_batch_split(cfg, self.world_size)
         block = find_block_class(policy, cfg.fsdp.block_class)
-        device = next(policy.parameters()).device
+        device = process_device(cfg)
         if cfg.fsdp.cpu_offload and device.type != "cuda":
             raise UserError("config: fsdp.cpu_offload=true needs CUDA devices (on CPU the weights are in CPU memory already)")
         init_distributed(device, cfg.fsdp.timeout_minutes)
@@ -339,7 +339,10 @@ class FSDPTrainer(BasicTrainer):
                 module.set_force_sum_reduction_for_comms(True)
         if reference is not None and cfg.fsdp.shard_reference:
             shard_model(reference, block, mesh, MixedPrecisionPolicy(), offload)  # stays in reference_dtype
+        elif reference is not None:
+            reference.to(device)  # a full replica on every device: no communication in its forward
         super().__init__(cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
+        self.device = device  # where batches go (with cpu_offload the sharded weights themselves live in CPU memory)
 
     def local_share(self, examples):
         """A disjoint strided share: rank r takes examples r, r + world_size, ... of the global batch."""
@@ -396,6 +399,12 @@ def find_block_class(model, name):
             return type(layers[0])
     raise UserError(f"config: could not find the transformer block class of {type(model).__name__}: set fsdp.block_class "
                     f"to one of {', '.join(sorted(classes))}")
+
+
+def process_device(cfg) -> torch.device:
+    """This process's device: the GPU train.py made current (cuda:LOCAL_RANK), or the CPU."""
+    kind = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
 
 
 def init_distributed(device, timeout_minutes):
