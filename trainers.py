@@ -258,7 +258,7 @@ class BasicTrainer:
             f.write(config_yaml(self.cfg))
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
-        if self.cfg.save_optimizer:
+        if self.cfg.save_optimizer and self.world_size == 1:  # sharded: the optimizer state is in dcp/ instead
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
