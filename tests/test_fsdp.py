@@ -49,9 +49,14 @@ def fsdp_run(launcher, kind, model_dir, out, *extra):
     return run_cli(*args)
 
 
-@pytest.mark.parametrize("launcher, kind", [("torchrun", "sft"), ("python", "sft"), ("torchrun", "dpo"), ("python", "dpo")])
-def test_fsdp_matches_basic_trainer(launcher, kind, basic_runs, tiny_model_dir, tmp_path):
-    proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run")
+@pytest.mark.parametrize("launcher, kind, extra", [
+    ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
+    ("python", "sft", []),
+    ("torchrun", "dpo", ["fsdp.shard_reference=false"]),      # a replicated reference
+    ("python", "dpo", []),                                    # a sharded one (the default)
+], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref"])
+def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_model_dir, tmp_path):
+    proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run", *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial, basic, basic_metrics = basic_runs[kind]
     exported = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final"))  # loads in transformers
@@ -90,6 +95,31 @@ def check_sharded_state_loads_into_one_process(checkpoint, basic, model_dir):
     for p, s in basic.optimizer.state.items():
         got = fresh.optimizer.state[loaded[names[p]]]["momentum_buffer"]
         torch.testing.assert_close(got, s["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, monkeypatch):
+    """model.fsdp_policy_mp=bfloat16: bf16 compute, float32 master shards and reduction; world size 1, in process."""
+    from train import free_port
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        trainer = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"], "trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16",
+                        "activation_checkpointing=true")
+        assert isinstance(trainer, trainers.FSDPTrainer)
+        assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+        metrics, _ = trainer.train_step(next(trainer.global_batches()))
+        mixed = {k: v.float() for k, v in trainer.full_state_dict().items()}
+    finally:
+        torch.distributed.destroy_process_group()
+    initial, _, basic_metrics = basic_runs["sft"]
+    assert metrics["loss"] == pytest.approx(basic_metrics[0]["loss"], rel=2e-2) and metrics["loss"] != basic_metrics[0]["loss"]
+    full = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"])
+    full.train_step(next(full.global_batches()))
+    delta = {k: v - initial[k] for k, v in params_of(full.policy).items()}
+    cos = torch.nn.functional.cosine_similarity(torch.cat([(mixed[k] - initial[k]).flatten() for k in delta]),
+                                                torch.cat([d.flatten() for d in delta.values()]), dim=0)
+    assert cos > 0.99
 
 
 def test_block_class_detected_or_named(tiny_model_dir):
