@@ -430,7 +430,7 @@ def load_sharded_state(trainer, checkpoint_dir):
         raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
     state = {"model": get_model_state_dict(trainer.policy),
              "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer)}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (BasicTrainer) reads it all
     set_model_state_dict(trainer.policy, state["model"])
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"])
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:

@@ -49,6 +49,7 @@ def fsdp_run(launcher, kind, model_dir, out, *extra):
     return run_cli(*args)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one process: intended
 @pytest.mark.parametrize("launcher, kind, extra", [
     ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
     ("python", "sft", []),
