@@ -2,26 +2,38 @@
 
     python train.py example/tiny-dpo.yml
     python train.py example/pythia28-dpo.yml --overrides lr=2e-5 batch_size=32
+    python train.py example/pythia28-dpo.yml --overrides trainer=FSDPTrainer      # one worker per GPU (CPU: fsdp.world_size)
+    torchrun --nproc_per_node 8 train.py example/pythia28-dpo.yml --overrides trainer=FSDPTrainer
 
 Everything that can fail because of the user's input (config, data, model paths) is checked BEFORE anything is
 written to the run folder, so a bad run never clobbers a good one. Such failures print one line and exit with code 2.
 """
 import argparse
 import copy
+import logging
 import os
 import pickle
 import shutil
+import signal
+import socket
 import sys
+import tempfile
 import warnings
 
 import torch
+import torch.multiprocessing as mp
 
 import data
-from trainers import DTYPES, BasicTrainer, FSDPTrainer, data_kind
+from trainers import DTYPES, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
 from utils import (TrainingError, UserError, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
                    set_seed, write_atomic)
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process) prints; under torchrun and our own launcher RANK is in the environment."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def pick_device(cfg) -> torch.device:
@@ -122,6 +134,8 @@ def build_policy(cfg, tokenizer, device):
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.trainer == "FSDPTrainer":  # it moves the weights to the GPU one block at a time as it shards them
+        return disable_dropout(model)
     return disable_dropout(model).to(device)
 
 
@@ -141,7 +155,8 @@ def build_data(cfg, tokenizer):
     eval_specs = [dict(s) for s in cfg.eval_datasets]
     train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, data_kind(cfg.loss.name), cfg.max_length,
                                                    cfg.max_prompt_length, cfg.n_eval_examples, cfg.seed)
-    print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    if is_main_process():
+        print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return train, evaluation
 
 
@@ -192,6 +207,8 @@ def build_trainer(cfg):
     """Everything the run needs, checked and loaded; nothing is written yet."""
     set_seed(cfg.seed)
     device = pick_device(cfg)
+    if cfg.trainer == "FSDPTrainer" and device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process; "cuda" now means this one
     tokenizer = build_tokenizer(cfg)
     train_data, eval_data = build_data(cfg, tokenizer)
     policy = build_policy(cfg, tokenizer, device)
@@ -206,17 +223,103 @@ def main(config_path, overrides=()):
     trainer = build_trainer(cfg)
     if resume_from:
         trainer.load_checkpoint(resume_from)
-    n_params = sum(p.numel() for p in trainer.policy.parameters())
-    prepare_run_dir(cfg, n_params, fresh=resume_from is None)  # only now, once every input has been checked
+    n_params = sum(p.numel() for p in trainer.policy.parameters())  # a sharded DTensor counts its full size
+    failed = None
+    if trainer.is_main:  # only now, once every input has been checked
+        try:
+            prepare_run_dir(cfg, n_params, fresh=resume_from is None)
+        except UserError as e:
+            failed = e
+    if trainer.any_process(failed is not None):  # every rank stops, none waits for rank 0 in a collective
+        raise failed or UserError("rank 0 could not prepare the run folder")
     if trainer.is_main:
         start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
-        print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} | policy: {n_params / 1e6:.2f}M params "
-              f"| {trainer.total_steps} steps of {cfg.total_batch_size} examples")
-    if trainer.train() == "interrupted":
+        print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
+              f"{n_params / 1e6:.2f}M params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+    status = trainer.train()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if status == "interrupted":
         if trainer.is_main:
             again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
             print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}")
         return 128 + trainer.stop_signal
+    return 0
+
+
+def explain(error) -> tuple[str, int]:
+    """The one line printed for an error that stops the run, and the exit code: 2 bad input, 1 training failed."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return ("out of GPU memory: lower the micro-batch (raise gradient_accumulation_steps), set "
+                "activation_checkpointing=true, lower max_length, or shard with trainer=FSDPTrainer", 1)
+    return str(error), 2 if isinstance(error, (UserError, data.DataError)) else 1
+
+
+STOPPING_ERRORS = (UserError, data.DataError, TrainingError, torch.OutOfMemoryError)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(local_rank, world_size, port, config_path, overrides, error_dir):
+    """One process of a one-machine FSDP run started by `launch_workers`: the environment torchrun would give it."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        code = main(config_path, overrides)
+    except STOPPING_ERRORS as e:
+        # every rank may find the same error; the launcher prints one. A file, not a queue: a killed worker leaves
+        # no lock or semaphore behind
+        message, code = explain(e)
+        with open(os.path.join(error_dir, f"rank-{local_rank}.txt"), "w") as f:
+            f.write(message)
+    sys.exit(code)
+
+
+def launch_workers(args, cfg) -> int:
+    """Plain `python train.py ... trainer=FSDPTrainer`: one worker per visible GPU, or fsdp.world_size CPU workers
+    (gloo) on a machine without one. When any worker fails, the others are stopped (no hang) and we exit non-zero.
+    SIGTERM / Ctrl-C are passed on to the workers, which save a checkpoint and stop together."""
+    on_gpus = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
+    world_size = torch.cuda.device_count() if on_gpus else cfg.fsdp.world_size
+    check_batch_split(cfg, world_size)  # the workers check it too (torchrun); here it fails before any is started
+    # spawn logs a warning for each worker it stops after another failed; our own one line says it better
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as error_dir:
+        context = mp.start_processes(worker, args=(world_size, free_port(), args.config, args.overrides, error_dir),
+                                     nprocs=world_size, start_method="spawn", join=False)
+        # SIGTERM (a scheduler's preemption) reaches only this process: pass it on. Ctrl-C reaches the workers from
+        # the terminal already; passing it on too would count as a second Ctrl-C there (abort at once).
+        forward = lambda signum, frame: [os.kill(p.pid, signum) for p in context.processes if p.is_alive()]  # noqa: E731
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                    signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+        try:
+            while not context.join():
+                pass
+        except mp.ProcessExitedException as e:
+            messages = sorted(os.listdir(error_dir))
+            if messages:
+                with open(os.path.join(error_dir, messages[0])) as f:
+                    print(f"error: {f.read()}", file=sys.stderr)
+                return e.exit_code
+            if e.exit_code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+                return e.exit_code  # stopped by a signal after saving; rank 0 printed how to resume
+            how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+            print(f"error: worker rank {e.error_index} (pid {e.error_pid}) {how}; all {world_size} workers were "
+                  "stopped", file=sys.stderr)
+            return 1
+        except mp.ProcessRaisedException as e:
+            print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}",
+                  file=sys.stderr)
+            return 1
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
     return 0
 
 
@@ -230,15 +333,17 @@ def cli(argv=None):
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines
     try:
+        cfg = load_config(args.config, args.overrides)  # main loads it again; here it picks the launcher
+        if cfg.trainer == "FSDPTrainer" and "RANK" not in os.environ:
+            return launch_workers(args, cfg)
         return main(args.config, args.overrides)
-    except (UserError, data.DataError, TrainingError, torch.OutOfMemoryError) as e:
+    except STOPPING_ERRORS as e:
         if args.traceback:
             raise
-        if isinstance(e, torch.OutOfMemoryError):
-            e = ("out of GPU memory: lower the micro-batch (raise gradient_accumulation_steps), set "
-                 "activation_checkpointing=true, lower max_length, or shard with trainer=FSDPTrainer")
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (UserError, data.DataError)) else 1
+        message, code = explain(e)
+        if is_main_process():  # under torchrun every rank finds the same input error: say it once
+            print(f"error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("aborted (no checkpoint saved for the current step)", file=sys.stderr)
         return 130

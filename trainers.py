@@ -11,8 +11,16 @@ import shutil
 import signal
 import threading
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
@@ -67,6 +75,10 @@ class BasicTrainer:
         self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))
         n_total = len(train_data) * cfg.n_epochs if cfg.n_epochs is not None else math.inf
         self.n_train_examples = int(min(n_total, cfg.n_examples if cfg.n_examples is not None else math.inf))
+        # every process must run the same number of forward passes (sharded weights are gathered collectively), so
+        # the last global batch and the eval set are cut to a multiple of world_size (no-op on one device)
+        self.n_train_examples -= self.n_train_examples % self.world_size
+        self.eval_data = eval_data[: len(eval_data) - len(eval_data) % self.world_size]
         self.total_steps = math.ceil(self.n_train_examples / cfg.total_batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not (enabled=False makes it a no-op)
@@ -126,6 +138,9 @@ class BasicTrainer:
     def full_state_dict(self):
         """The policy's complete weights, for the export on the main process."""
         return self.policy.state_dict()
+
+    def save_sharded(self, path):
+        """Each process's shard of model and optimizer state, for resuming (FSDPTrainer); one device: nothing."""
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -228,7 +243,8 @@ class BasicTrainer:
             with self.autocast():
                 out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
                                      max_new_tokens=self.cfg.max_new_tokens, do_sample=True, top_p=0.95,
-                                     pad_token_id=self.tokenizer.pad_token_id)
+                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     synced_gpus=self.world_size > 1)  # keep stepping until every process is done
             texts = self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1]:], skip_special_tokens=True)
             for row, text in zip(rows, texts):
                 row[name] = text
@@ -243,17 +259,21 @@ class BasicTrainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, name):
         """An HF folder (model in policy_dtype, tokenizer, config.yaml, trainer_state.json) plus, with save_optimizer,
-        training_state.pt: everything `load_checkpoint` needs to continue exactly. Written to `<name>.tmp`, flushed
-        and renamed, so a crash never leaves a half-written checkpoint under `name`; a failed save leaves the earlier
-        checkpoints as they were."""
+        training_state.pt (and dcp/ when sharded): everything `load_checkpoint` needs to continue exactly. Written to
+        `<name>.tmp`, flushed and renamed, so a crash never leaves a half-written checkpoint under `name`; a failed
+        save leaves the earlier checkpoints as they were."""
         final = os.path.join(self.run_dir, name)
         tmp = final + ".tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
         save_dtype = DTYPES[self.cfg.model.policy_dtype]
         state = {k: v.to(save_dtype) for k, v in self.full_state_dict().items()}  # collective under FSDP
+        if self.cfg.save_optimizer:
+            self.save_sharded(os.path.join(tmp, "dcp"))  # collective under FSDP; written by every process
         if not self.is_main:
             return final
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
             self.write_checkpoint(tmp, state, save_dtype)
             if os.path.exists(final):  # `final` of a resumed run: swap, then drop the old one
                 os.replace(final, final + ".old.tmp")
@@ -264,6 +284,7 @@ class BasicTrainer:
             raise TrainingError(f"could not save checkpoint {final}: {e.strerror or e} (earlier checkpoints are kept)") from e
         if self.cfg.save_total_limit:
             prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+        return final
         return final
 
     def write_checkpoint(self, folder, state, save_dtype):
@@ -276,12 +297,13 @@ class BasicTrainer:
         with open(os.path.join(folder, "config.yaml"), "w") as f:
             f.write(config_yaml(self.cfg))
         if self.cfg.save_optimizer:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict(), "rng": rng_state(), "wandb_id": self.wandb_id,
-                        "nonfinite_streak": self.nonfinite_streak,
-                        # exported weights in half precision lose bits: keep the float32 masters for an exact resume
-                        "master_weights": None if save_dtype == torch.float32 else self.policy.state_dict()},
-                       os.path.join(folder, "training_state.pt"))
+            state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                     "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak}
+            if self.world_size == 1:  # sharded runs keep optimizer state and float32 weights in dcp/
+                state["optimizer"] = self.optimizer.state_dict()
+                # exported weights in half precision lose bits: keep the float32 masters for an exact resume
+                state["master_weights"] = None if save_dtype == torch.float32 else self.policy.state_dict()
+            torch.save(state, os.path.join(folder, "training_state.pt"))
         with open(os.path.join(folder, "trainer_state.json"), "w") as f:  # written last: marks the folder complete
             json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
         for root, _, files in os.walk(folder):  # on disk before the rename makes the checkpoint visible
@@ -289,23 +311,29 @@ class BasicTrainer:
                 with open(os.path.join(root, file), "rb") as f:
                     os.fsync(f.fileno())
 
-    def load_checkpoint(self, folder):
-        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
-        from safetensors.torch import load_file
-        path = os.path.join(folder, "training_state.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"resume: {folder} holds no training state (saved with save_optimizer=false): it can start "
-                            "a new run as model.archive, but cannot be resumed")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = state["master_weights"]
-        if weights is None:
+    def load_weights(self, folder, master_weights):
+        weights = master_weights
+        if weights is None:  # float32 run: the exported safetensors are the master weights
+            from safetensors.torch import load_file
             weights = {}
             for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
                 weights.update(load_file(os.path.join(folder, file)))
         missing, _ = self.policy.load_state_dict(weights, strict=False)
         if any(not k.endswith("lm_head.weight") for k in missing):  # tied lm_head is not stored separately
             raise UserError(f"resume: {folder} does not match the model: missing {missing[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def load_checkpoint(self, folder):
+        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
+        path = os.path.join(folder, "training_state.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"resume: {folder} holds no training state (saved with save_optimizer=false): it can start "
+                            "a new run as model.archive, but cannot be resumed")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if "optimizer" not in state:  # written by a sharded run: weights and optimizer from dcp/, any world size
+            load_sharded_state(self, folder)
+        else:
+            self.load_weights(folder, state["master_weights"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         with open(os.path.join(folder, "trainer_state.json")) as f:
@@ -390,11 +418,139 @@ class BasicTrainer:
 
 
 class FSDPTrainer(BasicTrainer):
-    """Sharded training with FSDP2 (fully_shard) across many GPUs and nodes."""
+    """Sharded data parallelism with FSDP2 (`fully_shard`) over every process: GPUs, nodes, or CPU workers (gloo).
 
-    def __init__(self, *args, **kwargs):
-        raise UserError("trainer=FSDPTrainer is not available yet in this version: use trainer=BasicTrainer "
-                        "(one device) until sharded training lands")
+    Each process keeps 1/world_size of the policy's weights, gradients and optimizer state; a transformer block's full
+    weights exist only while it runs. Each process trains on its own share of every global batch; gradients are
+    summed over processes, so the update is exactly BasicTrainer's on the whole batch. Ranks come from the
+    environment (torchrun, or train.py's own launcher).
+    """
+
+    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        check_batch_split(cfg, self.world_size)
+        block = find_block_class(policy, cfg.fsdp.block_class)
+        device = process_device(cfg)
+        if cfg.fsdp.cpu_offload and device.type != "cuda":
+            raise UserError("config: fsdp.cpu_offload=true needs CUDA devices (on CPU the weights are in CPU memory already)")
+        init_distributed(device, cfg.fsdp.timeout_minutes)
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        offload = CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy()
+        mp_dtype = DTYPES[cfg.model.fsdp_policy_mp or cfg.model.policy_dtype]
+        # gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards
+        mixed = MixedPrecisionPolicy(param_dtype=None if mp_dtype == torch.float32 else mp_dtype, reduce_dtype=torch.float32)
+        shard_model(policy, block, mesh, mixed, offload)
+        for module in policy.modules():
+            if isinstance(module, FSDPModule):
+                # each process's loss is already divided by the GLOBAL normalizer: gradients must be summed, not
+                # averaged. Plain SUM collectives (gloo has no PREMUL_SUM), then a division by 1.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        if reference is not None and cfg.fsdp.shard_reference:
+            shard_model(reference, block, mesh, MixedPrecisionPolicy(), offload)  # stays in reference_dtype
+        elif reference is not None:
+            reference.to(device)  # a full replica on every device: no communication in its forward
+        super().__init__(cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
+        self.device = device  # where batches go (with cpu_offload the sharded weights themselves live in CPU memory)
+
+    def local_share(self, examples):
+        """A disjoint strided share: rank r takes examples r, r + world_size, ... of the global batch."""
+        return examples[self.rank::self.world_size]
+
+    def reduce_sums(self, sums: dict) -> dict:
+        keys = sorted(sums)  # the same keys on every process: each runs the same micro-batches
+        values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, values.tolist()))
+
+    def any_process(self, flag: bool) -> bool:
+        """All-reduce (MAX) of a flag; a collective, so it also serves as a barrier."""
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def clip_gradients(self, max_norm) -> float:
+        """The norm of the full gradient: each process has a shard (a DTensor), so the total is reduced first."""
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
+
+    def full_state_dict(self):
+        """Gathered on rank 0 (in CPU memory, so a model larger than one GPU still exports); {} elsewhere."""
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_sharded(self, path):
+        """torch.distributed.checkpoint: every process writes its own shards; a later run may use another world size."""
+        state = {"model": get_model_state_dict(self.policy),
+                 "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
+        dcp.save(state, checkpoint_id=path)
+
+
+def check_batch_split(cfg, world_size):
+    per_step = cfg.gradient_accumulation_steps * world_size
+    if cfg.total_batch_size % per_step:
+        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by gradient_accumulation_steps "
+                        f"x world size = {cfg.gradient_accumulation_steps} x {world_size} = {per_step}")
+
+
+def find_block_class(model, name):
+    """The module class sharded as one unit: fsdp.block_class, else the model's own `_no_split_modules` (its
+    transformer block), else the class of the first entry of the decoder's layer list."""
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    if name is not None:
+        if name not in classes:
+            raise UserError(f"config: fsdp.block_class={name!r} is not a module class of this model; it has: "
+                            f"{', '.join(sorted(classes))}")
+        return classes[name]
+    for candidate in getattr(model, "_no_split_modules", None) or []:
+        if candidate in classes:
+            return classes[candidate]
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(model.base_model, attr, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return type(layers[0])
+    raise UserError(f"config: could not find the transformer block class of {type(model).__name__}: set fsdp.block_class "
+                    f"to one of {', '.join(sorted(classes))}")
+
+
+def process_device(cfg) -> torch.device:
+    """This process's device: the GPU train.py made current (cuda:LOCAL_RANK), or the CPU."""
+    kind = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def init_distributed(device, timeout_minutes):
+    """The process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); nccl on GPUs, gloo on CPU. The
+    timeout turns a dead rank or node into an error on every other rank instead of a hang."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
+
+
+def shard_model(model, block_class, mesh, mixed, offload):
+    """fully_shard every transformer block, then the root (embeddings, final norm, head): one all-gather per block."""
+    blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+
+
+def load_sharded_state(trainer, checkpoint_dir):
+    """Restore policy and optimizer from `<checkpoint_dir>/dcp` (written by FSDPTrainer.save) into `trainer`, sharded or
+    not and at any world size (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
+    path = os.path.join(checkpoint_dir, "dcp")
+    if not os.path.isdir(path):
+        raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
+    state = {"model": get_model_state_dict(trainer.policy),
+             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer)}
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (BasicTrainer) reads it all
+    set_model_state_dict(trainer.policy, state["model"])
+    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"])
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        return json.load(f)
 
 
 def build_optimizer(model, name, lr, weight_decay, extra):

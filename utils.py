@@ -75,6 +75,15 @@ class WandbConfig:
 
 
 @dataclass
+class FSDPConfig:
+    world_size: int = 2                     # plain `python train.py` on a machine with no GPU: CPU worker processes (gloo)
+    block_class: Optional[str] = None       # module class sharded as one unit, e.g. LlamaDecoderLayer; null = detect from the model
+    cpu_offload: bool = False               # keep sharded params, grads and optimizer state in CPU memory (CUDA only; slower)
+    shard_reference: bool = True            # shard the DPO reference like the policy (less memory) or replicate it (less traffic)
+    timeout_minutes: int = 30               # a collective that waits longer (dead rank or node) fails and stops every rank
+
+
+@dataclass
 class Config:
     seed: int = 0                           # seeds python, numpy, torch, the data shuffle and the held-out split
     exp_name: str = "my_experiment"         # run name; used in output_dirs and as the WandB run name
@@ -116,6 +125,7 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 ALIASES = {"batch_size": "total_batch_size"}   # the original project's config files use both names
@@ -195,6 +205,9 @@ def _validate(cfg):
     if cfg.total_batch_size % cfg.gradient_accumulation_steps:
         raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
                         f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    for key in ("world_size", "timeout_minutes"):
+        if cfg.fsdp[key] <= 0:
+            raise UserError(f"config: fsdp.{key} must be a positive integer, got {cfg.fsdp[key]}")
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise UserError("config: set n_epochs or n_examples (both are null)")
     if cfg.save_total_limit is not None and cfg.save_total_limit < 1:

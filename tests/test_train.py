@@ -158,12 +158,6 @@ def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
 
 
-def test_fsdp_trainer_not_yet_available(tmp_path):
-    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", "trainer=FSDPTrainer", f"output_dirs={tmp_path}/r")
-    assert_one_line_error(proc, "FSDPTrainer")
-    assert not (tmp_path / "r").exists()
-
-
 SEED_CUSTOM_CONFIG = """\
 # 基础配置
 seed: 0

@@ -1,0 +1,181 @@
+"""FSDPTrainer on CPU (gloo, 2 processes): the same weights as BasicTrainer under both launchers, for SFT and DPO;
+the exported checkpoint loads in transformers; the sharded state reloads into one process; one-line errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import trainers
+from utils import UserError
+from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
+from test_train import TINY, build, local_model_overrides, params_of
+
+# 3 optimizer steps of 4 examples; SGD with lr=1 makes the update large enough to compare tightly
+COMMON = ["optimizer=SGD", "lr=1.0", "warmup_steps=0", "total_batch_size=4", "n_examples=12", "n_epochs=null",
+          "n_eval_examples=0", "print_log_step=1", "report_to_tensorboard=false"]
+RUNS = {  # kind -> extra overrides; DPO also covers gradient accumulation, clipping and optimizer state (momentum)
+    "sft": ["max_grad_norm=0"],
+    "dpo": ["max_grad_norm=1.0", "gradient_accumulation_steps=2", "optimizer_kwargs={momentum: 0.9}"],
+}
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def basic_runs(tiny_model_dir):
+    """BasicTrainer in this process: initial weights, final trainer and per-step metrics, for each kind."""
+    runs = {}
+    for kind, extra in RUNS.items():
+        trainer = build(kind, tiny_model_dir, *COMMON, *extra)
+        initial = params_of(trainer.policy)
+        metrics = [trainer.train_step(examples)[0] for examples in trainer.global_batches()]
+        runs[kind] = initial, trainer, metrics
+    return runs
+
+
+def fsdp_run(launcher, kind, model_dir, out, *extra):
+    args = [*(TORCHRUN if launcher == "torchrun" else []), "train.py", TINY[kind], "--overrides", "trainer=FSDPTrainer",
+            f"output_dirs={out}", *COMMON, *RUNS[kind], *local_model_overrides(model_dir), *extra]
+    return run_cli(*args)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one process: intended
+@pytest.mark.parametrize("launcher, kind, extra", [
+    ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
+    ("python", "sft", []),
+    ("torchrun", "dpo", ["fsdp.shard_reference=false"]),      # a replicated reference
+    ("python", "dpo", []),                                    # a sharded one (the default)
+], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref"])
+def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_model_dir, tmp_path):
+    proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initial, basic, basic_metrics = basic_runs[kind]
+    exported = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final"))  # loads in transformers
+    expected = params_of(basic.policy)
+    assert exported.keys() == expected.keys()
+    # Float32 sums in another order already differ: two micro-batchings of BasicTrainer's own DPO run differ by up
+    # to 1.6e-6 of the largest update (1e-5 of a tensor's own). So: 1e-5 of the largest update over the model, and
+    # 1e-4 per tensor, which still catches any tensor whose gradient is averaged instead of summed (a 50% error).
+    largest = max((want - initial[k]).abs().max().item() for k, want in expected.items())
+    assert (max((exported[k] - want).abs().max().item() for k, want in expected.items()) <= 1e-5 * largest)
+    for k, want in expected.items():
+        update = (want - initial[k]).abs().max().item()
+        assert update > 0 or "rotary" in k, k
+        assert (exported[k] - want).abs().max().item() <= 1e-4 * update + 1e-8, k
+    # metrics are all-reduced over both ranks and written once (rank 0 only)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row, want in zip(rows, basic_metrics):
+        for key in ("loss", "grad_norm", "examples_seen") + (("rewards/accuracies", "logps/chosen") if kind == "dpo" else ()):
+            assert row[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("saved final checkpoint") == 1
+    assert sorted(os.listdir(tmp_path / "run" / "final" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    if launcher == "python" and kind == "dpo":
+        check_sharded_state_loads_into_one_process(tmp_path / "run" / "final", basic, tiny_model_dir)
+
+
+def check_sharded_state_loads_into_one_process(checkpoint, basic, model_dir):
+    """Written by 2 processes, read by 1 (DCP reshards): the policy and the SGD momentum of 3 BasicTrainer steps."""
+    fresh = build("dpo", model_dir, *COMMON, *RUNS["dpo"])
+    state = trainers.load_sharded_state(fresh, str(checkpoint))
+    assert state == {"step": 3, "examples_seen": 12}
+    for k, want in params_of(basic.policy).items():
+        torch.testing.assert_close(params_of(fresh.policy)[k], want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
+    names = {p: n for n, p in basic.policy.named_parameters()}
+    loaded = dict(zip((n for n, _ in fresh.policy.named_parameters()), fresh.policy.parameters()))
+    for p, s in basic.optimizer.state.items():
+        got = fresh.optimizer.state[loaded[names[p]]]["momentum_buffer"]
+        torch.testing.assert_close(got, s["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, monkeypatch):
+    """model.fsdp_policy_mp=bfloat16: bf16 compute, float32 master shards and reduction; world size 1, in process."""
+    from train import free_port
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        trainer = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"], "trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16",
+                        "activation_checkpointing=true")
+        assert isinstance(trainer, trainers.FSDPTrainer)
+        assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+        metrics, _ = trainer.train_step(next(trainer.global_batches()))
+        mixed = {k: v.float() for k, v in trainer.full_state_dict().items()}
+    finally:
+        torch.distributed.destroy_process_group()
+    initial, _, basic_metrics = basic_runs["sft"]
+    assert metrics["loss"] == pytest.approx(basic_metrics[0]["loss"], rel=2e-2) and metrics["loss"] != basic_metrics[0]["loss"]
+    full = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"])
+    full.train_step(next(full.global_batches()))
+    delta = {k: v - initial[k] for k, v in params_of(full.policy).items()}
+    cos = torch.nn.functional.cosine_similarity(torch.cat([(mixed[k] - initial[k]).flatten() for k in delta]),
+                                                torch.cat([d.flatten() for d in delta.values()]), dim=0)
+    assert cos > 0.99
+
+
+def test_block_class_detected_or_named(tiny_model_dir):
+    """In process (the error travels as every UserError does: one line, exit 2, as the CLI test below shows)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert trainers.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
+    assert trainers.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
+    with pytest.raises(UserError) as e:
+        trainers.find_block_class(model, "GPT2Block")
+    message = str(e.value)
+    assert "\n" not in message and "fsdp.block_class='GPT2Block'" in message and "LlamaDecoderLayer" in message
+
+
+def test_batch_not_divisible_by_world_size_is_one_line_error(tmp_path):
+    proc = run_cli("train.py", TINY["sft"], "--overrides", "trainer=FSDPTrainer", "total_batch_size=6",
+                   "gradient_accumulation_steps=2", f"output_dirs={tmp_path}/r")
+    assert_one_line_error(proc, "total_batch_size=6", "2 x 2")
+    assert not (tmp_path / "r").exists()
+
+
+def worker_pids(parent):
+    """The spawned training workers of `parent` (not multiprocessing's resource tracker)."""
+    with open(f"/proc/{parent}/task/{parent}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    pids = []
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    pids.append(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
+def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
+    """A rank killed mid-training (as when its node dies): the launcher stops the other one and exits non-zero."""
+    run = tmp_path / "run"
+    args = ["train.py", TINY["sft"], "--overrides", "trainer=FSDPTrainer", f"output_dirs={run}", "n_epochs=50",
+            "n_eval_examples=0", "print_log_step=1", *local_model_overrides(tiny_model_dir)]
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():  # training has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "was killed by SIGKILL" in stderr and "all 2 workers were stopped" in stderr
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in workers)
