@@ -179,3 +179,31 @@ def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
     assert "was killed by SIGKILL" in stderr and "all 2 workers were stopped" in stderr
     assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
                    for pid in workers)
+
+
+def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """Plain-python FSDP run, SIGTERM to the launcher after the step-2 checkpoint: the workers finish the step, save
+    (HF export + dcp/ shards) and exit 143; resume=auto then ends bit-identical to an uninterrupted FSDP run."""
+    extra = ["n_examples=24", "save_model_step=2", "optimizer=AdamW", "lr=1e-3", "sample_during_eval=false",
+             "trainer=FSDPTrainer", *local_model_overrides(tiny_model_dir)]
+    base = ["train.py", TINY["dpo"], "--overrides", *COMMON, *extra]
+    assert run_cli(*base, f"output_dirs={tmp_path / 'whole'}").returncode == 0
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, *base, f"output_dirs={run_dir}"], cwd=ROOT, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "step-000002" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "resume=auto" in out
+    assert os.path.isdir(run_dir / "step-000002" / "dcp")
+    resumed = run_cli(*base, f"output_dirs={run_dir}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final"))
+    cut = params_of(AutoModelForCausalLM.from_pretrained(run_dir / "final"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
