@@ -345,8 +345,9 @@ def cli(argv=None):
             print(f"error: {message}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print("aborted (no checkpoint saved for the current step)", file=sys.stderr)
-        return 130
+        print("aborted (no checkpoint saved for the current step)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # at once, as asked: no waiting for logger threads to drain
 
 
 if __name__ == "__main__":

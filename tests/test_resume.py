@@ -184,3 +184,34 @@ def test_same_config_twice_gives_identical_metrics(tmp_path):
         assert train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides) == 0
         runs.append(metrics_without_timing(run_dir))
     assert runs[0] == runs[1] and len(runs[0]) == 3 + 3  # 3 train rows, evals at steps 0, 2, 3
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "n_examples=4000")
+    wait_for(run_dir / "metrics.jsonl", proc)
+    while not open(run_dir / "metrics.jsonl").read().strip():
+        time.sleep(0.05)
+    while proc.poll() is None:  # Ctrl-C, then Ctrl-C again (two signals sent at once would arrive as one)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "aborted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    import errno
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+                            ["n_eval_examples=0", "total_batch_size=4", f"output_dirs={tmp_path}"])
+    trainer = train.build_trainer(cfg)
+    trainer.train_step(next(trainer.global_batches()))
+    good = trainer.save("step-000001")
+    before = {name: open(os.path.join(good, name), "rb").read() for name in os.listdir(good)}
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(trainer, "write_checkpoint", disk_full)  # a test-only fault injection
+    with pytest.raises(utils.TrainingError, match="No space left on device.*earlier checkpoints are kept"):
+        trainer.save("step-000002")
+    assert sorted(os.listdir(tmp_path)) == ["step-000001"]  # no half-written folder left behind
+    assert {name: open(os.path.join(good, name), "rb").read() for name in os.listdir(good)} == before
