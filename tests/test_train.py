@@ -1,5 +1,4 @@
 """End to end: tiny SFT and DPO runs, their outputs, gradient accumulation, the reference model, archives."""
-import copy
 import glob
 import json
 import os
