@@ -503,26 +503,82 @@ def _pad(seqs, value, length, left=False):
     return out
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict[str, "torch.Tensor"]:
-    """Pad a batch of tokenize_example outputs (kind detected from the keys) into long tensors.
-      sft:        input_ids, attention_mask, labels [B, T], right-padded (pad_token_id / 0 / -100)
-      preference: chosen_/rejected_ input_ids, attention_mask, labels [B, T], right-padded to ONE common T (the
-                  longest of chosen and rejected) so the trainer can torch.cat them along the batch dim
-      both:       prompt_input_ids, prompt_attention_mask [B, P], LEFT-padded (for generate)."""
+def example_length(example: dict) -> int:
+    """Tokens of an example's longest sequence (for group_by_length)."""
+    return max(len(example[k]) for k in ("input_ids", "chosen_input_ids", "rejected_input_ids") if k in example)
+
+
+def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of every sequence of a batch, in sequence-id order: SFT one per example; preference the
+    B chosen responses, then the B rejected ones (sequence i < B is the chosen of example i, B + i its rejected)."""
+    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in examples[0] else ("",)
+    return [(ex[f"{p}input_ids"], ex[f"{p}labels"]) for p in prefixes for ex in examples]
+
+
+def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: sequence indices grouped into rows of at most `capacity` tokens (a longer
+    sequence gets a row of its own). Deterministic: ties go to the row opened first."""
+    rows, space = [], []  # space[r] = tokens still free in row r
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if space[r] >= lengths[i]]
+        if fits:
+            best = min(fits, key=lambda r: (space[r], r))
+            rows[best].append(i)
+            space[best] -= lengths[i]
+        else:
+            rows.append([i])
+            space.append(capacity - lengths[i])
+    return rows
+
+
+def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None) -> dict:
+    """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
+      input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
+                  a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
+      padded (packing=False): one row per sequence, right-padded; attention_mask [R, T].
+      packed (packing=True): sequences laid end to end in rows of up to max_length tokens (best-fit decreasing);
+                  position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
+                  there is no attention_mask: the model then attends only within each sequence. The first token
+                  of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).
+      prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
+      reference_logps [B, 2] (chosen, rejected): when the examples carry precomputed ones."""
+    import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
-    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in examples[0] else ("",)
-    T = max(len(ex[f"{p}input_ids"]) for ex in examples for p in prefixes)
-    batch = {}
-    for p in prefixes:
-        ids = [ex[f"{p}input_ids"] for ex in examples]
-        batch[f"{p}input_ids"] = _pad(ids, pad_token_id, T)
-        batch[f"{p}attention_mask"] = _pad([[1] * len(x) for x in ids], 0, T)
-        batch[f"{p}labels"] = _pad([ex[f"{p}labels"] for ex in examples], -100, T)
+    seqs = sequences_of(examples)
+    lengths = [len(ids) for ids, _ in seqs]
+    if packing:
+        rows = best_fit_rows(lengths, max_length or max(lengths))
+    else:
+        rows = [[i] for i in range(len(seqs))]
+    T = max(sum(lengths[i] for i in row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
+             "labels": torch.full((len(rows), T), -100, dtype=torch.long),
+             "seq_ids": torch.full((len(rows), T), -1, dtype=torch.long)}
+    if packing:
+        batch["position_ids"] = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ids, labels = seqs[i]
+            n = len(ids)
+            batch["input_ids"][r, at:at + n] = torch.tensor(ids)
+            batch["labels"][r, at:at + n] = torch.tensor(labels)
+            batch["labels"][r, at] = -100
+            batch["seq_ids"][r, at:at + n] = i
+            if packing:
+                batch["position_ids"][r, at:at + n] = torch.arange(n)
+            at += n
+        if packing:
+            batch["position_ids"][r, at:] = torch.arange(T - at)
+    if not packing:
+        batch["attention_mask"] = (batch["seq_ids"] >= 0).long()
     prompts = [ex["prompt_input_ids"] for ex in examples]
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
     batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
+    if all("reference_logps" in ex for ex in examples):
+        batch["reference_logps"] = torch.tensor([ex["reference_logps"] for ex in examples], dtype=torch.float32)
     return batch
 
 

@@ -1,11 +1,11 @@
 """Loss functions for SFT and preference optimisation (DPO, conservative DPO, IPO).
 
 Pure functions of tensors: no config objects, no models. Shapes use
-B = batch size, T = sequence length, V = vocabulary size.
+B = batch size (preference pairs), N = number of scored token positions, V = vocabulary size.
 
-Label convention: ``labels`` has the same shape as ``input_ids``, with ``-100`` at every position that
-carries no loss (prompt, padding). Logits at position ``t`` predict the token at ``t + 1``, so the
-functions below shift by one: ``logits[:, :-1]`` is scored against ``labels[:, 1:]``.
+Token convention: the trainer scores only the positions whose NEXT token is a label (logits at position ``t``
+predict the token at ``t + 1``; prompt, padding and the first token of each packed sequence carry no label),
+flattened over the batch: ``logits`` [N, V], ``labels`` [N], ``seq_ids`` [N] (which sequence each belongs to).
 """
 
 from __future__ import annotations
@@ -16,53 +16,100 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of the labels.
+CHUNK_VALUES = 2**26  # float32 values per chunk in label_logps (256 MB), whatever the vocabulary
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_VALUES // max(1, vocab_size))
+
+
+def scored_positions(labels: torch.Tensor, seq_ids: torch.Tensor):
+    """Which logits a batch needs, and what they are scored against.
 
     Args:
-        logits: [B, T, V], any float dtype (bf16/fp16/fp32/fp64).
-        labels: [B, T] integer token ids, ``-100`` where there is no loss.
+        labels: [R, T], ``-100`` where there is no loss; seq_ids: [R, T] the sequence of each token.
 
     Returns:
-        logps: [B, T-1] float32 (float64 if ``logits`` is float64); ``log p(labels[:, t+1] | ..t)``, 0 where masked.
-        mask:  [B, T-1] bool, True where ``labels[:, 1:] != -100``.
-
-    ``log p(y) = z_y - logsumexp(z)``: the label logit is gathered and the log-normaliser subtracted, both in
-    float32, instead of building a full [B, T, V] float32 ``log_softmax``. The logsumexp runs one sequence
-    at a time, so for low-precision logits only one [T, V] float32 copy exists at a time when no graph is
-    recorded (the reference model); with autograd the float32 rows are kept for the backward pass, which is
-    no more than ``log_softmax(logits.float())`` would keep.
+        keep: [R, T] bool, True at positions whose NEXT token is a label (pass it as ``logits_to_keep``; the
+            logits come back as ``logits[keep]``, [N, V], in row-major order);
+        targets: [N] those next tokens; target_seq_ids: [N] the sequence each belongs to.
     """
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    logits = logits[:, :-1]  # position t predicts token t + 1
-    labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    safe_labels = labels.masked_fill(~mask, 0)  # any valid index; masked out below
-
-    label_logits = torch.gather(logits, dim=-1, index=safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
-    log_normaliser = torch.stack([torch.logsumexp(row.to(compute_dtype), dim=-1) for row in logits])
-    logps = torch.where(mask, label_logits - log_normaliser, torch.zeros((), dtype=compute_dtype, device=logits.device))
-    return logps, mask
+    next_is_label = labels[:, 1:] != IGNORE_INDEX
+    keep = F.pad(next_is_label, (0, 1), value=False)
+    return keep, labels[:, 1:][next_is_label], seq_ids[:, 1:][next_is_label]
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Log-probability of each sequence's labelled tokens.
+class _LabelLogps(torch.autograd.Function):
+    """log p(label) from logits, chunked over rows, saving only the logits (in their own dtype) for backward.
+
+    Forward:  logp_i = z_i[y_i] - logsumexp(z_i), computed in float32 one chunk of rows at a time.
+    Backward: d logp_i / d z_i = onehot(y_i) - softmax(z_i), recomputed chunk by chunk from the saved logits
+    and the saved [N] log-normalisers. So no [N, V] float32 tensor ever exists, only chunk-sized ones.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+        mask = labels != IGNORE_INDEX
+        safe_labels = labels.masked_fill(~mask, 0)  # any valid index; masked out below
+        step = _chunk_rows(logits.shape[-1])
+        log_normaliser = torch.cat([torch.logsumexp(logits[i:i + step].to(compute_dtype), dim=-1)
+                                    for i in range(0, logits.shape[0], step)]) if logits.shape[0] else \
+            logits.new_zeros(0, dtype=compute_dtype)
+        label_logits = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).to(compute_dtype)
+        ctx.save_for_backward(logits, safe_labels, mask, log_normaliser)
+        return torch.where(mask, label_logits - log_normaliser, torch.zeros((), dtype=compute_dtype, device=logits.device))
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        logits, safe_labels, mask, log_normaliser = ctx.saved_tensors
+        weight = torch.where(mask, grad_logps, torch.zeros_like(grad_logps)).to(log_normaliser.dtype)
+        grad = torch.empty_like(logits)
+        step = _chunk_rows(logits.shape[-1])
+        for i in range(0, logits.shape[0], step):
+            w = weight[i:i + step, None]
+            chunk = torch.exp(logits[i:i + step].to(w.dtype) - log_normaliser[i:i + step, None]).mul_(-w)
+            chunk.scatter_add_(-1, safe_labels[i:i + step, None], w)
+            grad[i:i + step] = chunk
+        return grad, None
+
+
+def label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each row's label: ``log p(y_i) = z_i[y_i] - logsumexp(z_i)``.
 
     Args:
-        logits: [B, T, V], any float dtype.
-        labels: [B, T], ``-100`` where there is no loss.
-        average: if True, divide by the number of label tokens of each sequence (mean log-prob per token,
-            0 for a sequence without label tokens) instead of returning the sum.
+        logits: [N, V], any float dtype: one row per scored position (the trainer passes only the positions whose next
+            token is a label, so prompt and padding positions never reach the vocabulary projection).
+        labels: [N] integer token ids, ``-100`` for rows without a label (they get log-prob 0 and no gradient).
 
     Returns:
-        [B] float32 (float64 for float64 logits): ``sum_t log p(labels[:, t+1] | ..t)`` over label tokens.
+        [N] float32 (float64 for float64 logits).
+
+    Memory: the float32 work runs over chunks of rows (about 2**26 values each), and backward recomputes
+    ``softmax`` chunk by chunk from the logits kept in their own dtype, so neither pass ever holds a full
+    [N, V] float32 copy: with a 150k vocabulary that is the difference between 0.6 GB and 2.4 GB per 4k tokens.
     """
-    logps, mask = token_logps(logits, labels)
-    total = logps.sum(-1)
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [N, V] and labels {tuple(labels.shape)} [N]")
+    return _LabelLogps.apply(logits, labels)
+
+
+def sequence_logps(token_logps: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of token log-probs per sequence.
+
+    Args:
+        token_logps: [N] log-probs of label tokens (from ``label_logps``).
+        seq_ids: [N] the sequence each token belongs to, in ``[0, n_seqs)``. Packed and padded batches look alike
+            here: a token's row and column no longer matter, only its sequence.
+        n_seqs: number of sequences (a sequence without label tokens gets 0).
+        average: divide by each sequence's number of label tokens (mean log-prob per token) instead of summing.
+
+    Returns:
+        [n_seqs] in the dtype of ``token_logps``: ``sum_{t in seq} log p(y_t | ..t)``.
+    """
+    total = token_logps.new_zeros(n_seqs).index_add(0, seq_ids, token_logps)
     if average:
-        return total / mask.sum(-1).clamp(min=1)
+        return total / torch.bincount(seq_ids, minlength=n_seqs).clamp(min=1)
     return total
 
 
@@ -130,14 +177,13 @@ def preference_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> torch.Tensor:
+def sft_loss(token_logps: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> torch.Tensor:
     """Next-token NLL of one micro-batch, normalised by the token count of the whole global batch.
 
     Args:
-        logits: [B, T, V] of this micro-batch, any float dtype.
-        labels: [B, T], ``-100`` where there is no loss.
-        num_loss_tokens: the number of label tokens (``labels[:, 1:] != -100``) in the WHOLE global batch:
-            all micro-batches of the optimizer step, on all ranks.
+        token_logps: [N] log-probs of this micro-batch's label tokens (``label_logps``; 0 for unlabelled rows).
+        num_loss_tokens: the number of label tokens in the WHOLE global batch: all micro-batches of the optimizer
+            step, on all ranks.
 
     Returns:
         scalar: ``-sum_{label tokens in this micro-batch} log p(y_t) / num_loss_tokens``.
@@ -148,9 +194,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int | 
     more (the gradient-accumulation bug fixed across libraries in 2024). With DDP, which averages gradients
     over ranks, multiply by the world size (or pass ``num_loss_tokens / world_size``).
     """
-    logps, _ = token_logps(logits, labels)
     if isinstance(num_loss_tokens, torch.Tensor):
-        denominator = num_loss_tokens.to(device=logps.device, dtype=logps.dtype).clamp(min=1)
+        denominator = num_loss_tokens.to(device=token_logps.device, dtype=token_logps.dtype).clamp(min=1)
     else:
         denominator = max(num_loss_tokens, 1)
-    return -logps.sum() / denominator
+    return -token_logps.sum() / denominator

@@ -237,14 +237,13 @@ def main(config_path, overrides=()):
         print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
               f"{n_params / 1e6:.2f}M params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
     status = trainer.train()
+    if status == "interrupted" and trainer.is_main:
+        again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
+        print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}", flush=True)
+    trainer.any_process(False)  # a barrier: no worker exits (a launcher then stops the rest) before rank 0 has reported
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if status == "interrupted":
-        if trainer.is_main:
-            again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
-            print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}")
-        return 128 + trainer.stop_signal
-    return 0
+    return 128 + trainer.stop_signal if status == "interrupted" else 0
 
 
 def explain(error) -> tuple[str, int]:

@@ -4,6 +4,8 @@ The only place that tells SFT from preference training is `BasicTrainer.batch_lo
 gradient accumulation, clipping, logging, evaluation, checkpoints) is shared.
 """
 import contextlib
+import gc
+import hashlib
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from array import array
 from datetime import timedelta
 
 import torch
@@ -36,24 +39,29 @@ def data_kind(loss_name: str) -> str:
     return "sft" if loss_name == "sft" else "preference"
 
 
-def concatenated_forward(model, batch, average_log_prob=False):
-    """Run chosen and rejected through `model` in ONE forward pass (they are padded to the same length by data.collate).
+def batch_logps(model, batch, n_seqs):
+    """Summed log-probs of every sequence's labelled tokens, in ONE forward pass over the batch's rows (padded or
+    packed: data.collate puts chosen and rejected responses side by side, so there is one pass for both).
 
-    Returns (chosen_logps [B], rejected_logps [B], chosen_logits_sum, rejected_logits_sum, n_chosen_tok, n_rejected_tok):
-    the summed (or averaged) log-probs of each response, and, for the `logits/*` metrics, the sum of all logits at
-    the response positions and how many values that sum covers.
+    Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
+    float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
+
+    Returns (logps [n_seqs] float32, logit_sums [n_seqs], token_counts [n_seqs]): per sequence, the summed
+    log-probs, and for the `logits/*` metrics the sum of its label positions' logits over the vocabulary and how
+    many label positions it has.
     """
-    n = batch["chosen_input_ids"].shape[0]
-    input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logps = losses.sequence_logps(logits, labels, average=average_log_prob)
-    with torch.no_grad():  # mean logit over response positions (TRL's logits/chosen): sum over vocab first, no big copy
-        mask = (labels[:, 1:] != -100).float()
-        per_position = logits[:, :-1].float().sum(-1) * mask
-        counts = mask.sum(-1) * logits.shape[-1]
-    return (logps[:n], logps[n:], per_position[:n].sum(), per_position[n:].sum(), counts[:n].sum(), counts[n:].sum())
+    keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False, "logits_to_keep": keep}
+    if "position_ids" in batch:  # packed: no mask, so attention stays within each sequence (see data.collate)
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    logits = model(**inputs).logits  # [N, V]
+    logps = losses.sequence_logps(losses.label_logps(logits, targets), target_seqs, n_seqs)
+    with torch.no_grad():  # summed over the vocabulary in float32 without a float32 copy of the logits
+        logit_sums = logps.new_zeros(n_seqs).index_add(0, target_seqs, logits.sum(-1, dtype=torch.float32))
+        counts = torch.bincount(target_seqs, minlength=n_seqs) * logits.shape[-1]
+    return logps, logit_sums, counts
 
 
 def loss_normalizer(kind, examples) -> int:
@@ -85,21 +93,33 @@ class BasicTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
         self.wandb_id, self.stop_signal = None, None
+        self.flop_shape = model_flop_shape(policy)
+        self.peak_flops = peak_flops(self.device, self.compute_dtype)
+        if cfg.compile:  # in place (the module keeps its class, so saving is unchanged); shapes vary: dynamic
+            for model in (policy, reference):
+                if model is not None:
+                    model.compile(dynamic=True)
 
     # ---- the one place that knows SFT from preference losses --------------------------------------------------
     def batch_loss(self, batch, normalizer):
         """Loss of one micro-batch, already divided by the GLOBAL batch's normalizer, and metric sums over it."""
         cfg = self.cfg
+        B = batch["prompt_input_ids"].shape[0]
         if self.kind == "sft":
-            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            loss = losses.sft_loss(logits, batch["labels"], normalizer)
+            keep, targets, _ = losses.scored_positions(batch["labels"], batch["seq_ids"])
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits = self.policy(**inputs, use_cache=False, logits_to_keep=keep).logits  # [N, V]: label positions only
+            loss = losses.sft_loss(losses.label_logps(logits, targets), normalizer)
             return loss, {"loss": loss.detach() * normalizer}
-        policy_c, policy_r, logits_c, logits_r, n_c, n_r = concatenated_forward(self.policy, batch)
-        if cfg.loss.reference_free:
-            ref_c = ref_r = torch.zeros_like(policy_c)
+        policy_logps, logit_sums, counts = batch_logps(self.policy, batch, 2 * B)
+        if "reference_logps" in batch:  # precomputed once (precompute_reference_logps)
+            reference_logps = torch.cat([batch["reference_logps"][:, 0], batch["reference_logps"][:, 1]])
+        elif cfg.loss.reference_free:
+            reference_logps = torch.zeros_like(policy_logps)
         else:
             with torch.no_grad():
-                ref_c, ref_r, *_ = concatenated_forward(self.reference, batch)
+                reference_logps = batch_logps(self.reference, batch, 2 * B)[0]
+        policy_c, policy_r, ref_c, ref_r = policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:]
         pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
             policy_c, policy_r, ref_c, ref_r, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
             ipo=cfg.loss.name == "ipo", reference_free=cfg.loss.reference_free)
@@ -107,8 +127,9 @@ class BasicTrainer:
         sums = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
                 "rewards/rejected": rejected_rewards.sum(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).sum(), "logps/chosen": policy_c.detach().sum(),
-                "logps/rejected": policy_r.detach().sum(), "logits/chosen": logits_c / n_c.clamp(min=1) * len(policy_c),
-                "logits/rejected": logits_r / n_r.clamp(min=1) * len(policy_c)}
+                "logps/rejected": policy_r.detach().sum(),
+                "logits/chosen": logit_sums[:B].sum() / counts[:B].sum().clamp(min=1) * B,
+                "logits/rejected": logit_sums[B:].sum() / counts[B:].sum().clamp(min=1) * B}
         return loss, sums
 
     # ---- what a multi-process trainer (FSDPTrainer) changes; one process here ----------------------------------
@@ -131,6 +152,10 @@ class BasicTrainer:
         """True when the flag is set on any process (a signal may reach the ranks at different steps)."""
         return flag
 
+    def all_gather(self, tensor):
+        """[world_size, *tensor.shape]: every process's tensor (the same shape on each)."""
+        return tensor[None]
+
     def clip_gradients(self, max_norm) -> float:
         """Clip the global gradient norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
@@ -148,17 +173,45 @@ class BasicTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def model_flops(self, batch, reference):
+        """Matmul FLOPs of one micro-batch: policy forward + backward (3x forward), plus the reference forward when it
+        runs in the step. Forward: 2 x params x real tokens (the vocabulary projection only at label positions, as
+        computed) + causal attention 2 x layers x hidden x sum(len^2). Padding counts for nothing."""
+        body, head, layers, hidden = self.flop_shape
+        lengths = torch.bincount(batch["seq_ids"][batch["seq_ids"] >= 0]).double()
+        n_labels = float((batch["labels"][:, 1:] != -100).sum())
+        forward = 2 * body * float(lengths.sum()) + 2 * head * n_labels + 2 * layers * hidden * float((lengths ** 2).sum())
+        return forward * (4 if reference else 3)
+
     def to_batch(self, examples):
-        return {k: v.to(self.device) for k, v in data.collate(examples, self.tokenizer.pad_token_id).items()}
+        batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def epoch_order(self, epoch):
+        """The order of the training examples in one epoch: a permutation seeded by (seed, epoch). With
+        group_by_length, the permutation is cut into windows of 64 global batches, each window sorted by length
+        and cut into global batches, and those batches shuffled again: similar lengths share a batch (less
+        padding), while the batches still come in random order."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        order = torch.randperm(len(self.train_data), generator=generator).tolist()
+        if not self.cfg.group_by_length:
+            return order
+        size = self.cfg.total_batch_size
+        batches = []
+        for start in range(0, len(order), 64 * size):
+            window = sorted(order[start:start + 64 * size], key=lambda i: -data.example_length(self.train_data[i]))
+            batches += [window[i:i + size] for i in range(0, len(window), size)]
+        last = [batches.pop()] if len(batches[-1]) < size else []  # a short batch stays last, not mid-epoch
+        return [i for b in torch.randperm(len(batches), generator=generator).tolist() + [len(batches)] * bool(last)
+                for i in (batches + last)[b]]
 
     def example_stream(self, start=0):
-        """Training examples in order from position `start`: a fresh seeded permutation per epoch, cut at
-        n_train_examples. The order is a pure function of (seed, position), which is what makes resuming exact."""
+        """Training examples in order from position `start`, cut at n_train_examples. The order is a pure function
+        of (seed, position), which is what makes resuming exact."""
         position = start
         while position < self.n_train_examples:
             epoch, offset = divmod(position, len(self.train_data))
-            order = torch.randperm(len(self.train_data), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for i in order.tolist()[offset:offset + self.n_train_examples - position]:
+            for i in self.epoch_order(epoch)[offset:offset + self.n_train_examples - position]:
                 yield self.train_data[i]
             position += min(len(self.train_data) - offset, self.n_train_examples - position)
 
@@ -177,7 +230,7 @@ class BasicTrainer:
         normalizer = loss_normalizer(self.kind, examples)  # of the GLOBAL batch, so every share is weighted right
         local = self.local_share(examples)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
-        sums, tokens = {}, 0
+        sums, tokens, flops = {}, 0, 0.0
         for start in range(0, len(local), micro):
             batch = self.to_batch(local[start:start + micro])
             with self.autocast():
@@ -185,9 +238,10 @@ class BasicTrainer:
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            tokens += int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("prompt")))
-        sums = self.reduce_sums({**sums, "tokens": tokens})  # before deciding on the step: every rank decides alike
-        tokens = sums.pop("tokens")
+            tokens += int((batch["seq_ids"] >= 0).sum())  # real tokens: padding is not throughput
+            flops += self.model_flops(batch, reference="reference_logps" not in batch and self.reference is not None)
+        sums = self.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
+        tokens, flops = sums.pop("tokens"), sums.pop("flops")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = self.clip_gradients(max_norm)
@@ -211,7 +265,7 @@ class BasicTrainer:
         self.examples_seen += len(examples)
         metrics = {k: v / normalizer for k, v in sums.items()}
         metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
-        return metrics, tokens
+        return metrics, tokens, flops
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -256,6 +310,57 @@ class BasicTrainer:
                 f.write("\n".join(f"### {k}\n{v}" for k, v in row.items()) + "\n\n" + "=" * 80 + "\n\n")
         writer.log_samples(rows, self.step)
 
+    # ---- reference log-probs, once ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def precompute_reference_logps(self):
+        """Reference log-probs of every train and eval example, read from the disk cache or computed once (batched,
+        no grad), then the reference model is freed: each training step runs the policy alone. The cache file is
+        keyed by the reference weights and the settings that change log-probs; inside it, by each example's tokens."""
+        cfg = self.cfg
+        n_train = len(self.train_data)  # only the examples this run trains on (n_examples may stop mid-epoch)
+        used = range(n_train) if self.n_train_examples >= n_train else self.epoch_order(0)[:self.n_train_examples]
+        examples = [self.train_data[i] for i in used] + self.eval_data
+        if self.reference is None or all("reference_logps" in ex for ex in examples):
+            return
+        settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
+                    len(self.tokenizer), cfg.max_length, cfg.max_prompt_length)
+        folder = cfg.reference_cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                                         "minimal-llm-alignment", "reference_logps")
+        path = os.path.join(os.path.expanduser(folder), weights_digest(self.reference, settings) + ".pt")
+        cache = read_logps_cache(path)
+        keys = [example_key(ex) for ex in examples]
+        cached = torch.tensor([k in cache for k in keys], dtype=torch.long, device=self.device)
+        cached = self.all_gather(cached).min(0).values.cpu()  # computed where any process lacks it: all agree
+        missing = [i for i in range(len(examples)) if not cached[i]]
+        if missing:
+            values = self.reference_logps_of([examples[i] for i in missing])
+            cache.update(zip([keys[i] for i in missing], map(tuple, values.tolist())))
+            if self.is_main:
+                write_logps_cache(path, cache)
+        for example, key in zip(examples, keys):
+            example["reference_logps"] = cache[key]
+        if self.is_main:
+            print(f"reference log-probs: {len(examples) - len(missing)} from the cache, {len(missing)} computed ({path})")
+        self.reference = None  # its memory goes back to the policy's training
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def reference_logps_of(self, examples):
+        """[len(examples), 2] (chosen, rejected) reference log-probs; each process computes a strided share."""
+        per_process = math.ceil(len(examples) / self.world_size)
+        share = examples[self.rank::self.world_size]
+        share += (share or examples)[-1:] * (per_process - len(share))  # equal counts: sharded forwards are collective
+        out = []
+        for start in tqdm(range(0, per_process, self.cfg.eval_batch_size), desc="reference log-probs", unit="batch",
+                          disable=not self.is_main, dynamic_ncols=True):
+            chunk = share[start:start + self.cfg.eval_batch_size]
+            with self.autocast():
+                logps = batch_logps(self.reference, self.to_batch(chunk), 2 * len(chunk))[0].float()
+            out.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], 1))
+        gathered = self.all_gather(torch.cat(out))  # [world, per_process, 2]; process r holds examples r, r + world, ...
+        return gathered.transpose(0, 1).reshape(-1, 2)[:len(examples)].cpu()
+
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def save(self, name):
         """An HF folder (model in policy_dtype, tokenizer, config.yaml, trainer_state.json) plus, with save_optimizer,
@@ -284,7 +389,6 @@ class BasicTrainer:
             raise TrainingError(f"could not save checkpoint {final}: {e.strerror or e} (earlier checkpoints are kept)") from e
         if self.cfg.save_total_limit:
             prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
-        return final
         return final
 
     def write_checkpoint(self, folder, state, save_dtype):
@@ -350,29 +454,38 @@ class BasicTrainer:
         writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, resume_step=self.step if resumed else None,
                                wandb_id=self.wandb_id)
         self.wandb_id = writer.wandb_id
+        if cfg.precompute_reference_logps:
+            self.precompute_reference_logps()
         do_eval = len(self.eval_data) > 0
         if do_eval and cfg.do_first_eval and not resumed:
             self.evaluate_and_log(writer)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, unit="step", dynamic_ncols=True,
                    disable=not self.is_main)
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
         with bar, self.stop_on_signals():  # the bar is closed (its line ended) even when an error stops training
             for examples in self.global_batches():
-                metrics, tokens = self.train_step(examples)
-                window_tokens += tokens
+                metrics, tokens, flops = self.train_step(examples)
+                window_tokens, window_flops = window_tokens + tokens, window_flops + flops
                 bar.update(1)
                 if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
-                    metrics["tokens_per_second"] = window_tokens / (time.perf_counter() - window_start)
+                    seconds = time.perf_counter() - window_start
+                    metrics["tokens_per_second"] = window_tokens / seconds  # real (non-padding) tokens, all processes
+                    if self.peak_flops:
+                        metrics["mfu"] = window_flops / seconds / (self.peak_flops * self.world_size)
                     writer.log(metrics, self.step)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-                    window_tokens, window_start = 0, time.perf_counter()
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                                    **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
+                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                 if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
+                    paused = time.perf_counter()
                     self.evaluate_and_log(writer)
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                    window_start += time.perf_counter() - paused  # evaluation time is not training throughput
                 periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
                 stop = self.any_process(self.stop_signal is not None)
                 if not cfg.debug and self.step < self.total_steps and (periodic or stop):
+                    paused = time.perf_counter()
                     self.save(f"step-{self.step:06d}")
+                    window_start += time.perf_counter() - paused  # nor is saving
                 if stop:
                     self.stop_signal = self.stop_signal or signal.SIGTERM
                     break
@@ -464,6 +577,11 @@ class FSDPTrainer(BasicTrainer):
         dist.all_reduce(values)
         return dict(zip(keys, values.tolist()))
 
+    def all_gather(self, tensor):
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous())
+        return torch.stack(out)
+
     def any_process(self, flag: bool) -> bool:
         """All-reduce (MAX) of a flag; a collective, so it also serves as a barrier."""
         value = torch.tensor([float(flag)], device=self.device)
@@ -551,6 +669,69 @@ def load_sharded_state(trainer, checkpoint_dir):
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"])
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
         return json.load(f)
+
+
+def model_flop_shape(model):
+    """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
+    `model_flops`. The input embedding is a lookup (no FLOPs); a tied output head still multiplies."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its full size
+    body = total - embedding.numel() - (head.numel() if head is not embedding else 0)
+    config = model.config
+    return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+               ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+
+
+def peak_flops(device, dtype):
+    """The device's peak FLOP/s for the compute dtype, or None where unknown (CPUs, float32, unlisted GPUs): then no
+    MFU is logged rather than a made-up one."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def example_key(example) -> int:
+    """A 64-bit digest of an example's token ids and labels: the per-example key of the reference log-prob cache."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+        h.update(array("q", example[k]).tobytes() + b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def weights_digest(model, extra) -> str:
+    """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
+    training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
+    h = hashlib.sha256(repr(extra).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
+            tensor = tensor.full_tensor()
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 65536)].float().cpu()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def read_logps_cache(path) -> dict:
+    """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
+    (a cache is never worth failing a run for: it is recomputed)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
+    except (OSError, RuntimeError, KeyError, EOFError):
+        return {}
+
+
+def write_logps_cache(path, cache):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
+                "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old cache or the new one, never half of one
 
 
 def build_optimizer(model, name, lr, weight_decay, extra):

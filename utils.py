@@ -113,6 +113,11 @@ class Config:
     n_eval_model_samples: int = 4           # how many prompts to sample completions for
     max_new_tokens: int = 64                # length limit of those completions
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    packing: bool = False                   # padding-free batches: sequences laid end to end in rows of max_length tokens
+    group_by_length: bool = False           # batch examples of similar length together (less padding); order stays random
+    precompute_reference_logps: bool = False  # DPO/IPO: reference log-probs computed once (and cached), then the reference is freed
+    reference_cache_dir: Optional[str] = None  # where those are cached; null = $XDG_CACHE_HOME/minimal-llm-alignment/reference_logps
+    compile: bool = False                   # torch.compile the model(s): faster steps after a one-off compile time
     print_log_step: int = 10                # write train metrics every N optimizer steps
     save_model_step: Optional[int] = None   # also save a checkpoint every N optimizer steps (null: only at the end)
     save_optimizer: bool = True             # save optimizer, scheduler and RNG state in each checkpoint (needed to resume)

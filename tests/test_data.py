@@ -407,15 +407,17 @@ def test_tokenization_error_names_file_and_record(many_sft):
         data.build_datasets([many_sft], [], make_tok(NOT_PREFIX), "sft", 64, 32, 0, 0)
 
 
-def test_collate(example_tok):
+def test_collate_padded(example_tok):
     pad = example_tok.pad_token_id
     sft = [data.tokenize_example({"messages": m}, example_tok, "sft", 512, 256)[0] for m in (CONV, CONV[1:3])]
     b = data.collate(sft, pad)
     T, P = len(sft[0]["input_ids"]), len(sft[0]["prompt_input_ids"])
-    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (2, T)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == b["seq_ids"].shape == (2, T)
     n = len(sft[1]["input_ids"])
     assert b["input_ids"][1, n:].eq(pad).all() and b["labels"][1, n:].eq(-100).all()
+    assert b["seq_ids"].tolist() == [[0] * T, [1] * n + [-1] * (T - n)]
     assert b["attention_mask"].sum(1).tolist() == [T, n] and b["attention_mask"].dtype == torch.long
+    assert b["labels"][0, 1:].tolist() == sft[0]["labels"][1:] and "position_ids" not in b
     p1 = sft[1]["prompt_input_ids"]
     assert b["prompt_input_ids"].shape == (2, P) and b["prompt_input_ids"][1, P - len(p1):].tolist() == p1
     assert b["prompt_attention_mask"][1].tolist() == [0] * (P - len(p1)) + [1] * len(p1)
@@ -423,11 +425,43 @@ def test_collate(example_tok):
     b = data.collate(pref, pad)
     T = len(pref[0]["chosen_input_ids"])
     assert T > len(pref[0]["rejected_input_ids"])
-    for k in ("chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
-              "rejected_attention_mask", "rejected_labels"):
-        assert b[k].shape == (1, T) and b[k].dtype == torch.long
-    assert set(b) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
-                      "rejected_attention_mask", "rejected_labels", "prompt_input_ids", "prompt_attention_mask"}
+    # chosen then rejected, one row each, one common length: ONE forward pass scores both
+    assert b["input_ids"].shape == (2, T) and b["input_ids"][0].tolist() == pref[0]["chosen_input_ids"]
+    assert b["input_ids"][1, :len(pref[0]["rejected_input_ids"])].tolist() == pref[0]["rejected_input_ids"]
+    assert set(b) == {"input_ids", "labels", "seq_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask"}
+    pref[0]["reference_logps"] = (-3.5, -7.25)
+    assert data.collate(pref, pad)["reference_logps"].tolist() == [[-3.5, -7.25]]
+
+
+def test_best_fit_rows():
+    # longest first: 7 opens row 0 (3 free), 6 row 1 (4 free), 5 row 2 (5 free); then each goes to the fullest row it
+    # fits: 3 -> row 0 (0 free), 2 -> row 1 (2 free), 1 -> row 1 (1 free)
+    assert data.best_fit_rows([7, 3, 6, 2, 5, 1], capacity=10) == [[0, 1], [2, 3, 5], [4]]
+    assert data.best_fit_rows([12, 4], capacity=10) == [[0], [1]]  # too long for any row: a row of its own
+    assert sorted(i for row in data.best_fit_rows(list(range(1, 30)), 40) for i in row) == list(range(29))
+
+
+def test_collate_packed(example_tok):
+    pad = example_tok.pad_token_id
+    pref = [data.tokenize_example(PREF, example_tok, "preference", 512, 256)[0],
+            data.tokenize_example({**PREF, "chosen": PREF["rejected"], "rejected": PREF["chosen"]}, example_tok,
+                                  "preference", 512, 256)[0]]
+    seqs = data.sequences_of(pref)  # chosen 0, chosen 1, rejected 0, rejected 1
+    lengths = [len(ids) for ids, _ in seqs]
+    capacity = lengths[0] + lengths[1] + 1
+    b = data.collate(pref, pad, packing=True, max_length=capacity)
+    assert "attention_mask" not in b and b["input_ids"].shape[1] <= capacity
+    assert b["input_ids"].shape[0] == len(data.best_fit_rows(lengths, capacity)) < 4
+    for i, (ids, labels) in enumerate(seqs):  # every sequence is there once, whole, with positions from 0
+        where = b["seq_ids"] == i
+        assert where.sum() == len(ids) and b["input_ids"][where].tolist() == ids
+        assert b["position_ids"][where].tolist() == list(range(len(ids)))
+        assert b["labels"][where].tolist() == [-100] + labels[1:]  # the first token is never a target
+    real = b["seq_ids"] >= 0
+    assert real.sum() == sum(lengths) and b["labels"][~real].eq(-100).all() and b["input_ids"][~real].eq(pad).all()
+    for row in range(b["input_ids"].shape[0]):  # the padding at a row's end restarts at 0 as well
+        n = int(real[row].sum())
+        assert b["position_ids"][row, n:].tolist() == list(range(b["input_ids"].shape[1] - n))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def fsdp_run(launcher, kind, model_dir, out, *extra):
     ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
     ("python", "sft", []),
     ("torchrun", "dpo", ["fsdp.shard_reference=false"]),      # a replicated reference
-    ("python", "dpo", []),                                    # a sharded one (the default)
-], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref"])
+    ("python", "dpo", ["packing=true", "precompute_reference_logps=true"]),  # a sharded one (the default), used once
+], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref-packed"])
 def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_model_dir, tmp_path):
-    proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run", *extra)
+    """BasicTrainer (padded, reference in every step) vs FSDPTrainer, also packed with precomputed reference logps."""
+    proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run", *extra, f"reference_cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial, basic, basic_metrics = basic_runs[kind]
     exported = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final"))  # loads in transformers
@@ -109,7 +110,7 @@ def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, 
                         "activation_checkpointing=true")
         assert isinstance(trainer, trainers.FSDPTrainer)
         assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
-        metrics, _ = trainer.train_step(next(trainer.global_batches()))
+        metrics, *_ = trainer.train_step(next(trainer.global_batches()))
         mixed = {k: v.float() for k, v in trainer.full_state_dict().items()}
     finally:
         torch.distributed.destroy_process_group()
@@ -182,10 +183,12 @@ def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
 
 
 def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
-    """Plain-python FSDP run, SIGTERM to the launcher after the step-2 checkpoint: the workers finish the step, save
-    (HF export + dcp/ shards) and exit 143; resume=auto then ends bit-identical to an uninterrupted FSDP run."""
+    """Plain-python FSDP run (packed, reference log-probs precomputed), SIGTERM to the launcher after the step-2
+    checkpoint: the workers finish the step, save (HF export + dcp/ shards) and exit 143; resume=auto (reference
+    log-probs now from the cache) then ends bit-identical to an uninterrupted FSDP run."""
     extra = ["n_examples=24", "save_model_step=2", "optimizer=AdamW", "lr=1e-3", "sample_during_eval=false",
-             "trainer=FSDPTrainer", *local_model_overrides(tiny_model_dir)]
+             "trainer=FSDPTrainer", "packing=true", "precompute_reference_logps=true",
+             f"reference_cache_dir={tmp_path / 'cache'}", *local_model_overrides(tiny_model_dir)]
     base = ["train.py", TINY["dpo"], "--overrides", *COMMON, *extra]
     assert run_cli(*base, f"output_dirs={tmp_path / 'whole'}").returncode == 0
     run_dir = tmp_path / "cut"
@@ -202,6 +205,7 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert os.path.isdir(run_dir / "step-000002" / "dcp")
     resumed = run_cli(*base, f"output_dirs={run_dir}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reference log-probs: 24 from the cache, 0 computed" in resumed.stdout
     whole = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "final"))
     cut = params_of(AutoModelForCausalLM.from_pretrained(run_dir / "final"))
     assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -13,7 +13,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from losses import preference_loss, sequence_logps, sft_loss, token_logps  # noqa: E402
+import losses  # noqa: E402
+from losses import label_logps, preference_loss, scored_positions, sft_loss  # noqa: E402
+
+
+def sequence_logps(logits, labels, average=False):
+    """[B, T, V] padded logits -> [B] per-row log-probs, through the trainer's path: scored_positions picks the
+    positions whose next token is a label, label_logps scores them, losses.sequence_logps sums per sequence."""
+    rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)
+    keep, targets, seq = scored_positions(labels, rows)
+    return losses.sequence_logps(label_logps(logits[keep], targets), seq, labels.shape[0], average)
+
+
+def token_logps(logits, labels):
+    """[B, T-1] per-position log-probs (0 where masked) and the mask, rebuilt from the flat form."""
+    keep, targets, _ = scored_positions(labels, torch.zeros_like(labels))
+    out = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    out[keep[:, :-1]] = label_logps(logits[keep], targets)
+    return out, labels[:, 1:] != -100
 
 # ---------------------------------------------------------------------------------------------------------------
 # Naive reference implementations: explicit log_softmax and Python loops, float64.
@@ -137,6 +154,48 @@ def test_sequence_logps_float32_output_and_bf16_input():
     assert sequence_logps(logits64.float(), labels).dtype == torch.float32
 
 
+@pytest.mark.parametrize("chunk_values", [2**26, 7])  # one chunk; chunks of 7 // V = 1 row each
+def test_label_logps_chunked_matches_log_softmax_and_gradient(monkeypatch, chunk_values):
+    monkeypatch.setattr(losses, "CHUNK_VALUES", chunk_values)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(10, 6, generator=g, dtype=torch.float64).mul(4).requires_grad_(True)
+    labels = torch.randint(0, 6, (10,), generator=g)
+    labels[[2, 7]] = -100
+    weights = torch.randn(10, generator=g, dtype=torch.float64)
+    got = label_logps(logits, labels)
+    full = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+    want = torch.where(labels != -100, full, torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    assert torch.all(g_got[[2, 7]] == 0)
+    assert torch.autograd.gradcheck(lambda z: label_logps(z, labels), (logits.detach().requires_grad_(True),))
+
+
+def test_label_logps_keeps_no_float32_copy_of_half_logits():
+    """Backward needs only the bf16 logits and an [N] float32 normaliser: the saved tensors say so."""
+    logits = torch.randn(64, 1000).to(torch.bfloat16).requires_grad_(True)
+    out = label_logps(logits, torch.randint(0, 1000, (64,)))
+    saved = [t for t in out.grad_fn.saved_tensors if t.dtype.is_floating_point]
+    assert {(t.dtype, tuple(t.shape)) for t in saved} == {(torch.bfloat16, (64, 1000)), (torch.float32, (64,))}
+
+
+def test_scored_positions():
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, 7, -100, 8, 9]])
+    seq = torch.tensor([[0, 0, 0, 0, -1], [1, 1, 2, 2, 2]])
+    keep, targets, target_seq = scored_positions(labels, seq)
+    assert keep.tolist() == [[False, True, True, False, False], [True, False, True, True, False]]
+    assert targets.tolist() == [5, 6, 7, 8, 9] and target_seq.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_sequence_logps_sums_by_sequence_id():
+    token = torch.tensor([-1.0, -2.0, -0.5, -4.0])
+    seq = torch.tensor([2, 0, 2, 2])
+    assert losses.sequence_logps(token, seq, 4).tolist() == [-2.0, 0.0, -5.5, 0.0]
+    assert losses.sequence_logps(token, seq, 4, average=True).tolist() == pytest.approx([-2.0, 0.0, -5.5 / 3, 0.0])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # preference_loss
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,15 +313,15 @@ def test_sft_loss_hand_computed():
     logits = torch.tensor([[ROW, ROW, ROW]])
     labels = torch.tensor([[-100, 2, 0]])
     # NLL sum = ln 2 + ln 4 = ln 8 = 2.0794415; divided by the global count 4 -> 0.5198604
-    assert sft_loss(logits, labels, 4).item() == pytest.approx(math.log(8) / 4, abs=1e-6)
-    assert sft_loss(logits, labels, torch.tensor(4)).item() == pytest.approx(math.log(8) / 4, abs=1e-6)
+    assert sft_loss(token_logps(logits, labels)[0].flatten(), 4).item() == pytest.approx(math.log(8) / 4, abs=1e-6)
+    assert sft_loss(token_logps(logits, labels)[0].flatten(), torch.tensor(4)).item() == pytest.approx(math.log(8) / 4, abs=1e-6)
 
 
 def test_sft_loss_equals_cross_entropy_token_mean():
     logits, labels = random_batch(B=4, T=8, V=13, seed=5)
     n = int((labels[:, 1:] != -100).sum())
     want = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(sft_loss(logits, labels, n), want)
+    torch.testing.assert_close(sft_loss(token_logps(logits, labels)[0].flatten(), n), want)
 
 
 class TinyLM(torch.nn.Module):
@@ -294,13 +353,13 @@ def test_sft_loss_gradient_accumulation_equivalence():
     assert n_global == sum(range(1, 9))
 
     model = TinyLM(V)
-    sft_loss(model(ids), labels, n_global).backward()  # one micro-batch of 8
+    sft_loss(token_logps(model(ids), labels)[0].flatten(), n_global).backward()  # one micro-batch of 8
     full = _grads(model)
 
     for micro_bs in (1, 2, 4):  # 8 micro-batches of 1, 4 of 2, 2 of 4
         model.zero_grad()
         for i in range(0, B, micro_bs):
-            sft_loss(model(ids[i:i + micro_bs]), labels[i:i + micro_bs], n_global).backward()
+            sft_loss(token_logps(model(ids[i:i + micro_bs]), labels[i:i + micro_bs])[0].flatten(), n_global).backward()
         for a, b in zip(_grads(model), full):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -308,5 +367,5 @@ def test_sft_loss_gradient_accumulation_equivalence():
     model.zero_grad()
     for i in range(B):
         n_local = int((labels[i:i + 1, 1:] != -100).sum())
-        (sft_loss(model(ids[i:i + 1]), labels[i:i + 1], n_local) / B).backward()
+        (sft_loss(token_logps(model(ids[i:i + 1]), labels[i:i + 1])[0].flatten(), n_local) / B).backward()
     assert any(not torch.allclose(a, b) for a, b in zip(_grads(model), full))

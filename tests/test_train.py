@@ -215,7 +215,7 @@ def one_sgd_step(kind, model_dir, *overrides):
         saved[0] += tensor.numel()
         return tensor
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        metrics, _ = trainer.train_step(next(trainer.global_batches()))
+        metrics, *_ = trainer.train_step(next(trainer.global_batches()))
     metrics["saved_elements"] = saved[0]
     return {k: v - before[k] for k, v in params_of(trainer.policy).items()}, metrics
 
@@ -234,7 +234,7 @@ def test_mixed_precision_keeps_float32_masters_and_tracks_float32(dtype, tiny_mo
     full, m_full = one_sgd_step("sft", tiny_model_dir)
     mixed, m_mixed = one_sgd_step("sft", tiny_model_dir, f"model.policy_dtype={dtype}")
     assert m_mixed["loss"] == pytest.approx(m_full["loss"], rel=2e-2)   # same maths at lower precision
-    assert m_mixed["loss"] != m_full["loss"]                              # ... and autocast really ran
+    assert any(not torch.equal(mixed[k], full[k]) for k in full)         # ... and autocast really ran
     cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in mixed.values()]),
                                                 torch.cat([v.flatten() for v in full.values()]), dim=0)
     assert cos > 0.99
@@ -275,7 +275,7 @@ def test_first_step_loss_of_each_preference_loss(overrides, expected_loss, tiny_
 def test_reference_free_has_no_reference_model(tiny_model_dir):
     trainer = build("dpo", tiny_model_dir, "loss.reference_free=true")
     assert trainer.reference is None
-    metrics, _ = trainer.train_step(next(trainer.global_batches()))
+    metrics, *_ = trainer.train_step(next(trainer.global_batches()))
     # rewards are beta * policy log-probs when the reference is taken as 0
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * metrics["logps/chosen"], rel=1e-5)
 
@@ -289,5 +289,5 @@ def test_dropout_is_disabled(tmp_path):
     trainer.policy.train()
     batch = trainer.to_batch(trainer.train_data[:4])
     with torch.no_grad():
-        first, second = (trainer.policy(input_ids=batch["chosen_input_ids"], use_cache=False).logits for _ in range(2))
+        first, second = (trainer.policy(input_ids=batch["input_ids"], use_cache=False).logits for _ in range(2))
     assert torch.equal(first, second)

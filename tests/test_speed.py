@@ -1,0 +1,162 @@
+"""Speed features that must not change the maths: packing, precomputed (cached) reference log-probs, log-probs at
+label positions only, length-grouped batches, torch.compile; and the FLOP count behind the logged MFU."""
+import os
+
+import pytest
+import torch
+
+import data
+import trainers
+from conftest import run_cli
+from test_train import TINY, build, one_sgd_step, params_of, read_jsonl
+
+
+def close_updates(a, b, rtol=1e-4):
+    largest = max(v.abs().max().item() for v in b.values())
+    for k in b:
+        assert (a[k] - b[k]).abs().max().item() <= rtol * largest, k
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_packed_log_probs_equal_padded(kind, tiny_model_dir):
+    """Per-sequence log-probs of 8 examples: packed rows (no mask, restarting positions) == one padded row each."""
+    trainer = build(kind, tiny_model_dir, "max_length=128")
+    examples = trainer.train_data[:8]
+    n_seqs = len(data.sequences_of(examples))
+    pad = trainer.tokenizer.pad_token_id
+    padded = data.collate(examples, pad)
+    packed = data.collate(examples, pad, packing=True, max_length=128)
+    assert packed["input_ids"].shape[0] <= n_seqs // 2  # really packed: several sequences share each row
+    with torch.no_grad():
+        want = trainers.batch_logps(trainer.policy, padded, n_seqs)[0]
+        got = trainers.batch_logps(trainer.policy, packed, n_seqs)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # the control: the same packed rows with a plain causal mask attend across sequences, and the test sees it
+        leaky = {**{k: v for k, v in packed.items() if k != "position_ids"}, "attention_mask": torch.ones_like(packed["input_ids"])}
+        assert (trainers.batch_logps(trainer.policy, leaky, n_seqs)[0] - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_packed_step_matches_padded_step(kind, tiny_model_dir):
+    """One SGD step: the same loss, metrics and parameter update (the gradients) with and without packing."""
+    padded, m_padded = one_sgd_step(kind, tiny_model_dir, "total_batch_size=8", "gradient_accumulation_steps=2")
+    packed, m_packed = one_sgd_step(kind, tiny_model_dir, "total_batch_size=8", "gradient_accumulation_steps=2",
+                                    "packing=true", "max_length=128")
+    for key in ("loss", "logps/chosen", "rewards/margins", "logits/chosen") if kind == "dpo" else ("loss",):
+        assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-5, abs=1e-7), key
+    close_updates(packed, padded)
+
+
+def test_logits_only_at_label_positions_and_no_float32_copy(tiny_model_dir):
+    """bfloat16 DPO step: the vocabulary projection runs only where the next token is a label, and autograd keeps no
+    float32 tensor of vocabulary width (the chunked log-softmax recomputes it in backward)."""
+    trainer = build("dpo", tiny_model_dir, "model.policy_dtype=bfloat16", "total_batch_size=4")
+    examples = next(trainer.global_batches())
+    batch = trainer.to_batch(examples)
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_labels < 0.7 * batch["input_ids"].numel()
+    vocab = trainer.policy.config.vocab_size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        trainer.train_step(examples)
+    hidden = trainer.policy.config.hidden_size
+    wide = [s for s in saved if s[1] and s[1][-1] == vocab and s[1] != (hidden, vocab)]  # not the head's weight
+    assert wide and all(dtype == torch.bfloat16 and shape[0] == n_labels for dtype, shape in wide), wide
+
+
+def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_path, capsys):
+    cache = f"reference_cache_dir={tmp_path}"
+    online, m_online = one_sgd_step("dpo", tiny_model_dir)
+    trainer = build("dpo", tiny_model_dir, "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0",
+                    "total_batch_size=4", "precompute_reference_logps=true", cache, "n_examples=40", "n_epochs=null")
+    before = params_of(trainer.policy)
+    trainer.precompute_reference_logps()
+    m_pre, *_ = trainer.train_step(next(trainer.global_batches()))
+    precomputed = {k: v - before[k] for k, v in params_of(trainer.policy).items()}
+    assert m_pre["loss"] == pytest.approx(m_online["loss"], rel=1e-5)  # log 2 only if reference == policy at step 1
+    close_updates(precomputed, online)
+    assert "40 computed" in capsys.readouterr().out and len(os.listdir(tmp_path)) == 1
+
+    trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", cache, "n_examples=40", "n_epochs=null")
+    reference = trainer.reference
+    trainer.precompute_reference_logps()
+    assert trainer.reference is None  # freed
+    assert "40 from the cache, 0 computed" in capsys.readouterr().out
+    used = [ex for ex in trainer.train_data if "reference_logps" in ex]
+    assert len(used) == 40
+    batch = data.collate(used[:5], trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        direct = trainers.batch_logps(reference, batch, 10)[0]
+    torch.testing.assert_close(torch.tensor([ex["reference_logps"] for ex in used[:5]]).T.flatten(), direct,
+                               rtol=0, atol=1e-5)
+
+    # other reference weights or other truncation: another cache file, computed afresh
+    for overrides, change_weights in (([], True), (["max_length=120"], False)):
+        trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", cache, "n_examples=40",
+                        "n_epochs=null", *overrides)
+        if change_weights:
+            with torch.no_grad():
+                trainer.reference.model.norm.weight.mul_(1.5)
+        trainer.precompute_reference_logps()
+        assert "0 from the cache, 40 computed" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_group_by_length_is_a_deterministic_shuffle_of_similar_lengths(tiny_model_dir):
+    plain = build("sft", tiny_model_dir, "total_batch_size=4")
+    grouped = build("sft", tiny_model_dir, "total_batch_size=4", "group_by_length=true")
+    order = grouped.epoch_order(0)
+    assert sorted(order) == list(range(len(grouped.train_data))) and order == grouped.epoch_order(0)
+    assert order != grouped.epoch_order(1) and order != plain.epoch_order(0)
+
+    def spread(trainer, order):  # mean (longest - shortest) within a global batch: the padding it costs
+        lengths = [data.example_length(trainer.train_data[i]) for i in order]
+        batches = [lengths[i:i + 4] for i in range(0, len(lengths) - 3, 4)]
+        return sum(max(b) - min(b) for b in batches) / len(batches)
+    assert spread(grouped, order) < 0.3 * spread(plain, plain.epoch_order(0))
+    first = [data.example_length(grouped.train_data[i]) for i in order[:64 * 4:4]]
+    assert first != sorted(first, reverse=True)  # the batches themselves still come in random order
+
+
+def test_model_flops_hand_computed(tiny_model_dir):
+    trainer = build("dpo", tiny_model_dir)
+    V = trainer.policy.config.vocab_size
+    # llama, hidden 32, kv 2 x 8 dims, MLP 64, 2 layers, untied head: per layer q, o 32x32; k, v 32x16; MLP 3 x 32x64;
+    # two norms of 32. Plus the final norm.
+    body = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    assert trainer.flop_shape == (body, V * 32, 2, 32)
+    batch = {"seq_ids": torch.tensor([[0, 0, 0, 1, 1, -1]]), "labels": torch.tensor([[-100, -100, 5, -100, 6, -100]])}
+    # 5 real tokens, 2 labels, sequence lengths 3 and 2
+    forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
+    assert trainer.model_flops(batch, reference=False) == 3 * forward
+    assert trainer.model_flops(batch, reference=True) == 4 * forward
+
+
+def test_peak_flops_known_gpus_only(monkeypatch):
+    assert trainers.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    for name, want in (("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert trainers.peak_flops(torch.device("cuda"), torch.bfloat16) == want
+    assert trainers.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
+
+
+def test_compile_option_compiles_policy_and_reference_in_place(tiny_model_dir):
+    """compile=true: both models compiled in place (same classes, so saving is unchanged). A compiled step takes ~100 s
+    to compile on this CPU, so its numbers are checked in bench/gpu.py rather than here."""
+    plain, compiled = build("dpo", tiny_model_dir), build("dpo", tiny_model_dir, "compile=true")
+    assert plain.policy._compiled_call_impl is None and plain.reference._compiled_call_impl is None
+    assert compiled.policy._compiled_call_impl is not None and compiled.reference._compiled_call_impl is not None
+    assert type(compiled.policy) is type(plain.policy)
+
+
+def test_tiny_dpo_learns_with_every_speed_option(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train.py", TINY["dpo"], "--overrides", f"output_dirs={run}", "packing=true", "group_by_length=true",
+                   "precompute_reference_logps=true", f"reference_cache_dir={tmp_path / 'cache'}",
+                   "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reference log-probs: 0 from the cache, 500 computed" in proc.stdout
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m for m in metrics if "eval/rewards/accuracies" in m][-1]["eval/rewards/accuracies"] >= 0.9
+    assert all(m["tokens_per_second"] > 0 and "mfu" not in m for m in metrics if "loss" in m)  # no peak known on CPU
