@@ -531,7 +531,8 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None) -> dict:
+def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None,
+            pad_to_multiple_of: int = 1) -> dict:
     """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
       input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
                   a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
@@ -540,6 +541,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
                   position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
                   there is no attention_mask: the model then attends only within each sequence. The first token
                   of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).
+      pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
+                  cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
       reference_logps [B, 2] (chosen, rejected): when the examples carry precomputed ones."""
     import torch  # imported here so that the CLI and the loaders start fast
@@ -552,6 +555,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     else:
         rows = [[i] for i in range(len(seqs))]
     T = max(sum(lengths[i] for i in row) for row in rows)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     batch = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
              "labels": torch.full((len(rows), T), -100, dtype=torch.long),
              "seq_ids": torch.full((len(rows), T), -1, dtype=torch.long)}

@@ -67,10 +67,13 @@ class _LabelLogps(torch.autograd.Function):
         grad = torch.empty_like(logits)
         step = _chunk_rows(logits.shape[-1])
         for i in range(0, logits.shape[0], step):
-            w = weight[i:i + step, None]
-            chunk = torch.exp(logits[i:i + step].to(w.dtype) - log_normaliser[i:i + step, None]).mul_(-w)
-            chunk.scatter_add_(-1, safe_labels[i:i + step, None], w)
-            grad[i:i + step] = chunk
+            w, out = weight[i:i + step, None], grad[i:i + step]
+            # -w * softmax + w * onehot, in place in one float32 buffer (the gradient itself for float32 logits)
+            buf = out if out.dtype == w.dtype else torch.empty(out.shape, dtype=w.dtype, device=out.device)
+            torch.sub(logits[i:i + step], log_normaliser[i:i + step, None], out=buf)
+            buf.exp_().mul_(-w).scatter_add_(-1, safe_labels[i:i + step, None], w)
+            if buf is not out:
+                out.copy_(buf)
         return grad, None
 
 

@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -203,8 +204,17 @@ def prepare_run_dir(cfg, n_params=0, fresh=True):
     return run_dir
 
 
+def check_versions():
+    """Log-probs are taken only at label positions through a boolean `logits_to_keep`, new in transformers 5.24."""
+    import transformers
+    if tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2]) < (5, 24):
+        raise UserError(f"transformers {transformers.__version__} is too old: this project needs >= 5.24 "
+                        "(pip install -r requirements.txt)")
+
+
 def build_trainer(cfg):
     """Everything the run needs, checked and loaded; nothing is written yet."""
+    check_versions()
     set_seed(cfg.seed)
     device = pick_device(cfg)
     if cfg.trainer == "FSDPTrainer" and device.type == "cuda":

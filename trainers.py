@@ -184,7 +184,8 @@ class BasicTrainer:
         return forward * (4 if reference else 3)
 
     def to_batch(self, examples):
-        batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length)
+        batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
+                             pad_to_multiple_of=64 if self.device.type == "cuda" else 1)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def epoch_order(self, epoch):

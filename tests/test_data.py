@@ -462,6 +462,10 @@ def test_collate_packed(example_tok):
     for row in range(b["input_ids"].shape[0]):  # the padding at a row's end restarts at 0 as well
         n = int(real[row].sum())
         assert b["position_ids"][row, n:].tolist() == list(range(b["input_ids"].shape[1] - n))
+    rounded = data.collate(pref, pad, packing=True, max_length=capacity, pad_to_multiple_of=64)
+    assert rounded["input_ids"].shape[1] == 64 * -(-b["input_ids"].shape[1] // 64)
+    assert torch.equal(rounded["seq_ids"][:, :b["input_ids"].shape[1]], b["seq_ids"]) and rounded["seq_ids"].min() == -1
+    assert data.collate(pref, pad, pad_to_multiple_of=64)["attention_mask"].shape == (4, 64 * -(-max(lengths) // 64))
 
 
 # --------------------------------------------------------------------------------------------------------------
