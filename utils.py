@@ -1,14 +1,17 @@
-"""Config schema and loading, user-facing errors, seeding, and the metrics writers (JSONL / TensorBoard / WandB).
+"""Config schema and loading, user-facing errors, seeding, checkpoint folders, FLOP accounting, the reference log-prob
+cache, and the metrics writers (JSONL / TensorBoard / WandB).
 
 The schema below is the single source of truth for every config key: its type, its default and (in the comment
 beside it) what it means. `example/full-config.yml` repeats it as a commented YAML file; a test keeps the two equal.
 """
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import random
 import shutil
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.distributed.tensor import DTensor
 
 
 class UserError(Exception):
@@ -337,6 +341,72 @@ def prune_checkpoints(run_dir, keep):
     steps = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path).startswith("step-")]
     for path in steps[:-keep] if keep else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput accounting and the reference log-prob cache (used by trainers.py)
+# ----------------------------------------------------------------------------------------------------------------
+def model_flop_shape(model):
+    """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
+    `model_flops`. The input embedding is a lookup (no FLOPs); a tied output head still multiplies."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its full size
+    body = total - embedding.numel() - (head.numel() if head is not embedding else 0)
+    config = model.config
+    return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+               ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+
+
+def peak_flops(device, dtype):
+    """The device's peak FLOP/s for the compute dtype, or None where unknown (CPUs, float32, unlisted GPUs): then no
+    MFU is logged rather than a made-up one."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def example_key(example) -> int:
+    """A 64-bit digest of an example's token ids and labels: the per-example key of the reference log-prob cache."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+        h.update(array("q", example[k]).tobytes() + b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def weights_digest(model, extra) -> str:
+    """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
+    training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
+    h = hashlib.sha256(repr(extra).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
+            tensor = tensor.full_tensor()
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 65536)].float().cpu()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def read_logps_cache(path) -> dict:
+    """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
+    (a cache is never worth failing a run for: it is recomputed)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
+    except (OSError, RuntimeError, KeyError, EOFError):
+        return {}
+
+
+def write_logps_cache(path, cache):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
+                "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old cache or the new one, never half of one
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 
 import data
 import trainers
+import utils
 from conftest import run_cli
 from test_train import TINY, build, one_sgd_step, params_of, read_jsonl
 
@@ -133,12 +134,12 @@ def test_model_flops_hand_computed(tiny_model_dir):
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
-    assert trainers.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert utils.peak_flops(torch.device("cpu"), torch.bfloat16) is None
     for name, want in (("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                        ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert trainers.peak_flops(torch.device("cuda"), torch.bfloat16) == want
-    assert trainers.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
+        assert utils.peak_flops(torch.device("cuda"), torch.bfloat16) == want
+    assert utils.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
 
 
 def test_compile_option_compiles_policy_and_reference_in_place(tiny_model_dir):
