@@ -394,10 +394,13 @@ def weights_digest(model, extra) -> str:
 def read_logps_cache(path) -> dict:
     """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
     (a cache is never worth failing a run for: it is recomputed)."""
+    if not os.path.exists(path):
+        return {}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
-    except (OSError, RuntimeError, KeyError, EOFError):
+    except Exception as e:  # truncated, corrupt or foreign file: whatever the loader raises, recompute
+        print(f"warning: reference log-prob cache {path} is unreadable ({type(e).__name__}): recomputing it")
         return {}
 
 

@@ -102,6 +102,14 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
         assert "0 from the cache, 40 computed" in capsys.readouterr().out
     assert len(os.listdir(tmp_path)) == 3
 
+    # a corrupt cache file costs a recomputation (and a warning), never the run
+    for name in os.listdir(tmp_path):
+        (tmp_path / name).write_bytes(b"not a cache")
+    trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", cache, "n_examples=40", "n_epochs=null")
+    trainer.precompute_reference_logps()
+    out = capsys.readouterr().out
+    assert "is unreadable (UnpicklingError): recomputing it" in out and "0 from the cache, 40 computed" in out
+
 
 def test_group_by_length_is_a_deterministic_shuffle_of_similar_lengths(tiny_model_dir):
     plain = build("sft", tiny_model_dir, "total_batch_size=4")
