@@ -405,11 +405,18 @@ def read_logps_cache(path) -> dict:
 
 
 def write_logps_cache(path, cache):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Atomically (a reader sees the old cache or the new one, never half of one); a cache that cannot be written
+    costs the next run a recomputation, not this run its training: a warning, no error."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
-                "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old cache or the new one, never half of one
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
+                    "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"warning: could not write the reference log-prob cache {path}: {e.strerror or e} (training goes on)")
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -110,6 +110,15 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
     out = capsys.readouterr().out
     assert "is unreadable (UnpicklingError): recomputing it" in out and "0 from the cache, 40 computed" in out
 
+    # nor does a cache folder that cannot be written (here: a file stands where the folder should be)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", f"reference_cache_dir={blocked}",
+                    "n_examples=40", "n_epochs=null")
+    trainer.precompute_reference_logps()
+    assert "could not write the reference log-prob cache" in capsys.readouterr().out and trainer.reference is None
+    assert sum("reference_logps" in ex for ex in trainer.train_data) == 40  # the run goes on with the computed values
+
 
 def test_group_by_length_is_a_deterministic_shuffle_of_similar_lengths(tiny_model_dir):
     plain = build("sft", tiny_model_dir, "total_batch_size=4")
