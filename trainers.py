@@ -172,15 +172,17 @@ class BasicTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def model_flops(self, batch, reference):
-        """Matmul FLOPs of one micro-batch: policy forward + backward (3x forward), plus the reference forward when it
-        runs in the step. Forward: 2 x params x real tokens (the vocabulary projection only at label positions, as
-        computed) + causal attention 2 x layers x hidden x sum(len^2). Padding counts for nothing."""
+    def model_flops(self, examples, reference):
+        """(real tokens, matmul FLOPs) of a micro-batch, from the examples (no device sync): policy forward + backward
+        (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params x real tokens (the
+        vocabulary projection only at label positions, as computed) + causal attention 2 x layers x hidden x len^2
+        per sequence. Padding counts for nothing."""
         body, head, layers, hidden = self.flop_shape
-        lengths = torch.bincount(batch["seq_ids"][batch["seq_ids"] >= 0]).double()
-        n_labels = float((batch["labels"][:, 1:] != -100).sum())
-        forward = 2 * body * float(lengths.sum()) + 2 * head * n_labels + 2 * layers * hidden * float((lengths ** 2).sum())
-        return forward * (4 if reference else 3)
+        seqs = data.sequences_of(examples)
+        lengths = [len(ids) for ids, _ in seqs]
+        n_labels = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in seqs)
+        forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
+        return sum(lengths), float(forward * (4 if reference else 3))
 
     def to_batch(self, examples):
         batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
@@ -232,14 +234,16 @@ class BasicTrainer:
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens, flops = {}, 0, 0.0
         for start in range(0, len(local), micro):
-            batch = self.to_batch(local[start:start + micro])
+            examples_mb = local[start:start + micro]
+            batch = self.to_batch(examples_mb)
             with self.autocast():
                 loss, mb_sums = self.batch_loss(batch, normalizer)
             self.scaler.scale(loss).backward()
-            for k, v in mb_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            tokens += int((batch["seq_ids"] >= 0).sum())  # real tokens: padding is not throughput
-            flops += self.model_flops(batch, reference="reference_logps" not in batch and self.reference is not None)
+            for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            mb_tokens, mb_flops = self.model_flops(examples_mb, "reference_logps" not in batch and self.reference is not None)
+            tokens, flops = tokens + mb_tokens, flops + mb_flops
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one sync for all metrics
         sums = self.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
         tokens, flops = sums.pop("tokens"), sums.pop("flops")
         self.scaler.unscale_(self.optimizer)

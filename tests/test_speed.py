@@ -143,11 +143,12 @@ def test_model_flops_hand_computed(tiny_model_dir):
     # two norms of 32. Plus the final norm.
     body = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
     assert trainer.flop_shape == (body, V * 32, 2, 32)
-    batch = {"seq_ids": torch.tensor([[0, 0, 0, 1, 1, -1]]), "labels": torch.tensor([[-100, -100, 5, -100, 6, -100]])}
+    examples = [{"chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, -100, 5],
+                 "rejected_input_ids": [1, 4], "rejected_labels": [-100, 6]}]
     # 5 real tokens, 2 labels, sequence lengths 3 and 2
     forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
-    assert trainer.model_flops(batch, reference=False) == 3 * forward
-    assert trainer.model_flops(batch, reference=True) == 4 * forward
+    assert trainer.model_flops(examples, reference=False) == (5, 3 * forward)
+    assert trainer.model_flops(examples, reference=True) == (5, 4 * forward)
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
