@@ -544,7 +544,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
-      reference_logps [B, 2] (chosen, rejected): when the examples carry precomputed ones."""
+      reference_logps [2B] (in sequence order, like seq_ids): when the examples carry precomputed ones."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
@@ -581,8 +581,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
     batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
-    if all("reference_logps" in ex for ex in examples):
-        batch["reference_logps"] = torch.tensor([ex["reference_logps"] for ex in examples], dtype=torch.float32)
+    if all("reference_logps" in ex for ex in examples):  # in sequence order: the B chosen, then the B rejected
+        batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in (0, 1) for ex in examples])
     return batch
 
 

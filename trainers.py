@@ -38,29 +38,27 @@ def data_kind(loss_name: str) -> str:
     return "sft" if loss_name == "sft" else "preference"
 
 
-def batch_logps(model, batch, n_seqs):
-    """Summed log-probs of every sequence's labelled tokens, in ONE forward pass over the batch's rows (padded or
-    packed: data.collate puts chosen and rejected responses side by side, so there is one pass for both).
+def token_logps(model, batch):
+    """Log-probs of every labelled token of a batch, in ONE forward pass over its rows (padded or packed:
+    data.collate puts chosen and rejected responses side by side, so one pass scores both).
 
     Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
     float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
+    A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
+    within each sequence (see data.collate).
 
-    Returns (logps [n_seqs] float32, logit_sums [n_seqs], token_counts [n_seqs]): per sequence, the summed
-    log-probs, and for the `logits/*` metrics the sum of its label positions' logits over the vocabulary and how
-    many label positions it has.
+    Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
     """
     keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
-    inputs = {"input_ids": batch["input_ids"], "use_cache": False, "logits_to_keep": keep}
-    if "position_ids" in batch:  # packed: no mask, so attention stays within each sequence (see data.collate)
-        inputs["position_ids"] = batch["position_ids"]
-    else:
-        inputs["attention_mask"] = batch["attention_mask"]
-    logits = model(**inputs).logits  # [N, V]
-    logps = losses.sequence_logps(losses.label_logps(logits, targets), target_seqs, n_seqs)
-    with torch.no_grad():  # summed over the vocabulary in float32 without a float32 copy of the logits
-        logit_sums = logps.new_zeros(n_seqs).index_add(0, target_seqs, logits.sum(-1, dtype=torch.float32))
-        counts = torch.bincount(target_seqs, minlength=n_seqs) * logits.shape[-1]
-    return logps, logit_sums, counts
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return losses.label_logps(logits, targets), target_seqs, logits
+
+
+def batch_logps(model, batch, n_seqs):
+    """[n_seqs] float32: the summed log-probs of each sequence's labelled tokens (`token_logps`)."""
+    logps, seq_ids, _ = token_logps(model, batch)
+    return losses.sequence_logps(logps, seq_ids, n_seqs)
 
 
 def loss_normalizer(kind, examples) -> int:
@@ -105,19 +103,22 @@ class BasicTrainer:
         cfg = self.cfg
         B = batch["prompt_input_ids"].shape[0]
         if self.kind == "sft":
-            keep, targets, _ = losses.scored_positions(batch["labels"], batch["seq_ids"])
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            logits = self.policy(**inputs, use_cache=False, logits_to_keep=keep).logits  # [N, V]: label positions only
-            loss = losses.sft_loss(losses.label_logps(logits, targets), normalizer)
+            loss = losses.sft_loss(token_logps(self.policy, batch)[0], normalizer)
             return loss, {"loss": loss.detach() * normalizer}
-        policy_logps, logit_sums, counts = batch_logps(self.policy, batch, 2 * B)
+        logps, seq_ids, logits = token_logps(self.policy, batch)
+        policy_logps = losses.sequence_logps(logps, seq_ids, 2 * B)
         if "reference_logps" in batch:  # precomputed once (precompute_reference_logps)
-            reference_logps = torch.cat([batch["reference_logps"][:, 0], batch["reference_logps"][:, 1]])
+            reference_logps = batch["reference_logps"]
         elif cfg.loss.reference_free:
             reference_logps = torch.zeros_like(policy_logps)
         else:
             with torch.no_grad():
-                reference_logps = batch_logps(self.reference, batch, 2 * B)[0]
+                reference_logps = batch_logps(self.reference, batch, 2 * B)
+        with torch.no_grad():  # the mean logit over chosen / rejected label positions (TRL's logits/*), float32 sums
+            per_position = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
+            chosen = seq_ids < B
+            mean_logits = {f"logits/{name}": per_position[side].sum() / side.sum().clamp(min=1) * B
+                           for name, side in (("chosen", chosen), ("rejected", ~chosen))}
         policy_c, policy_r, ref_c, ref_r = policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:]
         pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
             policy_c, policy_r, ref_c, ref_r, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
@@ -126,9 +127,7 @@ class BasicTrainer:
         sums = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
                 "rewards/rejected": rejected_rewards.sum(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
                 "rewards/margins": (chosen_rewards - rejected_rewards).sum(), "logps/chosen": policy_c.detach().sum(),
-                "logps/rejected": policy_r.detach().sum(),
-                "logits/chosen": logit_sums[:B].sum() / counts[:B].sum().clamp(min=1) * B,
-                "logits/rejected": logit_sums[B:].sum() / counts[B:].sum().clamp(min=1) * B}
+                "logps/rejected": policy_r.detach().sum(), **mean_logits}
         return loss, sums
 
     # ---- what a multi-process trainer (FSDPTrainer) changes; one process here ----------------------------------
@@ -360,7 +359,7 @@ class BasicTrainer:
                           disable=not self.is_main, dynamic_ncols=True):
             chunk = share[start:start + self.cfg.eval_batch_size]
             with self.autocast():
-                logps = batch_logps(self.reference, self.to_batch(chunk), 2 * len(chunk))[0].float()
+                logps = batch_logps(self.reference, self.to_batch(chunk), 2 * len(chunk))
             out.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], 1))
         gathered = self.all_gather(torch.cat(out))  # [world, per_process, 2]; process r holds examples r, r + world, ...
         return gathered.transpose(0, 1).reshape(-1, 2)[:len(examples)].cpu()

@@ -430,7 +430,7 @@ def test_collate_padded(example_tok):
     assert b["input_ids"][1, :len(pref[0]["rejected_input_ids"])].tolist() == pref[0]["rejected_input_ids"]
     assert set(b) == {"input_ids", "labels", "seq_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask"}
     pref[0]["reference_logps"] = (-3.5, -7.25)
-    assert data.collate(pref, pad)["reference_logps"].tolist() == [[-3.5, -7.25]]
+    assert data.collate(pref, pad)["reference_logps"].tolist() == [-3.5, -7.25]  # chosen, then rejected
 
 
 def test_best_fit_rows():

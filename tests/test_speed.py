@@ -29,12 +29,12 @@ def test_packed_log_probs_equal_padded(kind, tiny_model_dir):
     packed = data.collate(examples, pad, packing=True, max_length=128)
     assert packed["input_ids"].shape[0] <= n_seqs // 2  # really packed: several sequences share each row
     with torch.no_grad():
-        want = trainers.batch_logps(trainer.policy, padded, n_seqs)[0]
-        got = trainers.batch_logps(trainer.policy, packed, n_seqs)[0]
+        want = trainers.batch_logps(trainer.policy, padded, n_seqs)
+        got = trainers.batch_logps(trainer.policy, packed, n_seqs)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         # the control: the same packed rows with a plain causal mask attend across sequences, and the test sees it
         leaky = {**{k: v for k, v in packed.items() if k != "position_ids"}, "attention_mask": torch.ones_like(packed["input_ids"])}
-        assert (trainers.batch_logps(trainer.policy, leaky, n_seqs)[0] - want).abs().max() > 1e-3
+        assert (trainers.batch_logps(trainer.policy, leaky, n_seqs) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -65,6 +65,21 @@ def test_logits_only_at_label_positions_and_no_float32_copy(tiny_model_dir):
     assert wide and all(dtype == torch.bfloat16 and shape[0] == n_labels for dtype, shape in wide), wide
 
 
+def test_logit_metrics_are_mean_logits_over_label_positions(tiny_model_dir):
+    """logits/chosen and logits/rejected (TRL's names): the mean logit over the label positions of each side, checked
+    against a plain full-vocabulary forward of the padded rows."""
+    trainer = build("dpo", tiny_model_dir, "total_batch_size=4", "packing=true")
+    examples = next(trainer.global_batches())
+    padded = data.collate(examples, trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = trainer.policy(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.double()
+    scored = padded["labels"][:, 1:] != -100
+    want = {side: logits[rows, :-1][scored[rows]].mean().item() for side, rows in (("chosen", slice(0, 4)), ("rejected", slice(4, 8)))}
+    metrics, *_ = trainer.train_step(examples)
+    assert metrics["logits/chosen"] == pytest.approx(want["chosen"], rel=1e-5)
+    assert metrics["logits/rejected"] == pytest.approx(want["rejected"], rel=1e-5)
+
+
 def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_path, capsys):
     cache = f"reference_cache_dir={tmp_path}"
     online, m_online = one_sgd_step("dpo", tiny_model_dir)
@@ -87,7 +102,7 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
     assert len(used) == 40
     batch = data.collate(used[:5], trainer.tokenizer.pad_token_id)
     with torch.no_grad():
-        direct = trainers.batch_logps(reference, batch, 10)[0]
+        direct = trainers.batch_logps(reference, batch, 10)
     torch.testing.assert_close(torch.tensor([ex["reference_logps"] for ex in used[:5]]).T.flatten(), direct,
                                rtol=0, atol=1e-5)
 
