@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 import data
 from trainers import DTYPES, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
-from utils import (TrainingError, UserError, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
+from utils import (TrainingError, UserError, abort_now, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
                    set_seed, write_atomic)
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
@@ -353,10 +353,8 @@ def cli(argv=None):
         if is_main_process():  # under torchrun every rank finds the same input error: say it once
             print(f"error: {message}", file=sys.stderr)
         return code
-    except KeyboardInterrupt:
-        print("aborted (no checkpoint saved for the current step)", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(130)  # at once, as asked: no waiting for logger threads to drain
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading, tokenizing)
+        abort_now()
 
 
 if __name__ == "__main__":

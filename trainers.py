@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import data
 import losses
-from utils import (MetricsWriter, TrainingError, UserError, config_yaml, example_key, model_flop_shape, peak_flops,
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, config_yaml, example_key, model_flop_shape, peak_flops,
                    plot_curves, prune_checkpoints, read_logps_cache, rng_state, set_rng_state, weights_digest,
                    write_logps_cache)
 
@@ -457,41 +457,43 @@ class BasicTrainer:
         writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, resume_step=self.step if resumed else None,
                                wandb_id=self.wandb_id)
         self.wandb_id = writer.wandb_id
-        if cfg.precompute_reference_logps:
-            self.precompute_reference_logps()
-        do_eval = len(self.eval_data) > 0
-        if do_eval and cfg.do_first_eval and not resumed:
-            self.evaluate_and_log(writer)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, unit="step", dynamic_ncols=True,
-                   disable=not self.is_main)
-        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-        with bar, self.stop_on_signals():  # the bar is closed (its line ended) even when an error stops training
-            for examples in self.global_batches():
-                metrics, tokens, flops = self.train_step(examples)
-                window_tokens, window_flops = window_tokens + tokens, window_flops + flops
-                bar.update(1)
-                if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
-                    seconds = time.perf_counter() - window_start
-                    metrics["tokens_per_second"] = window_tokens / seconds  # real (non-padding) tokens, all processes
-                    if self.peak_flops:
-                        metrics["mfu"] = window_flops / seconds / (self.peak_flops * self.world_size)
-                    writer.log(metrics, self.step)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                                    **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
-                if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
-                    paused = time.perf_counter()
-                    self.evaluate_and_log(writer)
-                    window_start += time.perf_counter() - paused  # evaluation time is not training throughput
-                periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
-                stop = self.any_process(self.stop_signal is not None)
-                if not cfg.debug and self.step < self.total_steps and (periodic or stop):
-                    paused = time.perf_counter()
-                    self.save(f"step-{self.step:06d}")
-                    window_start += time.perf_counter() - paused  # nor is saving
-                if stop:
-                    self.stop_signal = self.stop_signal or signal.SIGTERM
-                    break
+        # from here on SIGTERM / a first Ctrl-C ends training gracefully, also during precompute and first eval
+        with self.stop_on_signals():
+            if cfg.precompute_reference_logps:
+                self.precompute_reference_logps()
+            do_eval = len(self.eval_data) > 0
+            if do_eval and cfg.do_first_eval and not resumed:
+                self.evaluate_and_log(writer)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=cfg.exp_name, unit="step", dynamic_ncols=True,
+                       disable=not self.is_main)
+            window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+            with bar:  # the bar is closed (its line ended) even when an error stops training
+                for examples in self.global_batches():
+                    metrics, tokens, flops = self.train_step(examples)
+                    window_tokens, window_flops = window_tokens + tokens, window_flops + flops
+                    bar.update(1)
+                    if self.step % cfg.print_log_step == 0 or self.step == self.total_steps:
+                        seconds = time.perf_counter() - window_start
+                        metrics["tokens_per_second"] = window_tokens / seconds  # real (non-padding) tokens, all processes
+                        if self.peak_flops:
+                            metrics["mfu"] = window_flops / seconds / (self.peak_flops * self.world_size)
+                        writer.log(metrics, self.step)
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                                        **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
+                        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                    if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
+                        paused = time.perf_counter()
+                        self.evaluate_and_log(writer)
+                        window_start += time.perf_counter() - paused  # evaluation time is not training throughput
+                    periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
+                    stop = self.any_process(self.stop_signal is not None)
+                    if not cfg.debug and self.step < self.total_steps and (periodic or stop):
+                        paused = time.perf_counter()
+                        self.save(f"step-{self.step:06d}")
+                        window_start += time.perf_counter() - paused  # nor is saving
+                    if stop:
+                        self.stop_signal = self.stop_signal or signal.SIGTERM
+                        break
         writer.close()
         if self.is_main:
             plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
@@ -507,8 +509,8 @@ class BasicTrainer:
     def stop_on_signals(self):
         """SIGTERM (preemption) / first Ctrl-C: finish the step, save, stop. A second Ctrl-C aborts at once."""
         def request_stop(signum, frame):
-            if self.stop_signal is not None or signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self.stop_signal is not None:  # exits right here: an exception raised at an arbitrary point of the
+                abort_now(say=self.is_main)   # program (say, inside tqdm's lock setup) could end in a traceback
             self.stop_signal = signum
             if self.is_main:
                 tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
