@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from datetime import timedelta
 
 import torch
@@ -262,7 +263,11 @@ class BasicTrainer:
                 raise TrainingError(f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient: training "
                                     "diverged (lower lr, check the data, or use bfloat16 instead of float16); the last "
                                     "good checkpoint is kept")
-        self.scheduler.step()
+        # The schedule follows the step count, skipped steps included, on purpose: torch's warning that the scheduler
+        # stepped before the optimizer (after a skipped first step) is about a mistake that this is not.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.examples_seen += len(examples)
