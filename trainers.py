@@ -46,12 +46,16 @@ def token_logps(model, batch):
     Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
     float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
     A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
-    within each sequence (see data.collate).
+    within each sequence (see data.collate); with `attn_implementation: varlen_attn` both bring their segments.
 
     Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
     """
     keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if model.config._attn_implementation == "varlen_attn":  # segments instead of a mask (train.varlen_attention)
+        inputs.pop("attention_mask", None)
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                      max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     return losses.label_logps(logits, targets), target_seqs, logits
 
@@ -185,9 +189,12 @@ class BasicTrainer:
         return sum(lengths), float(forward * (4 if reference else 3))
 
     def to_batch(self, examples):
+        # GPUs: lengths rounded to 64 so that cuDNN attention, planned per shape, is not re-planned at every step;
+        # varlen_attn plans nothing, so its batches keep their length (no extra padding tokens to compute)
+        planned = self.device.type == "cuda" and self.policy.config._attn_implementation != "varlen_attn"
         batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
-                             pad_to_multiple_of=64 if self.device.type == "cuda" else 1)
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                             pad_to_multiple_of=64 if planned else 1)
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def epoch_order(self, epoch):
         """The order of the training examples in one epoch: a permutation seeded by (seed, epoch). With

@@ -60,7 +60,7 @@ class ModelConfig:
     reference_dtype: Optional[str] = None   # dtype the frozen reference is stored and run in; null = policy's compute dtype
     fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
     trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
-    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2; null = transformers' default
+    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """compile=true against eager: one packed SGD step (lr 1, 8 examples) of the tiny SFT and DPO examples.
 
-    OMP_NUM_THREADS=1 python bench/compile_check.py
+    OMP_NUM_THREADS=1 python bench/compile_check.py [OVERRIDE ...]    # e.g. model.attn_implementation=varlen_attn
 
 Prints each task's loss both ways, the largest difference in the parameter update relative to the largest update,
 and how long the first (compiling) step took. Not in the test suite: compiling takes about a minute on a CPU.
@@ -19,7 +19,7 @@ import utils  # noqa: E402
 def one_step(kind, compile_):
     cfg = utils.load_config(os.path.join(ROOT, "example", f"tiny-{kind}.yml"), [
         "n_eval_examples=0", "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0", "total_batch_size=8",
-        "packing=true", f"compile={str(compile_).lower()}"])
+        "packing=true", f"compile={str(compile_).lower()}", *sys.argv[1:]])
     trainer = train.build_trainer(cfg)
     before = {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
     start = time.perf_counter()

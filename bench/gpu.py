@@ -4,8 +4,9 @@
 
 One prepared script for a lent GPU (see bench/README.md). It first checks, on the GPU, that packed and padded batches
 give the same per-sequence log-probs (float32 and bfloat16 autocast), then runs train.py as child processes on the
-synthetic long-tailed workload of bench/workload.py: SFT and DPO, packing on and off, DPO also with precomputed
-reference log-probs, and (time permitting) SFT with compile=true. Throughput is read from each run's metrics.jsonl
+synthetic long-tailed workload of bench/workload.py: SFT and DPO packed, with SDPA (transformers' block-diagonal
+mask) and with attn_implementation=varlen_attn (PyTorch's FlashAttention varlen kernel), DPO also with precomputed
+reference log-probs, then, time permitting, SFT with compile=true and both without packing. Throughput is read from each run's metrics.jsonl
 (non-padding tokens/s and MFU per logging window; the first window, with CUDA warm-up, is dropped; medians of the
 rest). Model: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocabulary 32000).
 """
@@ -27,29 +28,38 @@ MODEL = ("{model_type: llama, hidden_size: 2048, intermediate_size: 5632, num_hi
 COMMON = ["device=cuda", f"model.from_config={MODEL}", "model.policy_dtype=bfloat16", "model.reference_dtype=bfloat16",
           "max_length=1024", "max_prompt_length=512", "total_batch_size=64", "print_log_step=5", "debug=true",
           "report_to_tensorboard=false", "lr=1e-5", "warmup_steps=2", "optimizer_kwargs={fused: true}", "overwrite=true"]
-# (name, task, overrides): micro-batches sized to what fits: packed rows hold many examples, padded rows one each
+VARLEN = "model.attn_implementation=varlen_attn"
+# (name, task, overrides, optional): micro-batches sized to what fits: packed rows hold many examples, padded rows one
+# each. Optional runs are skipped once the --budget is spent, so the ones that matter most come first.
 RUNS = [
-    ("sft packed", "sft", ["packing=true", "gradient_accumulation_steps=1"]),
-    ("sft padded", "sft", ["packing=false", "gradient_accumulation_steps=4"]),
-    ("dpo packed", "dpo", ["packing=true", "gradient_accumulation_steps=2"]),
-    ("dpo padded", "dpo", ["packing=false", "gradient_accumulation_steps=8"]),
-    ("dpo packed + precomputed reference", "dpo", ["packing=true", "gradient_accumulation_steps=2",
-                                                   "precompute_reference_logps=true"]),
-    ("sft packed + compile", "sft", ["packing=true", "gradient_accumulation_steps=1", "compile=true"]),
+    ("sft packed", "sft", ["packing=true", "gradient_accumulation_steps=1"], False),
+    ("sft packed varlen", "sft", ["packing=true", "gradient_accumulation_steps=1", VARLEN], False),
+    ("dpo packed", "dpo", ["packing=true", "gradient_accumulation_steps=2"], False),
+    ("dpo packed varlen", "dpo", ["packing=true", "gradient_accumulation_steps=2", VARLEN], False),
+    ("dpo packed varlen + precomputed reference", "dpo", ["packing=true", "gradient_accumulation_steps=2", VARLEN,
+                                                          "precompute_reference_logps=true"], False),
+    ("sft packed varlen + compile", "sft", ["packing=true", "gradient_accumulation_steps=1", VARLEN, "compile=true"], True),
+    ("sft padded", "sft", ["packing=false", "gradient_accumulation_steps=4"], True),
+    ("dpo padded", "dpo", ["packing=false", "gradient_accumulation_steps=8"], True),
 ]
 
 
 def check_packing_on_gpu(device="cuda"):
-    """Packed == padded per-sequence log-probs on the GPU's attention kernels; returns the max differences."""
+    """Per-sequence log-probs on the GPU's attention kernels: packed (SDPA with transformers' block mask, and
+    varlen_attn) against padded SDPA; returns the max differences."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import data
+    import train
     import trainers
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=32000)
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=32000)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()
+    train.register_varlen_attention(torch.device(device))
+    varlen = AutoModelForCausalLM.from_config(config, attn_implementation="varlen_attn").to(device).eval()
+    varlen.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in torch.randint(20, 300, (16,), generator=g).tolist():
@@ -60,11 +70,13 @@ def check_packing_on_gpu(device="cuda"):
     for dtype in (torch.float32, torch.bfloat16):
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             got = {}
-            for packing in (False, True):
-                batch = {k: v.to(device) for k, v in data.collate(examples, 0, packing=packing, max_length=1024).items()}
-                got[packing] = trainers.batch_logps(model, batch, len(examples))
-            out[str(dtype)] = (got[True] - got[False]).abs().max().item()
-            out[str(dtype) + " scale"] = got[False].abs().max().item()
+            for name, m, packing in (("padded", model, False), ("packed", model, True), ("varlen", varlen, True)):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v
+                         for k, v in data.collate(examples, 0, packing=packing, max_length=1024).items()}
+                got[name] = trainers.batch_logps(m, batch, len(examples))
+            out[f"{dtype} packed"] = (got["packed"] - got["padded"]).abs().max().item()
+            out[f"{dtype} varlen"] = (got["varlen"] - got["padded"]).abs().max().item()
+            out[f"{dtype} scale"] = got["padded"].abs().max().item()
     return out
 
 
@@ -109,8 +121,8 @@ def main():
     print("packed vs padded log-probs on GPU, max |diff|:", results["packing_check"], flush=True)
     configs = workload.write(os.path.join(args.out, "workload"), n_sft=args.steps * 64, n_dpo=args.steps * 64)
     results["runs"] = []
-    for name, task, overrides in RUNS:
-        if name.endswith("compile") and time.perf_counter() - began > args.budget:
+    for name, task, overrides, optional in RUNS:
+        if optional and time.perf_counter() - began > args.budget:
             print(f"skipped {name}: over the {args.budget:.0f} s budget", flush=True)
             continue
         result = run(name, task, overrides, configs, args.out, args.steps)

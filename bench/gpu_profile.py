@@ -1,7 +1,7 @@
 """Where a packed bf16 SFT step of the 1.1B benchmark model spends its time on the GPU (torch.profiler), and the
 step time with compile=true. Run after bench/gpu.py has written its workload:
 
-    python bench/gpu_profile.py --workload DIR/workload [--steps 4]
+    python bench/gpu_profile.py --workload DIR/workload [--steps 4] [--overrides model.attn_implementation=varlen_attn]
 """
 import argparse
 import os
@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--workload", required=True)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    ap.add_argument("--overrides", nargs="*", default=[], help="extra config overrides, e.g. model.attn_implementation=varlen_attn")
     args = ap.parse_args()
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -49,7 +50,7 @@ def main():
     import utils
     for compile_ in (False, True):
         overrides = [*gpu.COMMON, "packing=true", "gradient_accumulation_steps=1", f"compile={str(compile_).lower()}",
-                     "n_examples=640", "n_epochs=null"]
+                     "n_examples=640", "n_epochs=null", *args.overrides]
         cfg = utils.load_config(os.path.join(args.workload, "sft.yml"), overrides)
         trainer = train.build_trainer(cfg)
         start = time.perf_counter()

@@ -417,6 +417,9 @@ def test_collate_padded(example_tok):
     assert b["input_ids"][1, n:].eq(pad).all() and b["labels"][1, n:].eq(-100).all()
     assert b["seq_ids"].tolist() == [[0] * T, [1] * n + [-1] * (T - n)]
     assert b["attention_mask"].sum(1).tolist() == [T, n] and b["attention_mask"].dtype == torch.long
+    # segments of the flattened rows: sequence 0, sequence 1, then row 1's padding
+    assert b["cu_seq_lens"].tolist() == [0, T, T + n, 2 * T] and b["cu_seq_lens"].dtype == torch.int32
+    assert b["max_seq_len"] == T
     assert b["labels"][0, 1:].tolist() == sft[0]["labels"][1:] and "position_ids" not in b
     p1 = sft[1]["prompt_input_ids"]
     assert b["prompt_input_ids"].shape == (2, P) and b["prompt_input_ids"][1, P - len(p1):].tolist() == p1
@@ -428,7 +431,8 @@ def test_collate_padded(example_tok):
     # chosen then rejected, one row each, one common length: ONE forward pass scores both
     assert b["input_ids"].shape == (2, T) and b["input_ids"][0].tolist() == pref[0]["chosen_input_ids"]
     assert b["input_ids"][1, :len(pref[0]["rejected_input_ids"])].tolist() == pref[0]["rejected_input_ids"]
-    assert set(b) == {"input_ids", "labels", "seq_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask"}
+    assert set(b) == {"input_ids", "labels", "seq_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask",
+                      "cu_seq_lens", "max_seq_len"}
     pref[0]["reference_logps"] = (-3.5, -7.25)
     assert data.collate(pref, pad)["reference_logps"].tolist() == [-3.5, -7.25]  # chosen, then rejected
 
@@ -462,6 +466,12 @@ def test_collate_packed(example_tok):
     for row in range(b["input_ids"].shape[0]):  # the padding at a row's end restarts at 0 as well
         n = int(real[row].sum())
         assert b["position_ids"][row, n:].tolist() == list(range(b["input_ids"].shape[1] - n))
+    segments = []  # each row's sequences in packing order, then its padding, if any
+    for row in data.best_fit_rows(lengths, capacity):
+        segments += [lengths[i] for i in row] + [b["input_ids"].shape[1] - sum(lengths[i] for i in row)]
+    segments = [n for n in segments if n]
+    assert b["cu_seq_lens"].tolist() == [sum(segments[:i]) for i in range(len(segments) + 1)]
+    assert b["max_seq_len"] == max(segments)
     rounded = data.collate(pref, pad, packing=True, max_length=capacity, pad_to_multiple_of=64)
     assert rounded["input_ids"].shape[1] == 64 * -(-b["input_ids"].shape[1] // 64)
     assert torch.equal(rounded["seq_ids"][:, :b["input_ids"].shape[1]], b["seq_ids"]) and rounded["seq_ids"].min() == -1
