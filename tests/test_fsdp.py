@@ -54,10 +54,12 @@ def fsdp_run(launcher, kind, model_dir, out, *extra):
     ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
     ("python", "sft", []),
     ("torchrun", "dpo", ["fsdp.shard_reference=false"]),      # a replicated reference
-    ("python", "dpo", ["packing=true", "precompute_reference_logps=true"]),  # a sharded one (the default), used once
-], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref-packed"])
+    ("python", "dpo", ["packing=true", "precompute_reference_logps=true",  # a sharded one (the default), used once
+                       "model.attn_implementation=varlen_attn"]),
+], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref-packed-varlen"])
 def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_model_dir, tmp_path):
-    """BasicTrainer (padded, reference in every step) vs FSDPTrainer, also packed with precomputed reference logps."""
+    """BasicTrainer (padded, reference in every step) vs FSDPTrainer, also packed with precomputed reference logps
+    and varlen_attn."""
     proc = fsdp_run(launcher, kind, tiny_model_dir, tmp_path / "run", *extra, f"reference_cache_dir={tmp_path / 'cache'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     initial, basic, basic_metrics = basic_runs[kind]
