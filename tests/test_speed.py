@@ -272,3 +272,13 @@ def test_varlen_attention_on_a_gpu_needs_half_precision():
     import train
     with pytest.raises(utils.UserError, match="model.policy_dtype=bfloat16, or use sdpa"):
         train.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
+
+
+def test_flash_varlen_traces_without_graph_breaks():
+    """compile=true on a GPU keeps whole layers in one graph: dynamo traces the kernel call (shapes on the meta
+    device stand in for CUDA tensors; the kernel's fake implementation gives the output shape)."""
+    import train
+    q, kv = (torch.empty(16, h, 8, device="meta", dtype=torch.bfloat16) for h in (4, 2))
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    whole = torch.compile(train.flash_varlen, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    assert whole(q, kv, kv, cu, 11, 0.3).shape == (16, 4, 8)
