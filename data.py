@@ -531,6 +531,19 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def segments(seq_ids):
+    """The flattened [R, T] tokens as segments, for attention kernels over variable-length segments (varlen_attn):
+    a segment starts at every row start and wherever the sequence id changes, so each sequence is one, and so is
+    each row's trailing padding. Returns (cu_seq_lens [S + 1] int32: where each starts, then R*T; the longest)."""
+    import torch
+    flat = seq_ids.flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq_ids.shape[1]] = True
+    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])])
+    return bounds.to(torch.int32), int(bounds.diff().max())
+
+
 def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None,
             pad_to_multiple_of: int = 1) -> dict:
     """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
@@ -541,8 +554,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
                   position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
                   there is no attention_mask: the model then attends only within each sequence. The first token
                   of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).
-      cu_seq_lens [S + 1] int32, max_seq_len (an int): the flattened R*T tokens as S segments (every sequence, and
-                  the padding at a row's end), for attention kernels that take variable-length segments.
+      cu_seq_lens [S + 1] int32, max_seq_len (an int): the rows as segments (`segments`).
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
@@ -579,13 +591,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
             batch["position_ids"][r, at:] = torch.arange(T - at)
     if not packing:
         batch["attention_mask"] = (batch["seq_ids"] >= 0).long()
-    # the R*T tokens as segments (attn_implementation varlen_attn): each sequence, and each row's trailing padding
-    flat = batch["seq_ids"].flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::T] = True
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])])
-    batch["cu_seq_lens"], batch["max_seq_len"] = bounds.to(torch.int32), int(bounds.diff().max())
+    batch["cu_seq_lens"], batch["max_seq_len"] = segments(batch["seq_ids"])
     prompts = [ex["prompt_input_ids"] for ex in examples]
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)

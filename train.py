@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 
 import data
-from trainers import DTYPES, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
+from trainers import DTYPES, VARLEN_ATTN, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
 from utils import (TrainingError, UserError, abort_now, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
                    set_seed, write_atomic)
 
@@ -105,7 +105,6 @@ def load_archive(model, path):
         raise UserError(f"{path}: does not match the model architecture: {detail}") from e
 
 
-VARLEN_ATTN = "varlen_attn"  # model.attn_implementation value: packed sequences without a mask (varlen_attention)
 try:  # PyTorch's own FlashAttention varlen kernel (torch >= 2.10, CUDA), and the arguments this version takes
     from torch.nn.attention.varlen import varlen_attn
     VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
@@ -129,10 +128,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if dropout or getattr(module, "sliding_window", None) or kwargs.get("softcap") is not None:
-        raise UserError("config: model.attn_implementation=varlen_attn supports plain causal attention only (no "
-                        "attention dropout, sliding window or softcapping): use sdpa")
-    B, H, T, D = query.shape
+    B, H, T, D = query.shape  # plain causal attention: build_policy refused sliding windows and softcapping
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
     if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
@@ -209,6 +205,10 @@ def build_policy(cfg, tokenizer, device):
         model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
     if m.archive and not archive_is_folder:
         load_archive(model, m.archive)
+    if m.attn_implementation == VARLEN_ATTN and (any(getattr(mod, "sliding_window", None) for mod in model.modules())
+                                                 or getattr(model.config, "attn_logit_softcapping", None)):
+        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} supports plain causal attention only; this "
+                        "model has sliding-window attention or softcapping: use sdpa")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                         f"{model.get_input_embeddings().weight.shape[0]}: they do not belong together")

@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 import data
 import losses
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, config_yaml, example_key, model_flop_shape, peak_flops,
-                   plot_curves, prune_checkpoints, read_logps_cache, rng_state, set_rng_state, weights_digest,
-                   write_logps_cache)
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, config_yaml, example_key, logps_cache_path,
+                   model_flop_shape, model_flops, peak_flops, plot_curves, prune_checkpoints, read_logps_cache, rng_state,
+                   set_rng_state, write_logps_cache)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VARLEN_ATTN = "varlen_attn"  # model.attn_implementation: batches as segments, no mask (train.varlen_attention)
 
 
 def data_kind(loss_name: str) -> str:
@@ -52,12 +53,19 @@ def token_logps(model, batch):
     """
     keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if model.config._attn_implementation == "varlen_attn":  # segments instead of a mask (train.varlen_attention)
+    if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
         inputs.pop("attention_mask", None)
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                       max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
     return losses.label_logps(logits, targets), target_seqs, logits
+
+
+def length_multiple(device, model) -> int:
+    """What batch lengths are rounded up to. GPUs: 64, so that cuDNN attention, planned per shape, is planned for a
+    few shapes instead of at almost every step; varlen_attn plans nothing, so its batches keep their length (no
+    extra padding tokens to compute)."""
+    return 64 if device.type == "cuda" and model.config._attn_implementation != VARLEN_ATTN else 1
 
 
 def batch_logps(model, batch, n_seqs):
@@ -176,24 +184,9 @@ class BasicTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def model_flops(self, examples, reference):
-        """(real tokens, matmul FLOPs) of a micro-batch, from the examples (no device sync): policy forward + backward
-        (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params x real tokens (the
-        vocabulary projection only at label positions, as computed) + causal attention 2 x layers x hidden x len^2
-        per sequence. Padding counts for nothing."""
-        body, head, layers, hidden = self.flop_shape
-        seqs = data.sequences_of(examples)
-        lengths = [len(ids) for ids, _ in seqs]
-        n_labels = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in seqs)
-        forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
-        return sum(lengths), float(forward * (4 if reference else 3))
-
     def to_batch(self, examples):
-        # GPUs: lengths rounded to 64 so that cuDNN attention, planned per shape, is not re-planned at every step;
-        # varlen_attn plans nothing, so its batches keep their length (no extra padding tokens to compute)
-        planned = self.device.type == "cuda" and self.policy.config._attn_implementation != "varlen_attn"
         batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
-                             pad_to_multiple_of=64 if planned else 1)
+                             pad_to_multiple_of=length_multiple(self.device, self.policy))
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def epoch_order(self, epoch):
@@ -248,7 +241,8 @@ class BasicTrainer:
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
-            mb_tokens, mb_flops = self.model_flops(examples_mb, "reference_logps" not in batch and self.reference is not None)
+            mb_tokens, mb_flops = model_flops(self.flop_shape, data.sequences_of(examples_mb),
+                                              with_reference="reference_logps" not in batch and self.reference is not None)
             tokens, flops = tokens + mb_tokens, flops + mb_flops
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one sync for all metrics
         sums = self.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
@@ -339,9 +333,7 @@ class BasicTrainer:
             return
         settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
                     len(self.tokenizer), cfg.max_length, cfg.max_prompt_length)
-        folder = cfg.reference_cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
-                                                         "minimal-llm-alignment", "reference_logps")
-        path = os.path.join(os.path.expanduser(folder), weights_digest(self.reference, settings) + ".pt")
+        path = logps_cache_path(cfg.reference_cache_dir, self.reference, settings)
         cache = read_logps_cache(path)
         keys = [example_key(ex) for ex in examples]
         cached = torch.tensor([k in cache for k in keys], dtype=torch.long, device=self.device)

@@ -365,6 +365,18 @@ def model_flop_shape(model):
     return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
 
 
+def model_flops(flop_shape, seqs, with_reference) -> tuple[int, float]:
+    """(real tokens, matmul FLOPs) of the sequences of a micro-batch ([(input_ids, labels)], data.sequences_of):
+    policy forward + backward (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params
+    x real tokens (the vocabulary projection only at label positions, as computed) + causal attention 2 x layers x
+    hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples)."""
+    body, head, layers, hidden = flop_shape
+    lengths = [len(ids) for ids, _ in seqs]
+    n_labels = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in seqs)
+    forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
+    return sum(lengths), float(forward * (4 if with_reference else 3))
+
+
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
                ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
@@ -398,6 +410,14 @@ def weights_digest(model, extra) -> str:
         sample = flat[::max(1, flat.numel() // 65536)].float().cpu()
         h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def logps_cache_path(cache_dir, model, settings) -> str:
+    """The reference log-prob cache file of `model` with these settings: in `cache_dir` (null: $XDG_CACHE_HOME, or
+    ~/.cache, /minimal-llm-alignment/reference_logps), named by `weights_digest`."""
+    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "minimal-llm-alignment",
+                                       "reference_logps")
+    return os.path.join(os.path.expanduser(folder), weights_digest(model, settings) + ".pt")
 
 
 def read_logps_cache(path) -> dict:

@@ -162,8 +162,9 @@ def test_model_flops_hand_computed(tiny_model_dir):
                  "rejected_input_ids": [1, 4], "rejected_labels": [-100, 6]}]
     # 5 real tokens, 2 labels, sequence lengths 3 and 2
     forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
-    assert trainer.model_flops(examples, reference=False) == (5, 3 * forward)
-    assert trainer.model_flops(examples, reference=True) == (5, 4 * forward)
+    seqs = data.sequences_of(examples)
+    assert utils.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
+    assert utils.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
@@ -211,6 +212,14 @@ def test_varlen_attention_is_the_same_maths(kind, tiny_model_dir):
     outputs = [t.policy.generate(batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"], do_sample=False,
                                  max_new_tokens=8, pad_token_id=t.tokenizer.pad_token_id) for t in trainers_]
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_batch_lengths_rounded_where_kernels_plan_per_shape(tiny_model_dir):
+    """GPUs with SDPA: lengths rounded to 64 (cuDNN plans per shape); with varlen_attn, or on a CPU, not rounded."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: no GPU is touched
+    sdpa = build("sft", tiny_model_dir).policy
+    varlen = build("sft", tiny_model_dir, "model.attn_implementation=varlen_attn").policy
+    assert [trainers.length_multiple(d, m) for d, m in ((gpu, sdpa), (gpu, varlen), (cpu, sdpa))] == [64, 1, 1]
 
 
 def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
@@ -268,10 +277,17 @@ def test_flash_varlen_passes_what_each_torch_version_needs(new_signature, monkey
     torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_attention_on_a_gpu_needs_half_precision():
+def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
     import train
     with pytest.raises(utils.UserError, match="model.policy_dtype=bfloat16, or use sdpa"):
         train.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
+    sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
+               "max_window_layers: 0}")
+    cfg = utils.load_config(TINY["sft"], [sliding, "model.attn_implementation=varlen_attn", f"output_dirs={tmp_path}/run"])
+    with pytest.raises(utils.UserError, match="sliding-window attention or softcapping: use sdpa"):
+        train.build_trainer(cfg)
+    assert not os.path.exists(tmp_path / "run")  # refused before the run folder is written
 
 
 def test_flash_varlen_traces_without_graph_breaks():
