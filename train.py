@@ -22,13 +22,49 @@ import sys
 import tempfile
 import warnings
 
-import torch
-import torch.multiprocessing as mp
+from utils import (TrainingError, UserError, abort_now, check_hub_reachable, choices, config_yaml, list_checkpoints,
+                   load_config, remove_partial_checkpoints, set_seed, write_atomic)
 
-import data
-from trainers import DTYPES, VARLEN_ATTN, BasicTrainer, FSDPTrainer, check_batch_split, data_kind
-from utils import (TrainingError, UserError, abort_now, config_yaml, list_checkpoints, load_config, remove_partial_checkpoints,
-                   set_seed, write_atomic)
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line. `--overrides` may come before or after the config file, and more than once."""
+    parser = argparse.ArgumentParser(description="SFT / DPO training from one YAML config.")
+    parser.add_argument("config", nargs="?", help="YAML config file, e.g. example/tiny-dpo.yml")
+    parser.add_argument("--overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides, dotted keys and YAML values: lr=2e-5 model.policy_dtype=bfloat16")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of input errors")
+    args = parser.parse_args(argv)
+    if args.config is None:  # `--overrides lr=1 my.yml`: the file went to --overrides (the one item without '=')
+        files = [item for item in args.overrides if "=" not in item]
+        if len(files) != 1:
+            parser.error("give one config file, e.g. python train.py example/tiny-dpo.yml --overrides lr=2e-5")
+        args.config = files[0]
+        args.overrides.remove(files[0])
+    return args
+
+
+def check_config_first(argv=None):
+    """`python train.py`: the config is loaded and checked before torch and transformers are imported (seconds), so
+    that a mistake in it is reported in about a second. cli loads it again."""
+    args = parse_args(argv)
+    try:
+        load_config(args.config, args.overrides)
+    except UserError as e:
+        if args.traceback:
+            raise
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    check_config_first()
+
+import torch  # noqa: E402 (after the config check above)
+import torch.multiprocessing as mp  # noqa: E402
+
+import data  # noqa: E402
+from trainers import DTYPES, VARLEN_ATTN, BasicTrainer, FSDPTrainer, check_batch_split, data_kind  # noqa: E402
 
 TRAINER_CLASSES = {"BasicTrainer": BasicTrainer, "FSDPTrainer": FSDPTrainer}
 
@@ -44,20 +80,44 @@ def pick_device(cfg) -> torch.device:
         raise UserError(f"config: device={cfg.device} but CUDA is not available on this machine (use device=cpu)")
     if device.type == "cuda" and cfg.model.policy_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise UserError("config: model.policy_dtype=bfloat16 is not supported by this GPU; use float16 or float32")
+    flags = cpu_flags() if device.type == "cpu" and cfg.model.policy_dtype == "bfloat16" else {"bf16"}
+    if flags and not flags & {"avx512_bf16", "amx_bf16", "bf16"} and is_main_process():  # bf16: ARM's flag
+        print("warning: model.policy_dtype=bfloat16 on a CPU without native bfloat16 instructions (no avx512_bf16 / "
+              "amx_bf16 in /proc/cpuinfo) runs about 10x slower than float32: consider model.policy_dtype=float32",
+              file=sys.stderr)
     return device
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo: 'flags' on x86, 'Features' on ARM); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))),
+                        set())
+    except OSError:
+        return set()
 
 
 def from_pretrained(loader, path, key, **kwargs):
     """transformers' from_pretrained with a one-line error naming the config key when the path cannot be loaded."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
+    local = os.path.expanduser(path)
+    if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.exists(local):
         raise UserError(f"config: {key}: '{path}' does not exist")
+    gguf = sorted(f for f in os.listdir(local) if f.endswith(".gguf")) if os.path.isdir(local) else []
+    if gguf and not os.path.exists(os.path.join(local, "config.json")):
+        raise UserError(f"config: {key}: '{path}' holds only GGUF files ({', '.join(gguf[:3])}"
+                        f"{', ...' if len(gguf) > 3 else ''}): convert to a Hugging Face folder (save_pretrained) first")
+    check_hub_reachable(path, key)  # a hub id without network: fail in seconds, not after a minute of retries
     try:
-        return loader.from_pretrained(os.path.expanduser(path), **kwargs)
+        return loader.from_pretrained(local, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "the local folder" if os.path.exists(path) else "the hub (no network, or no such model?)"
-        raise UserError(f"config: {key}: could not load '{path}' from {where}: {first}") from e
+        detail = " ".join(str(e).split()) or type(e).__name__  # all of it on one line, within reason
+        if "trust_remote_code=True" in detail:
+            raise UserError(f"config: {key}: '{path}' needs its own model code (auto_map in its config), which runs "
+                            "only with model.trust_remote_code=true: set it if you trust that code") from e
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        where = "the local folder" if os.path.exists(local) else "the hub (no such model, or no access?)"
+        raise UserError(f"config: {key}: could not load '{path}' from {where}: {detail}") from e
 
 
 def build_tokenizer(cfg):
@@ -85,24 +145,33 @@ def load_archive(model, path):
     """Weights from a `.pt` state dict (or {'state': state_dict}, as the original project saved), tensors only."""
     if not os.path.isfile(path):
         raise UserError(f"config: model.archive: '{path}' does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format / a pickle (torch's legacy format)
+        hint = ": give the model's folder instead" if path.endswith(".safetensors") else ""
+        raise UserError(f"config: model.archive: {path}: not a torch state dict file (neither torch's zip format "
+                        f"nor a pickle){hint}")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused: the file holds Python objects other than tensors (possibly code); only "
-                        "plain state dicts load (torch.load weights_only=True)") from e
+        if "GLOBAL" not in str(e):  # a damaged file, not a refused object
+            raise UserError(f"config: model.archive: {path}: not a loadable torch state dict (damaged?)") from e
+        raise UserError(f"config: model.archive: {path}: refused: the file holds Python objects other than tensors "
+                        "(possibly code); only plain state dicts load (torch.load weights_only=True)") from e
     except Exception as e:
-        raise UserError(f"{path}: not a loadable torch state dict: {str(e).splitlines()[0]}") from e
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"config: model.archive: {path}: not a loadable torch state dict: {detail}") from e
     if isinstance(state, dict) and isinstance(state.get("state"), dict):
         state = state["state"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a dict of tensors (a state dict)")
+        raise UserError(f"config: model.archive: {path}: expected a dict of tensors (a state dict)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise UserError(f"{path}: does not match the model architecture: {detail}") from e
+        raise UserError(f"config: model.archive: {path}: does not match the model architecture: {detail}") from e
 
 
 try:  # PyTorch's own FlashAttention varlen kernel (torch >= 2.10, CUDA), and the arguments this version takes
@@ -178,6 +247,27 @@ def register_varlen_attention(device, policy_dtype="bfloat16"):
     AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)
 
 
+def model_from_config(arch, tokenizer, kwargs):
+    """A randomly initialised model from `model.from_config`; any mistake in it is one line naming that key."""
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    arch = dict(arch)
+    model_type = arch.pop("model_type", None)
+    if model_type is None:
+        raise UserError("config: model.from_config needs a model_type, e.g. llama, qwen2, gpt_neox")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"config: model.from_config.model_type={model_type!r} is not one of "
+                        f"{choices(model_type, sorted(CONFIG_MAPPING.keys()), limit=8)}")
+    arch.setdefault("vocab_size", len(tokenizer))
+    try:  # the config checks its own fields (heads that do not divide hidden_size, ...), the model class the rest
+        config = disable_dropout(AutoConfig.for_model(model_type, **arch))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"config: model.from_config: {detail if len(detail) <= 400 else detail[:400] + ' ...'}") from e
+
+
 def build_policy(cfg, tokenizer, device):
     """The trainable model, float32 master weights (autocast supplies the compute dtype)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -188,21 +278,18 @@ def build_policy(cfg, tokenizer, device):
     if m.attn_implementation == VARLEN_ATTN:
         register_varlen_attention(device, m.policy_dtype)
     archive_is_folder = bool(m.archive) and os.path.isdir(m.archive)
-    if m.name_or_path is None and not archive_is_folder:
-        arch = dict(m.from_config)
-        model_type = arch.pop("model_type", None)
-        if model_type is None:
-            raise UserError("config: model.from_config needs a model_type, e.g. llama, qwen2, gpt_neox")
-        arch.setdefault("vocab_size", len(tokenizer))
-        try:
-            config = disable_dropout(AutoConfig.for_model(model_type, **arch))
-        except (ValueError, TypeError) as e:
-            raise UserError(f"config: model.from_config: {str(e).splitlines()[0]}") from e
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
-    else:
-        source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
-        config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
-        model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+    try:
+        if m.name_or_path is None and not archive_is_folder:
+            model = model_from_config(m.from_config, tokenizer, kwargs)
+        else:
+            source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
+            config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
+            model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+    except ImportError as e:  # flash_attention_2 / _3 without their package
+        if not m.attn_implementation:
+            raise
+        raise UserError(f"config: model.attn_implementation={m.attn_implementation}: {' '.join(str(e).split())[:300]}"
+                        " (or use sdpa)") from e
     if m.archive and not archive_is_folder:
         load_archive(model, m.archive)
     if m.attn_implementation == VARLEN_ATTN and (any(getattr(mod, "sliding_window", None) for mod in model.modules())
@@ -413,12 +500,7 @@ def launch_workers(args, cfg) -> int:
 
 
 def cli(argv=None):
-    parser = argparse.ArgumentParser(description="SFT / DPO training from one YAML config.")
-    parser.add_argument("config", help="YAML config file, e.g. example/tiny-dpo.yml")
-    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, dotted keys and YAML values: lr=2e-5 model.policy_dtype=bfloat16")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback of input errors")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines
     try:

@@ -687,8 +687,8 @@ def build_optimizer(model, name, lr, weight_decay, extra):
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     try:
         return getattr(torch.optim, name)([g for g in groups if g["params"]], lr=lr, **extra)
-    except TypeError as e:
-        raise UserError(f"config: optimizer_kwargs do not fit torch.optim.{name}: {e}") from e
+    except (TypeError, ValueError) as e:  # an unknown argument / a value the optimizer refuses (betas: [2, 3])
+        raise UserError(f"config: optimizer_kwargs do not fit torch.optim.{name}: {' '.join(str(e).split())}") from e
 
 
 def build_scheduler(optimizer, kind, warmup_steps, total_steps):

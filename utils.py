@@ -8,19 +8,27 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import netrc
+import operator
 import os
 import random
 import shutil
+import socket
 import sys
+import threading
+import urllib.parse
+import urllib.request
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch.distributed.tensor import DTensor
+
+# torch is imported inside the functions that need it: a config is loaded and checked (train.py does that first)
+# in well under a second, before torch and transformers are imported.
 
 
 class UserError(Exception):
@@ -40,6 +48,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "linear", "cosine")       # what follows the linear warmup
 DATASET_TYPES = ("custom_dataset", "huggingface_dataset")
 HF_DATASET_NAMES = ("hh", "shp", "se")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention", "varlen_attn")  # + transformers' registry
+RANGE_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def num(default, **bounds):
+    """A numeric schema field with its allowed range beside it, e.g. num(0.1, gt=0) or num(0.0, ge=0, lt=0.5);
+    `_check_ranges` checks every such field (a null passes where the type is Optional), and a test makes sure no
+    numeric field of the schema goes without one."""
+    assert bounds and set(bounds) <= set(RANGE_OPS), bounds
+    return field(default=default, metadata={"range": bounds})
 
 
 @dataclass
@@ -57,7 +75,7 @@ class ModelConfig:
     from_config: Optional[Dict[str, Any]] = None  # random init from an architecture, e.g. {model_type: llama, hidden_size: 64, ...}
     archive: Optional[str] = None           # initial weights for policy and reference: an HF folder or a .pt state dict
     policy_dtype: str = "float32"           # float32 | bfloat16 | float16: autocast compute dtype; master weights stay float32
-    reference_dtype: Optional[str] = None   # dtype the frozen reference is stored and run in; null = policy's compute dtype
+    reference_dtype: Optional[str] = None   # null = exactly the policy (float32 weights, same autocast): step-0 rewards are 0; bfloat16/float16: a half-precision copy (half the memory, rewards carry rounding noise)
     fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
     trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
     attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
@@ -66,8 +84,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "dpo"                       # sft | dpo | ipo
-    beta: float = 0.1                       # DPO/IPO temperature: strength of the KL pull towards the reference
-    label_smoothing: float = 0.0            # cDPO: assumed probability that a preference label is flipped (0 = plain DPO)
+    beta: float = num(0.1, gt=0)            # DPO/IPO temperature: strength of the KL pull towards the reference
+    label_smoothing: float = num(0.0, ge=0, lt=0.5)  # cDPO: assumed probability that a preference label is flipped (0 = plain DPO)
     reference_free: bool = False            # DPO without a reference model (reference log-probs taken as 0)
 
 
@@ -81,16 +99,16 @@ class WandbConfig:
 
 @dataclass
 class FSDPConfig:
-    world_size: int = 2                     # plain `python train.py` on a machine with no GPU: CPU worker processes (gloo)
+    world_size: int = num(2, ge=1)          # plain `python train.py` on a machine with no GPU: CPU worker processes (gloo)
     block_class: Optional[str] = None       # module class sharded as one unit, e.g. LlamaDecoderLayer; null = detect from the model
     cpu_offload: bool = False               # keep sharded params, grads and optimizer state in CPU memory (CUDA only; slower)
     shard_reference: bool = True            # shard the DPO reference like the policy (less memory) or replicate it (less traffic)
-    timeout_minutes: int = 30               # a collective that waits longer (dead rank or node) fails and stops every rank
+    timeout_minutes: int = num(30, ge=1)    # a collective that waits longer (dead rank or node) fails and stops every rank
 
 
 @dataclass
 class Config:
-    seed: int = 0                           # seeds python, numpy, torch, the data shuffle and the held-out split
+    seed: int = num(0, ge=0, lt=2**32)      # seeds python, numpy, torch, the data shuffle and the held-out split
     exp_name: str = "my_experiment"         # run name; used in output_dirs and as the WandB run name
     debug: bool = False                     # quick look: no WandB, no checkpoints
     datasets: List[DatasetConfig] = field(default_factory=list)       # training data (one or more, concatenated)
@@ -99,37 +117,39 @@ class Config:
     device: Optional[str] = None            # cuda | cpu | cuda:1 ...; null = cuda when available, else cpu
     optimizer: str = "AdamW"                # any torch.optim class name: AdamW, Adam, RMSprop, SGD, ...
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra optimizer arguments, e.g. {betas: [0.9, 0.95]}
-    lr: float = 5e-7                        # peak learning rate
-    weight_decay: float = 0.0               # decoupled weight decay (AdamW) / L2 (others)
+    lr: float = num(5e-7, gt=0)             # peak learning rate
+    weight_decay: float = num(0.0, ge=0)    # decoupled weight decay (AdamW) / L2 (others)
     lr_scheduler: str = "constant"          # after warmup: constant | linear (decay to 0) | cosine (decay to 0)
-    warmup_steps: int = 150                 # optimizer steps of linear warmup from 0 to lr
-    total_batch_size: int = 64              # examples (DPO: preference pairs) per optimizer step; alias: batch_size
-    eval_batch_size: int = 16               # examples per forward pass during evaluation
-    gradient_accumulation_steps: int = 1    # micro-batches per optimizer step (must divide total_batch_size)
-    max_grad_norm: float = 10.0             # gradient clipping by global norm (0 = off)
-    max_length: int = 512                   # max tokens of prompt + response; longer examples are truncated
-    max_prompt_length: int = 256            # max prompt tokens (prompts keep their end)
-    n_epochs: Optional[int] = 1             # passes over the training data (null: use n_examples)
-    n_examples: Optional[int] = None        # stop after this many training examples (null: use n_epochs)
-    n_eval_examples: int = 256              # held-out examples for evaluation (0 = no evaluation, nothing held out)
+    warmup_steps: int = num(150, ge=0)      # optimizer steps of linear warmup from 0 to lr
+    total_batch_size: int = num(64, ge=1)   # examples (DPO: preference pairs) per optimizer step; alias: batch_size
+    eval_batch_size: int = num(16, ge=1)    # examples per forward pass during evaluation
+    gradient_accumulation_steps: int = num(1, ge=1)  # micro-batches per optimizer step (must divide total_batch_size)
+    max_grad_norm: float = num(10.0, ge=0)  # gradient clipping by global norm (0 = off)
+    max_length: int = num(512, ge=2)        # max tokens of prompt + response; longer examples are truncated
+    max_prompt_length: Optional[int] = num(None, ge=1)  # max prompt tokens (prompts keep their end); null = half of max_length
+    n_epochs: Optional[int] = num(1, ge=1)  # passes over the training data (null: use n_examples)
+    n_examples: Optional[int] = num(None, ge=1)  # stop after this many training examples (null: use n_epochs)
+    n_eval_examples: int = num(256, ge=0)   # held-out examples for evaluation (0 = no evaluation, nothing held out)
     do_first_eval: bool = True              # evaluate before the first step
-    eval_every_steps: int = 100             # evaluate every N optimizer steps (and at the end)
+    eval_every_steps: int = num(100, ge=1)  # evaluate every N optimizer steps (and at the end)
     sample_during_eval: bool = False        # generate completions from eval prompts at every evaluation
-    n_eval_model_samples: int = 4           # how many prompts to sample completions for
-    max_new_tokens: int = 64                # length limit of those completions
+    n_eval_model_samples: int = num(4, ge=1)  # how many prompts to sample completions for
+    max_new_tokens: int = num(64, ge=1)     # length limit of those completions
+    sample_temperature: float = num(1.0, ge=0)  # sampling temperature of the eval samples; 0 = greedy decoding
+    sample_top_p: float = num(0.95, gt=0, le=1)  # nucleus sampling of the eval samples
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     packing: bool = False                   # padding-free batches: sequences laid end to end in rows of max_length tokens
     group_by_length: bool = False           # batch examples of similar length together (less padding); order stays random
     precompute_reference_logps: bool = False  # DPO/IPO: reference log-probs computed once (and cached), then the reference is freed
     reference_cache_dir: Optional[str] = None  # where those are cached; null = $XDG_CACHE_HOME/minimal-llm-alignment/reference_logps
     compile: bool = False                   # torch.compile the model(s): faster steps after a one-off compile time
-    print_log_step: int = 10                # write train metrics every N optimizer steps
-    save_model_step: Optional[int] = None   # also save a checkpoint every N optimizer steps (null: only at the end)
+    print_log_step: int = num(10, ge=1)     # write train metrics every N optimizer steps
+    save_model_step: Optional[int] = num(None, ge=1)  # also save a checkpoint every N optimizer steps (null: only at the end)
     save_optimizer: bool = True             # save optimizer, scheduler and RNG state in each checkpoint (needed to resume)
-    save_total_limit: Optional[int] = None  # keep only the newest K step-N checkpoints (final is always kept); null = all
+    save_total_limit: Optional[int] = num(None, ge=1)  # keep only the newest K step-N checkpoints (final is always kept); null = all
     resume: Optional[str] = None            # null | auto (newest complete checkpoint in the run folder, else start fresh) | a checkpoint folder
     overwrite: bool = False                 # start afresh in a run folder that already holds a run (its files are removed)
-    max_nonfinite_steps: int = 5            # a step with a non-finite loss/gradient is skipped; stop after this many in a row
+    max_nonfinite_steps: int = num(5, ge=1)  # a step with a non-finite loss/gradient is skipped; stop after this many in a row
     output_dirs: str = "./outputs/${exp_name}"  # the run folder: config, metrics, curves, samples, checkpoints
     report_to_tensorboard: bool = True      # write TensorBoard event files to <run folder>/tensorboard
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -179,18 +199,41 @@ def _nested_schema(tp):
     return None
 
 
+def choices(word, allowed, limit=16) -> str:
+    """'a, b, c' and a did-you-mean for `word`, for one-line errors; a longer list shows the `limit` names closest to
+    `word` and how many more there are."""
+    allowed = [str(a) for a in allowed]
+    shown = allowed if len(allowed) <= limit else difflib.get_close_matches(str(word), allowed, n=limit, cutoff=0)
+    more = f", ... {len(allowed) - len(shown)} more" if len(allowed) > len(shown) else ""
+    return ", ".join(shown) + more + did_you_mean(word, allowed)
+
+
 def _check_choice(key, value, allowed):
     if value not in allowed:
-        raise UserError(f"config: {key}={value!r} is not one of {', '.join(map(str, allowed))}{did_you_mean(value, allowed)}")
+        raise UserError(f"config: {key}={value!r} is not one of {choices(value, allowed)}")
+
+
+def _check_ranges(node, schema_cls, prefix=""):
+    """Every numeric field against the range declared beside it in the schema (`num`), nested configs included."""
+    for f in dataclasses.fields(schema_cls):
+        value, name, sub = node[f.name], prefix + f.name, _nested_schema(f.type)
+        if sub is not None and value is not None:
+            for i, item in enumerate(value) if isinstance(value, ListConfig) else [(None, value)]:
+                _check_ranges(item, sub, f"{name}[{i}]." if i is not None else f"{name}.")
+        bounds = f.metadata.get("range")
+        if bounds and value is not None and not (math.isfinite(value) and
+                                                 all(RANGE_OPS[op][1](value, b) for op, b in bounds.items())):
+            allowed = ("" if math.isfinite(value) else "finite and ") + " and ".join(
+                f"{RANGE_OPS[op][0]} {b}" for op, b in bounds.items())
+            null = " (or null)" if type(None) in getattr(f.type, "__args__", ()) else ""
+            raise UserError(f"config: {name} must be {allowed}{null}, got {value}")
 
 
 def _validate(cfg):
+    """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed."""
     _check_choice("loss.name", cfg.loss.name, LOSSES)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
-    optimizers = [n for n, c in vars(torch.optim).items()
-                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
-    _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
     for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
         if key == "policy_dtype" or cfg.model[key] is not None:
             _check_choice(f"model.{key}", cfg.model[key], DTYPES)
@@ -207,31 +250,42 @@ def _validate(cfg):
         raise UserError("config: set model.name_or_path (hub id or local folder) or model.from_config (random init)")
     if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
         raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
-    positive = ["total_batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length",
-                "eval_every_steps", "print_log_step"]
-    for key in positive:
-        if cfg[key] <= 0:
-            raise UserError(f"config: {key} must be a positive integer, got {cfg[key]}")
+    _check_ranges(cfg, Config)
     if cfg.total_batch_size % cfg.gradient_accumulation_steps:
         raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
                         f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
-    for key in ("world_size", "timeout_minutes"):
-        if cfg.fsdp[key] <= 0:
-            raise UserError(f"config: fsdp.{key} must be a positive integer, got {cfg.fsdp[key]}")
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise UserError("config: set n_epochs or n_examples (both are null)")
-    if cfg.save_total_limit is not None and cfg.save_total_limit < 1:
-        raise UserError(f"config: save_total_limit must be >= 1 or null, got {cfg.save_total_limit}")
-    if cfg.max_nonfinite_steps < 1:
-        raise UserError(f"config: max_nonfinite_steps must be >= 1, got {cfg.max_nonfinite_steps}")
-    if cfg.max_prompt_length >= cfg.max_length:
-        raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length})")
-    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
-        raise UserError(f"config: loss.label_smoothing must be in [0, 0.5), got {cfg.loss.label_smoothing}")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}); "
+                        "leave it null for half of max_length")
     if cfg.loss.label_smoothing and cfg.loss.name != "dpo":
         raise UserError(f"config: loss.label_smoothing (conservative DPO) needs loss.name=dpo, not {cfg.loss.name}")
-    if cfg.loss.beta <= 0:
-        raise UserError(f"config: loss.beta must be > 0, got {cfg.loss.beta}")
+    _check_wandb_login(cfg)
+    if cfg.model.attn_implementation is not None and cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        from transformers import AttentionInterface  # the registry, only for a value outside the usual ones
+        allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
+        _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
+    import torch  # last: a config with a mistake elsewhere fails before torch is imported
+    optimizers = [n for n, c in vars(torch.optim).items()
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+    _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+
+
+def _check_wandb_login(cfg):
+    """wandb.enabled with no credentials would stop at wandb's login prompt (or wait forever without a terminal)."""
+    if not cfg.wandb.enabled or cfg.debug or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") \
+            or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    host = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError(f"config: wandb.enabled=true but no WandB login was found (no WANDB_API_KEY, no {host} entry in "
+                    f"{path}): run `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline")
 
 
 def _rename_aliases(user):
@@ -271,7 +325,50 @@ def load_config(path, overrides=()) -> DictConfig:
         msg = str(e).splitlines()[0]
         raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
     _validate(cfg)
+    if cfg.max_prompt_length is None:  # the default: half of max_length, so every later reader sees an int
+        cfg.max_prompt_length = cfg.max_length // 2
     return cfg
+
+
+_HUB_PROBES = {}  # endpoint -> reachable: one probe per process
+
+
+def check_hub_reachable(name, key, repo_type="model"):
+    """Before loading `name` (named by config key `key`) from the Hugging Face hub: fail at once with one line when
+    it is not a local path nor in the local hub cache and the hub cannot be used, instead of the library's minute of
+    retries: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (HF_DATASETS_OFFLINE for datasets) is set, or a ~3 s TCP probe of
+    the endpoint (through the https proxy if one is set; made once per process) fails. Needs no torch."""
+    from huggingface_hub import constants
+    if os.path.exists(os.path.expanduser(name)):
+        return
+    snapshots = os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{name.replace('/', '--')}", "snapshots")
+    if os.path.isdir(snapshots) and os.listdir(snapshots):
+        return  # cached: the library falls back to it
+    flags = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if repo_type == "dataset" else [])
+    flag = next((f for f in flags if os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE")), None)
+    if flag:
+        raise UserError(f"config: {key}: '{name}' is neither a local folder nor in the local Hugging Face cache, and "
+                        f"{flag}={os.environ[flag]} is set: download it first (without {flag}) or give a local folder")
+    if constants.ENDPOINT not in _HUB_PROBES:
+        url = urllib.parse.urlsplit(constants.ENDPOINT)
+        proxy = urllib.request.getproxies().get(url.scheme)
+        if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+            url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        reached = []
+
+        def probe():  # in a thread, joined with a timeout: name resolution has no timeout of its own
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+                reached.append(True)
+            except (OSError, ValueError):
+                pass
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(3.5)
+        _HUB_PROBES[constants.ENDPOINT] = bool(reached)
+    if not _HUB_PROBES[constants.ENDPOINT]:
+        raise UserError(f"config: {key}: '{name}' is not a local folder and the Hugging Face hub cannot be reached (no "
+                        "network?): download it first or give a local folder (HF_HUB_OFFLINE=1 skips this check)")
 
 
 def abort_now(say=True):
@@ -298,6 +395,7 @@ def config_yaml(cfg) -> str:
 
 
 def set_seed(seed: int):
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -305,12 +403,14 @@ def set_seed(seed: int):
 
 def rng_state() -> dict:
     """Every random generator's state, as plain tensors and tuples (loadable with torch.load(weights_only=True))."""
+    import torch
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict):
+    import torch
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -385,6 +485,7 @@ PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H20
 def peak_flops(device, dtype):
     """The device's peak FLOP/s for the compute dtype, or None where unknown (CPUs, float32, unlisted GPUs): then no
     MFU is logged rather than a made-up one."""
+    import torch
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return None
     name = torch.cuda.get_device_name(device)
@@ -402,6 +503,7 @@ def example_key(example) -> int:
 def weights_digest(model, extra) -> str:
     """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
     training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
+    from torch.distributed.tensor import DTensor
     h = hashlib.sha256(repr(extra).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
@@ -423,6 +525,7 @@ def logps_cache_path(cache_dir, model, settings) -> str:
 def read_logps_cache(path) -> dict:
     """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
     (a cache is never worth failing a run for: it is recomputed)."""
+    import torch
     if not os.path.exists(path):
         return {}
     try:
@@ -436,6 +539,7 @@ def read_logps_cache(path) -> dict:
 def write_logps_cache(path, cache):
     """Atomically (a reader sees the old cache or the new one, never half of one); a cache that cannot be written
     costs the next run a recomputation, not this run its training: a warning, no error."""
+    import torch
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

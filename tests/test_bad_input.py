@@ -138,3 +138,136 @@ def test_huge_record_and_long_prompt_are_truncated_not_fatal(tmp_path):
                                                "preference", 128, 64, 0, 0)
     assert stats["truncated"] == 2 and len(train_data) == 2
     assert all(len(ex["chosen_input_ids"]) <= 128 and len(ex["rejected_input_ids"]) <= 128 for ex in train_data)
+
+
+def test_optimizer_kwargs_the_optimizer_refuses(run_dir, capsys):
+    run_and_check(capsys, run_dir, ["optimizer_kwargs={betas: [2, 3]}"], ["optimizer_kwargs", "AdamW", "beta"])
+    run_and_check(capsys, run_dir, ["optimizer_kwargs={betta: 1}"], ["optimizer_kwargs", "betta"])
+
+
+@pytest.mark.parametrize("value, needles", [("nonsense", ["sdpa", "eager", "varlen_attn", "flash_attention_2"]),
+                                            ("sdpaa", ["did you mean 'sdpa'"])])
+def test_unknown_attn_implementation(value, needles, run_dir, capsys):
+    run_and_check(capsys, run_dir, [f"model.attn_implementation={value}"], ["model.attn_implementation", value, *needles])
+
+
+def test_from_config_the_architecture_refuses(run_dir, capsys):
+    arch = "{model_type: llama, hidden_size: 30, num_attention_heads: 4, intermediate_size: 16, num_hidden_layers: 1}"
+    run_and_check(capsys, run_dir, [f"model.from_config={arch}"], ["model.from_config", "hidden size (30)", "heads (4)"])
+
+
+def test_unknown_model_type_is_short(run_dir, capsys):
+    line = run_and_check(capsys, run_dir, ["model.from_config={model_type: lama, hidden_size: 32}"],
+                         ["model.from_config.model_type", "'lama'", "did you mean 'llama'", "more"])
+    assert len(line) < 300, line
+
+
+def test_wandb_without_a_login(monkeypatch, tmp_path, run_dir, capsys):
+    """No WANDB_API_KEY, no netrc entry, not offline: refused up front (wandb would prompt, or wait forever)."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    run_and_check(capsys, run_dir, ["wandb.enabled=true"],
+                  ["wandb.enabled", "wandb login", "WANDB_API_KEY", "WANDB_MODE=offline"])
+    tiny = os.path.join(ROOT, "example", "tiny-dpo.yml")
+    import utils
+    assert utils.load_config(tiny, ["wandb.enabled=true", "debug=true"])  # debug: no WandB at all
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    assert utils.load_config(tiny, ["wandb.enabled=true"])
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert utils.load_config(tiny, ["wandb.enabled=true"])
+
+
+def test_folder_of_gguf_files(tmp_path, run_dir, capsys):
+    folder = tmp_path / "gguf-model"
+    folder.mkdir()
+    (folder / "model-q4.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    run_and_check(capsys, run_dir, [f"model.name_or_path={folder}", "model.from_config=null",
+                                    "model.tokenizer_name_or_path=null"],
+                  ["model.name_or_path", "only GGUF files (model-q4.gguf)", "save_pretrained"])
+
+
+def test_load_error_is_whole_and_capped():
+    class Loader:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            raise OSError("first line of the reason,\n  continued on the second line" + " and more" * 300)
+    with pytest.raises(train.UserError) as e:
+        train.from_pretrained(Loader, ROOT, "model.name_or_path")
+    assert "first line of the reason, continued on the second line" in str(e.value) and len(str(e.value)) < 600
+
+
+def test_archive_of_junk_bytes_is_not_called_code(tmp_path, run_dir, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(7, 250)) * 4)
+    line = run_and_check(capsys, run_dir, [f"model.archive={junk}"], ["model.archive", str(junk), "not a torch state dict file"])
+    assert "code" not in line
+
+
+def test_archive_with_globals_is_refused_as_possibly_code(tmp_path, run_dir, capsys):
+    import torch
+    bad = tmp_path / "globals.pt"
+    torch.save({"weight": torch.zeros(2), "hook": print}, bad)  # a pickled global: what code execution needs
+    run_and_check(capsys, run_dir, [f"model.archive={bad}"], ["model.archive", str(bad), "possibly code"])
+
+
+def test_model_that_needs_remote_code(tmp_path, run_dir, capsys):
+    folder = tmp_path / "remote-code-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "my_model", "auto_map": {
+        "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    run_and_check(capsys, run_dir, [f"model.name_or_path={folder}", "model.from_config=null",
+                                    f"model.tokenizer_name_or_path={ROOT}/example/tokenizer"],
+                  ["model.name_or_path", "model.trust_remote_code=true"])
+
+
+def test_hub_id_with_hf_hub_offline(run_dir, capsys):
+    """The tests run with HF_HUB_OFFLINE=1 (conftest): an id that is not cached fails at once, saying so."""
+    run_and_check(capsys, run_dir, ["model.name_or_path=EleutherAI/pythia-2.8b", "model.from_config=null",
+                                    "model.tokenizer_name_or_path=null"],
+                  ["model.name_or_path", "'EleutherAI/pythia-2.8b'", "nor in the local Hugging Face cache", "HF_HUB_OFFLINE=1"])
+
+
+def test_hub_id_without_network_fails_in_seconds(tmp_path):
+    """Not offline by flag, but the hub cannot be reached (here: an endpoint nobody listens on): one probe, then
+    one line, instead of a minute of retries. The timeout bounds the run; the probe itself waits at most ~3 s."""
+    from conftest import assert_one_line_error, run_cli
+    env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HTTP_PROXY": "", "HTTPS_PROXY": "", "ALL_PROXY": ""}
+    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={tmp_path}/run",
+                   "model.name_or_path=EleutherAI/pythia-2.8b", "model.from_config=null",
+                   "model.tokenizer_name_or_path=null", env=env, timeout=90)
+    assert_one_line_error(proc, "model.name_or_path", "'EleutherAI/pythia-2.8b'", "cannot be reached",
+                          "HF_HUB_OFFLINE=1")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_hub_check_passes_local_and_cached(tmp_path, monkeypatch):
+    import utils
+    from huggingface_hub import constants
+    utils.check_hub_reachable(ROOT, "model.name_or_path")  # a local folder: no probe, no flag check
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    (tmp_path / "models--org--cached" / "snapshots" / "abc").mkdir(parents=True)
+    utils.check_hub_reachable("org/cached", "model.name_or_path")
+    with pytest.raises(utils.UserError, match="HF_HUB_OFFLINE=1"):
+        utils.check_hub_reachable("org/not-cached", "model.name_or_path")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(utils.UserError, match="HF_DATASETS_OFFLINE=1"):
+        utils.check_hub_reachable("org/data", "datasets[0].path", repo_type="dataset")
+
+
+@pytest.mark.parametrize("flags, dtype, warned", [({"avx2", "avx512f"}, "bfloat16", True),
+                                                  ({"avx2", "avx512_bf16"}, "bfloat16", False),
+                                                  ({"amx_bf16"}, "bfloat16", False),
+                                                  ({"avx2"}, "float32", False),
+                                                  (set(), "bfloat16", False)])  # unknown CPU: say nothing
+def test_bfloat16_on_a_cpu_without_bf16_instructions(flags, dtype, warned, monkeypatch, capsys):
+    import utils
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["device=cpu", f"model.policy_dtype={dtype}"])
+    assert train.pick_device(cfg).type == "cpu"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [] if not warned else (len(err) == 1 and "bfloat16" in err[0] and "float32" in err[0]), err

@@ -95,3 +95,130 @@ def test_broken_yaml_and_missing_file(tmp_path):
 def test_traceback_switch_shows_traceback(tmp_path):
     proc = run_cli("train.py", "example/tiny-dpo.yml", "--traceback", "--overrides", "lrr=1")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_max_prompt_length_defaults_to_half_of_max_length(tmp_path):
+    path = tmp_path / "short.yml"  # the seed's complaint: `max_length: 256` alone was refused
+    path.write_text(open(os.path.join(ROOT, "example", "tiny-dpo.yml")).read().replace("max_prompt_length: 96\n", "")
+                    .replace("max_length: 128", "max_length: 256"))
+    assert "max_prompt_length" not in path.read_text()
+    cfg = utils.load_config(str(path))
+    assert cfg.max_prompt_length == 128 and isinstance(cfg.max_prompt_length, int)  # resolved: readers see an int
+    assert utils.load_config(str(path), ["max_length=101"]).max_prompt_length == 50
+    assert utils.load_config(str(path), ["max_prompt_length=200"]).max_prompt_length == 200
+    with pytest.raises(utils.UserError, match=r"max_prompt_length \(256\) must be < max_length \(256\)"):
+        utils.load_config(str(path), ["max_prompt_length=256"])  # only an explicit contradiction is an error
+
+
+def numeric_fields(schema=utils.Config, prefix=""):
+    """(dotted key, dataclass field) of every int/float field of the schema, nested configs included."""
+    for f in dataclasses.fields(schema):
+        sub = utils._nested_schema(f.type)
+        if sub is not None and dataclasses.is_dataclass(f.type):
+            yield from numeric_fields(sub, f"{prefix}{f.name}.")
+        elif sub is not None:  # a list of configs (datasets): none of its fields is numeric, or this test must learn it
+            assert not list(numeric_fields(sub)), f"{f.name}: numeric fields in a list of configs"
+        elif {a for a in getattr(f.type, "__args__", (f.type,)) if a is not type(None)} & {int, float}:
+            yield prefix + f.name, f
+
+
+def out_of_range(bounds):
+    op, bound = next(iter(bounds.items()))
+    return {"ge": bound - 1, "gt": bound, "le": bound + 1, "lt": bound}[op]
+
+
+NUMERIC = list(numeric_fields())
+
+
+def test_every_numeric_field_declares_its_range():
+    assert len(NUMERIC) >= 25 and {"lr", "n_epochs", "loss.beta", "fsdp.world_size", "sample_top_p"} <= dict(NUMERIC).keys()
+    missing = [key for key, f in NUMERIC if not f.metadata.get("range")]
+    assert not missing, f"numeric fields without a range (declare one with utils.num): {missing}"
+
+
+@pytest.mark.parametrize("key", [key for key, _ in NUMERIC])
+def test_every_numeric_field_is_range_checked(key, tmp_path, capsys):
+    bad = out_of_range(dict(NUMERIC)[key].metadata["range"])
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"{key}={bad}",
+                      f"output_dirs={tmp_path}/run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: config: {key} must be "), err
+    assert err[0].endswith(f", got {bad}") or err[0].endswith(f", got {float(bad)}"), err
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["n_epochs=0"], "n_epochs must be >= 1 (or null), got 0"),
+    (["n_epochs=-1"], "n_epochs must be >= 1 (or null), got -1"),
+    (["n_epochs=null", "n_examples=0"], "n_examples must be >= 1 (or null), got 0"),
+    (["warmup_steps=-5"], "warmup_steps must be >= 0, got -5"),
+    (["n_eval_examples=-3"], "n_eval_examples must be >= 0, got -3"),
+    (["save_model_step=0"], "save_model_step must be >= 1 (or null), got 0"),
+    (["save_model_step=-1"], "save_model_step must be >= 1 (or null), got -1"),
+    (["lr=-1"], "lr must be > 0, got -1.0"),
+    (["lr=.inf"], "lr must be finite and > 0, got inf"),
+    (["lr=.nan"], "lr must be finite and > 0, got nan"),
+    (["loss.beta=0"], "loss.beta must be > 0, got 0.0"),
+    (["loss.label_smoothing=0.5"], "loss.label_smoothing must be >= 0 and < 0.5, got 0.5"),
+    (["loss.label_smoothing=-0.1"], "loss.label_smoothing must be >= 0 and < 0.5, got -0.1"),
+    (["sample_during_eval=true", "max_new_tokens=0"], "max_new_tokens must be >= 1, got 0"),
+    (["max_grad_norm=-1"], "max_grad_norm must be >= 0, got -1.0"),
+    (["weight_decay=-0.1"], "weight_decay must be >= 0, got -0.1"),
+    (["eval_every_steps=0"], "eval_every_steps must be >= 1, got 0"),
+    (["print_log_step=0"], "print_log_step must be >= 1, got 0"),
+    (["fsdp.world_size=0"], "fsdp.world_size must be >= 1, got 0"),
+    (["sample_temperature=-1"], "sample_temperature must be >= 0, got -1.0"),
+    (["sample_top_p=1.5"], "sample_top_p must be > 0 and <= 1, got 1.5"),
+    (["seed=-1"], "seed must be >= 0 and < 4294967296, got -1"),
+])
+def test_out_of_range_values_are_refused(overrides, message):
+    with pytest.raises(utils.UserError) as e:
+        utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides)
+    assert str(e.value) == f"config: {message}"
+
+
+def test_boundary_values_are_accepted():
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"),
+                            ["warmup_steps=0", "n_eval_examples=0", "max_grad_norm=0", "sample_temperature=0",
+                             "sample_top_p=1", "loss.label_smoothing=0.49", "n_epochs=null", "n_examples=1"])
+    assert cfg.sample_top_p == 1 and cfg.sample_temperature == 0 and cfg.n_examples == 1
+
+
+def test_long_choice_lists_are_capped():
+    line = utils.choices("lama", [f"type{i}" for i in range(500)] + ["llama"], limit=8)
+    assert "did you mean 'llama'" in line and "... 493 more" in line and len(line) < 200
+
+
+def test_config_loads_without_torch():
+    """`python train.py bad.yml` fails in about a second: the config is loaded and checked before torch (and
+    transformers) are imported. Checked on what is imported, not on time."""
+    code = ("import sys, utils\n"
+            "try:\n    utils.load_config('example/tiny-dpo.yml', ['lrr=1'])\nexcept utils.UserError as e:\n    print(e)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    proc = run_cli("-c", code, timeout=60)
+    assert proc.stdout.splitlines() == ["config: unknown key 'lrr' (did you mean 'lr'?)", "[]"], proc.stderr
+    proc = run_cli("-X", "importtime", "train.py", "example/tiny-dpo.yml", "--overrides", "n_epochs=0", timeout=60)
+    assert proc.returncode == 2 and "error: config: n_epochs must be >= 1" in proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "omegaconf" in imported and not imported & {"torch", "transformers"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["CFG", "--overrides", "lrr=1"],
+    ["--overrides", "lrr=1", "CFG"],
+    ["--overrides", "lr=1e-5", "--traceback", "CFG", "--overrides", "lrr=1"],
+])
+def test_overrides_before_or_after_the_config_file(argv, capsys):
+    path = os.path.join(ROOT, "example", "tiny-dpo.yml")
+    argv = [path if a == "CFG" else a for a in argv]
+    args = train.parse_args(argv)
+    assert args.config == path and args.overrides[-1] == "lrr=1"
+    with pytest.raises(utils.UserError, match="unknown key 'lrr'"):
+        utils.load_config(args.config, args.overrides)
+    if "--traceback" not in argv:
+        assert train.cli(argv) == 2 and "unknown key 'lrr'" in capsys.readouterr().err
+
+
+def test_overrides_first_through_the_real_entry_point():
+    proc = run_cli("train.py", "--overrides", "lrr=1", "example/tiny-dpo.yml", timeout=60)
+    assert_one_line_error(proc, "unknown key 'lrr'", "did you mean 'lr'")
