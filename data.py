@@ -11,7 +11,8 @@ converted first (`convert --to sft`). SFT data cannot be used for preference tra
 
 Tokenization goes through the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none). Labels are the
 token ids on assistant tokens (content + end-of-turn token) and -100 everywhere else; the assistant mask comes from
-the template's {% generation %} markers, or else from prefix-consistent incremental rendering.
+the template's {% generation %} markers, or else from prefix-consistent incremental rendering (where a response's
+first tokens merge with the template's, at the longest common token prefix: _split).
 
 CLI:  python data.py check FILE [--loss sft|dpo] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
       python data.py convert IN OUT --to sft|dpo
@@ -25,8 +26,10 @@ import math
 import os
 import random
 import re
+import stat
 import sys
 import tempfile
+import zlib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -72,6 +75,10 @@ def _str(value, field, allow_empty=False):
         _fail(field, "missing" if value is None else f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         _fail(field, "empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # e.g. JSON "\ud800": a lone UTF-16 surrogate, which no tokenizer takes
+        _fail(field, f"invalid text: lone surrogate {value[e.start]!r} at character {e.start}")
     return value
 
 
@@ -94,24 +101,27 @@ def _messages(value, field, schema=CHATML, use=None):
         _fail(field, "missing" if value is None else "empty list" if isinstance(value, list)
               else f"must be a list of messages, got {type(value).__name__}")
     role_key, text_key, roles = schema
-    msgs = []
+    msgs, spelled = [], []  # spelled: the roles as written in the file, for the messages
     for m, f in zip(value, fields):
         if not isinstance(m, dict):
             _fail(f, f"must be an object with '{role_key}' and '{text_key}', got {type(m).__name__}")
         role = m.get(role_key)
         if not isinstance(role, str) or role not in roles:
             _fail(f"{f}.{role_key}", "missing" if role is None else f"unknown value {role!r}; allowed: {', '.join(roles)}")
+        spelled.append(role)
         role = roles[role]
         # Empty system/user text is legal; an empty assistant turn would be nothing to learn.
         msgs.append({"role": role, "content": _str(m.get(text_key), f"{f}.{text_key}", allow_empty=role != "assistant")})
     if use == "sft" and not any(m["role"] == "assistant" for m in msgs):
         _fail(field, "no assistant message (nothing to learn)")
+    if use == "sft" and msgs[0]["role"] == "assistant":  # a chat template cannot render the empty prompt before it
+        _fail(fields[0], "the conversation starts with an assistant message; put a user (or system) message before it")
     if use == "prompt" and msgs[-1]["role"] != "user":
-        _fail(field, f"the prompt must end with a user message, got {msgs[-1]['role']!r}")
-    for m, f in zip(msgs, fields if use == "response" else []):
+        _fail(field, f"the prompt must end with a user message, got {spelled[-1]!r}")
+    want = next(k for k, v in roles.items() if v == "assistant")
+    for m, f, role in zip(msgs, fields if use == "response" else [], spelled):
         if m["role"] != "assistant":
-            want = next(k for k, v in roles.items() if v == "assistant")
-            _fail(f"{f}.{role_key}", f"the response must be {want!r}, got {m['role']!r}")
+            _fail(f"{f}.{role_key}", f"the response must be {want!r}, got {role!r}")
     return msgs
 
 
@@ -200,17 +210,20 @@ PARSERS = {
         rec, _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"), SHAREGPT),
     "trl": _parse_trl, "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se,
 }
-# Format from a record's keys: the first entry that shares a key wins ("conversations" + chosen/rejected: seed_pref).
-_SIGNATURES = (("messages", {"messages"}), ("sharegpt", {"conversations"}), ("trl", {"prompt"}),
-               ("shp", {"history", "human_ref_A", "human_ref_B"}), ("se", {"question", "answers"}),
-               ("hh", {"chosen", "rejected"}))
+# Format from a record's keys: the first whose signature keys the record all has (the parser checks the rest).
+_SIGNATURES = {"messages": ("messages",), "seed_pref": ("conversations", "chosen", "rejected"),
+               "sharegpt": ("conversations",), "trl": ("prompt", "chosen", "rejected"),
+               "shp": ("history", "human_ref_A", "human_ref_B"), "se": ("question", "answers"),
+               "hh": ("chosen", "rejected")}
 
 
 def _detect(rec):  # -> format name, None when unrecognized
-    for fmt, keys in _SIGNATURES:
-        if keys & set(rec):
-            return "seed_pref" if fmt == "sharegpt" and {"chosen", "rejected"} & set(rec) else fmt
-    return None
+    return next((fmt for fmt, keys in _SIGNATURES.items() if set(keys) <= set(rec)), None)
+
+
+def _unrecognized(rec):
+    expected = "; ".join(f"{FORMAT_NAMES[f]}: {', '.join(k)}" for f, k in _SIGNATURES.items())
+    return DataError(f"unrecognized format (keys {sorted(rec)}); expected the keys of one of: {expected}")
 
 
 # --- Reading files / hub datasets --------------------------------------------------------------------------------
@@ -228,33 +241,49 @@ def _with_datasets(fn, label):
             datasets.enable_progress_bar()
 
 
+def _json_error(path, e, lineno=None):
+    where = f"line {lineno or e.lineno} column {e.colno}"
+    # Some of json's messages end in "at" and expect the position after them ("Unterminated string starting at").
+    return DataError(f"{path}: invalid JSON at {where}: {e.msg} {where}" if e.msg.endswith(" at") else
+                     f"{path}: invalid JSON at {where}: {e.msg}")
+
+
 def _read_file(path):
-    """Raw rows of a .parquet, a JSON list of records, or JSON lines (.jsonl, or a .json that is not one JSON list)."""
+    """Raw rows of a .parquet, a JSON list of records, or JSON lines (.jsonl, or a .json that is not one JSON list).
+    JSON text may start with a UTF-8 byte order mark."""
     if path.endswith(".parquet"):
         return _with_datasets(lambda ds: ds.load_dataset("parquet", data_files=path, split="train").to_list(), path)
     if not path.endswith(DATA_EXTS):
         raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_EXTS)})")
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as e:  # gzip: bad or truncated data
+        raise DataError(f"{path}: cannot read: {type(e).__name__}: {e}") from None
+    try:
+        return _parse_json(path, text)
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply for Python's parser") from None
+
+
+def _parse_json(path, text):
     if ".jsonl" not in os.path.basename(path):
         try:
             rows = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # "Extra data" after the first value: treat the file as JSON lines
+                raise _json_error(path, e) from None
+        else:
             if not isinstance(rows, list):
                 raise DataError(f"{path}: expected a JSON list of records (or JSON lines), got a {type(rows).__name__}")
             return rows
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data" after the first value: treat the file as JSON lines
-                raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON at line {n} column {e.colno}: {e.msg}") from None
+                raise _json_error(path, e, n) from None
     return rows
 
 
@@ -315,10 +344,9 @@ def _load(spec, kind):
                 if not isinstance(row, dict):
                     raise DataError(f"expected a JSON object, got {type(row).__name__}")
                 if fmt is None:
-                    raise DataError(f"unrecognized format (keys {sorted(row)}); expected 'messages', 'conversations' "
-                                    "[+ 'chosen'/'rejected'], 'prompt'/'chosen'/'rejected', or raw hh/shp/se fields")
-                found = _detect(row)
-                if forced is None and found not in (None, fmt):
+                    raise _unrecognized(row)
+                found = _detect(row)  # a record of another format, not just one missing some of fmt's keys
+                if forced is None and found not in (None, fmt) and not set(_SIGNATURES[found]) < set(_SIGNATURES[fmt]):
                     raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} "
                                     "(one format per file)")
                 new = PARSERS[fmt](row)
@@ -353,13 +381,13 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def _render_ids(tok, messages, add_generation_prompt):
+def _render(tok, messages, add_generation_prompt):  # -> (text, token ids)
     # The text already holds every special token the template wants (e.g. bos_token): no doubled BOS.
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors raised by templates, e.g. "roles must alternate"
         raise DataError(f"chat template of tokenizer {tok.name_or_path!r} failed: {type(e).__name__}: {e}") from None
-    return list(tok(text, add_special_tokens=False)["input_ids"])
+    return text, list(tok(text, add_special_tokens=False)["input_ids"])
 
 
 def _template_error(tok, what):
@@ -368,55 +396,86 @@ def _template_error(tok, what):
                      "content in the template, or use a template that renders earlier turns identically")
 
 
-def _labelled(tok, messages, field, first=0, prompt=None):
-    """-> (ids, labels) of the rendered conversation; labels = ids on the assistant messages with index >= first
-    (content and end-of-turn token), else -100. DataError when ids do not start with `prompt` or nothing is labelled."""
+MERGE_WINDOW = 4  # tokens at the end of a rendered prefix that may merge with the text after it (see _split)
+
+
+def _split(tok, prefix, ids, text, what, notes):
+    """Where the rendering prefix = (text, ids) of the first messages ends in the rendering (text(), ids) of more:
+    their longest common token prefix. BPE may merge the prefix's last tokens with the text after it (a response
+    that starts with "\n\n" or two spaces: the template's "\n" and the response's whitespace become one token); that
+    is accepted (notes gets "merged") when text() starts with the prefix's text and the tokens differ only in the
+    prefix's last MERGE_WINDOW tokens. Otherwise the template renders earlier turns differently: DataError."""
+    p_text, p_ids = prefix
+    n = next((k for k, (x, y) in enumerate(zip(p_ids, ids)) if x != y), min(len(p_ids), len(ids)))
+    if n < len(p_ids):
+        if len(p_ids) - n > MERGE_WINDOW or not text().startswith(p_text):
+            raise _template_error(tok, what)
+        if notes is not None:
+            notes.add("merged")
+    return n
+
+
+def _labelled(tok, messages, field, first=0, notes=None):
+    """-> (ids, labels, start) of the rendered conversation; labels = ids on the assistant messages with index >= first
+    (content and end-of-turn token), else -100; start = where messages[:first] rendered with add_generation_prompt=True
+    ends in ids (_split; 0 when first == 0), no label before it. DataError when the template is not prefix-consistent
+    or nothing is labelled."""
+    cache = {}
+
+    def render(k, gen):  # messages[:k], each rendering made once
+        if (k, gen) not in cache:
+            cache[k, gen] = _render(tok, messages[:k], gen)
+        return cache[k, gen]
+
+    text = lambda: render(len(messages), False)[0]  # noqa: E731
     template = tok.chat_template
     if isinstance(template, str) and _GENERATION_RE.search(template) and getattr(tok, "is_fast", False):
         out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-        if prompt is not None:  # the prompt = messages[:first] rendered with add_generation_prompt=True
-            mask[:len(prompt)] = [0] * len(prompt)
     else:  # No markers: the tokens that messages[:i+1] adds to messages[:i] + generation prompt are assistant turn i.
-        ids = _render_ids(tok, messages, False)
+        ids = render(len(messages), False)[1]
         mask = [0] * len(ids)
         for i in range(first, len(messages)):
             if messages[i]["role"] != "assistant":
                 continue
-            before, upto = _render_ids(tok, messages[:i], True), _render_ids(tok, messages[:i + 1], False)
-            if ids[:len(before)] != before or ids[:len(upto)] != upto or len(upto) <= len(before):
-                raise _template_error(tok, f"rendering messages[:{i}] with add_generation_prompt=True is not a token "
-                                           f"prefix of rendering messages[:{i + 1}]")
-            span = ids[len(before):len(upto)]
+            what = f"rendering messages[:{i}] with add_generation_prompt=True is not a token prefix of rendering " \
+                   f"messages[:{i + 1}]"
+            a = _split(tok, render(i, True), ids, text, what, notes)
+            b = _split(tok, render(i + 1, False), ids, text, what, notes)
+            if b <= a:
+                raise _template_error(tok, what)
+            span = ids[a:b]
             # Drop what the template adds after the end-of-turn token (e.g. ChatML's '\n'): not something to learn.
             if tok.eos_token_id in span:
                 span = span[:len(span) - span[::-1].index(tok.eos_token_id)]
-            mask[len(before):len(before) + len(span)] = [1] * len(span)
-    if prompt is not None and ids[:len(prompt)] != prompt:
-        raise _template_error(tok, f"the prompt rendered with add_generation_prompt=True is not a token prefix "
-                                   f"of prompt + {field}")
+            mask[a:a + len(span)] = [1] * len(span)
+    what = f"the prompt rendered with add_generation_prompt=True is not a token prefix of prompt + {field}"
+    start = _split(tok, render(first, True), ids, text, what, notes) if first else 0
+    mask[:start] = [0] * start
     if not any(mask):
         raise DataError(f"field '{field}': the assistant mask is empty (no assistant tokens after the chat template)")
-    return ids, [t if m else -100 for t, m in zip(ids, mask)]
+    return ids, [t if m else -100 for t, m in zip(ids, mask)], start
 
 
-def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
-                     max_prompt_length: int) -> tuple[dict | None, bool]:
+def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_prompt_length: int,
+                     notes: set | None = None) -> tuple[dict | None, bool]:
     """Tokenize one normalized record through the chat template. Returns (tokenized, was_truncated); tokenized is
     None when no labelled token is left after truncation (skip it).
       sft:        {"input_ids", "labels", "prompt_input_ids"}; labels = input_ids on assistant tokens, else -100.
                   prompt_input_ids = the messages before the last assistant turn with add_generation_prompt=True,
                   keeping its last max_prompt_length tokens (used to sample completions).
       preference: {"prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"};
-                  <side>_input_ids = prompt_input_ids + response ids; labels -100 on the prompt.
+                  <side>_input_ids = prompt_input_ids + response ids; labels -100 on the prompt. The prompt is
+                  the rendered one, less its last token(s) when a response's first tokens merge with them (_split).
+    notes: a set that gets "merged" when that happened (for a warning).
     Truncation: when prompt + response exceeds max_length, the prompt (the context before the first labelled token)
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
     Raises DataError when the assistant mask is empty before any truncation."""
     if kind == "sft":
         msgs = example["messages"]
-        ids, labels = _labelled(tokenizer, msgs, "messages")
+        ids, labels, _ = _labelled(tokenizer, msgs, "messages", notes=notes)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = _render_ids(tokenizer, msgs[:last], True)
+        prompt = _render(tokenizer, msgs[:last], True)[1]
         truncated = len(ids) > max_length
         if truncated:
             first = next(i for i, l in enumerate(labels) if l != -100)
@@ -428,11 +487,12 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
                 "prompt_input_ids": prompt[max(0, len(prompt) - max_prompt_length):]}, truncated
     if kind != "preference":
         raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
-    prompt = _render_ids(tokenizer, example["prompt"], True)
-    sides = {}  # side -> (response ids, response labels)
-    for side in ("chosen", "rejected"):
-        ids, labels = _labelled(tokenizer, example["prompt"] + example[side], side, len(example["prompt"]), prompt)
-        sides[side] = (ids[len(prompt):], labels[len(prompt):])
+    full = {side: _labelled(tokenizer, example["prompt"] + example[side], side, len(example["prompt"]), notes)
+            for side in ("chosen", "rejected")}
+    # The prompt: the tokens both sides start with (shorter than the rendered prompt when a response merges with it).
+    start = min(s for _, _, s in full.values())
+    prompt = full["chosen"][0][:start]
+    sides = {side: (ids[start:], labels[start:]) for side, (ids, labels, _) in full.items()}
     longest = max(len(ids) for ids, _ in sides.values())
     truncated = False
     if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
@@ -449,13 +509,29 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int,
 
 
 # --- Datasets and batches ----------------------------------------------------------------------------------------
+MERGE_WARNING = ("warning: {} records: the response's first tokens merge with the chat template's (e.g. a response "
+                 "starting with whitespace); split at the longest common token prefix")
+
+
+def _held_out(n_eval, n):
+    """-> (how many of n training records to hold out for n_eval_examples=n_eval, warning or None): n_eval while it
+    leaves at least half of them for training, else 10% (rounded down; at least 1, none of a single record)."""
+    if n_eval <= n // 2:
+        return n_eval, None
+    held = max(1, n // 10) if n > 1 else 0
+    return held, (f"warning: n_eval_examples={n_eval} but the data has only {n} records: holding out {held} for "
+                  "evaluation (set n_eval_examples or eval_datasets)")
+
+
 def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, kind: str, max_length: int,
                    max_prompt_length: int, n_eval_examples: int, seed: int) -> tuple[list[dict], list[dict], dict]:
     """Load every train spec (concatenated) and shuffle with random.Random(seed). Eval: without eval_specs the first
-    n_eval_examples shuffled records are held out; with eval_specs, eval = their first n_eval_examples records
-    (file order) and train is not reduced; n_eval_examples == 0 -> no eval. Then tokenize everything.
+    n_eval_examples shuffled records are held out (fewer, with a warning, when that would take more than half of
+    them: _held_out); with eval_specs, eval = their first n_eval_examples records (file order) and train is not
+    reduced; n_eval_examples == 0 -> no eval. Then tokenize everything.
     Returns (train, eval, stats), stats = {"train", "eval", "truncated", "skipped" (nothing left to learn after
-    truncation), "dropped" (raw hh/shp/se records filtered out)}. Raises DataError; prints nothing."""
+    truncation), "dropped" (raw hh/shp/se records filtered out)} and, only when there are any, "warnings": a list of
+    one-line messages for the caller to print. Raises DataError; prints nothing."""
     def load_all(specs):  # -> ([(record, (label, raw index))], n dropped)
         loaded = [_load(spec, kind) for spec in specs]
         return [x for recs, origins, _, _ in loaded for x in zip(recs, origins)], sum(d for _, _, d, _ in loaded)
@@ -463,12 +539,14 @@ def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, k
     def tokenize_all(pairs):
         out = []
         for rec, (label, i) in pairs:
+            notes = set()
             try:
-                tok, truncated = tokenize_example(rec, tokenizer, kind, max_length, max_prompt_length)
+                tok, truncated = tokenize_example(rec, tokenizer, kind, max_length, max_prompt_length, notes)
             except DataError as e:
                 raise DataError(f"{label}: record {i}: {e}") from None
             stats["truncated"] += truncated
             stats["skipped"] += tok is None
+            stats["merged"] += bool(notes)
             if tok is not None:
                 out.append(tok)
         return out
@@ -477,21 +555,23 @@ def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, k
         raise DataError("datasets: no training dataset given")
     records, dropped = load_all(train_specs)
     random.Random(seed).shuffle(records)
-    n_eval = max(0, n_eval_examples)
+    n_eval, warnings = max(0, n_eval_examples), []
     if eval_specs and n_eval:
         ev_records, ev_dropped = load_all(eval_specs)
         ev_records, dropped = ev_records[:n_eval], dropped + ev_dropped
     else:
-        if n_eval >= len(records):
-            raise DataError(f"datasets: only {len(records)} training records: cannot hold out n_eval_examples={n_eval}; "
-                            "lower n_eval_examples or set eval_datasets")
+        n_eval, warning = _held_out(n_eval, len(records))
+        warnings += [warning] if warning else []
         ev_records, records = records[:n_eval], records[n_eval:]
-    stats = {"truncated": 0, "skipped": 0, "dropped": dropped}
+    stats = {"truncated": 0, "skipped": 0, "dropped": dropped, "merged": 0}
     train, evals = tokenize_all(records), tokenize_all(ev_records)
     if not train:
         raise DataError(f"datasets: no training example left: all {stats['skipped']} were skipped after truncation "
                         f"(max_length={max_length}, max_prompt_length={max_prompt_length})")
-    return train, evals, {"train": len(train), "eval": len(evals), **stats}
+    merged = stats.pop("merged")
+    warnings += [MERGE_WARNING.format(merged)] if merged else []
+    stats = {"train": len(train), "eval": len(evals), **stats}
+    return train, evals, {**stats, "warnings": warnings} if warnings else stats
 
 
 def _pad(seqs, value, length, left=False):
@@ -618,16 +698,19 @@ def _cmd_check(args):
         raise DataError(f"{tok_path}: cannot load tokenizer: {e}") from None
     columns = ({"sequence": "input_ids"} if kind == "sft" else
                {"prompt": "prompt_input_ids", "prompt+chosen": "chosen_input_ids", "prompt+rejected": "rejected_input_ids"})
-    lengths, n_trunc, n_skip = {name: [] for name in columns}, 0, 0
+    lengths, n_trunc, n_skip, n_merged = {name: [] for name in columns}, 0, 0, 0
     for i, rec in enumerate(records):
+        notes = set()
         try:
-            full, _ = tokenize_example(rec, tokenizer, kind, sys.maxsize, sys.maxsize)  # untruncated lengths
+            full, _ = tokenize_example(rec, tokenizer, kind, sys.maxsize, sys.maxsize, notes)  # untruncated lengths
             tok, truncated = tokenize_example(rec, tokenizer, kind, args.max_length, args.max_prompt_length)
         except DataError as e:
             raise DataError(f"{args.file}: record {i}: {e}") from None
         for name, key in columns.items():
             lengths[name].append(len(full[key]))
-        n_trunc, n_skip = n_trunc + truncated, n_skip + (tok is None)
+        n_trunc, n_skip, n_merged = n_trunc + truncated, n_skip + (tok is None), n_merged + bool(notes)
+    if n_merged:
+        print(MERGE_WARNING.format(n_merged), file=sys.stderr)
     print(f"tokens ({tok_path}):")
     for name, v in lengths.items():
         v = sorted(v)
@@ -660,6 +743,9 @@ def _cmd_convert(args):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             else:
                 json.dump(rows, f, ensure_ascii=False, indent=1)
+        umask = os.umask(0o22)
+        os.umask(umask)  # mkstemp made it 0600: give OUT the mode a plain open() would (kept when OUT exists)
+        os.chmod(tmp, stat.S_IMODE(os.stat(args.out).st_mode) if os.path.exists(args.out) else 0o666 & ~umask)
         os.replace(tmp, args.out)  # atomic: OUT is either the old file or the complete new one
     finally:
         if os.path.exists(tmp):

@@ -1,4 +1,5 @@
 """Tests for data.py: formats and validation, assistant-only labels, truncation, splitting, collate, CLI."""
+import copy
 import json
 import os
 
@@ -150,6 +151,93 @@ def test_preference_prefix_rule(example_tok, template):
         assert ids[:len(p)] == p and labels[:len(p)] == [-100] * len(p) and len(ids) == len(labels)
         assert runs(labels) == [enc(tok, PREF[side][0]["content"] + "<|im_end|>")]
         assert labels[len(p)] != -100  # the response starts right after the prompt
+
+
+# A response starting with whitespace: the example tokenizer (byte-level BPE) merges the template's "\n" after
+# "<|im_start|>assistant" with it ("\n\n", "\n " are single tokens), as SmolLM2's and Qwen's do.
+WHITESPACE_STARTS = ["\n\nHi there.", "  Hi there.", " \nHi there.", "\n\n\nHi there."]
+GEN_PROMPT_DIFFERS = CHATML_PLAIN.replace("'<|im_start|>assistant\\n' }}{%- endif",  # "\n\n" after it, not "\n"
+                                          "'<|im_start|>assistant\\n\\n' }}{%- endif")
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    """The example tokenizer with a ChatML template without {% generation %} markers (SmolLM2's, say)."""
+    from transformers import AutoTokenizer
+    tok = data.prepare_tokenizer(AutoTokenizer.from_pretrained(TOKENIZER))
+    tok.chat_template = CHATML_PLAIN
+    return tok
+
+
+def common_prefix(a, b):
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("response", WHITESPACE_STARTS)
+@pytest.mark.parametrize("template", ["plain", "markers"])
+def test_response_whitespace_merging_with_the_template(example_tok, plain_tok, template, response):
+    tok = plain_tok if template == "plain" else example_tok
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": response}]
+    prompt, ids = enc(tok, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"), \
+        enc(tok, f"<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n{response}<|im_end|>\n")
+    n = common_prefix(prompt, ids)
+    assert n == len(prompt) - 1  # the tokenizer does merge: the rendered prompt is no token prefix
+    notes = set()
+    out, _ = data.tokenize_example({"messages": msgs}, tok, "sft", 512, 256, notes)
+    assert out["input_ids"] == ids and notes == ({"merged"} if template == "plain" else set())
+    # Labelled: exactly the tokens after the common prefix, up to the end-of-turn token (the merged one included).
+    assert out["labels"] == [-100] * n + ids[n:-1] + [-100]
+    assert tok.decode(ids[n:-1]) == "\n" + response + "<|im_end|>"
+    # Preference: only chosen merges; the prompt is what both sides share, a true prefix of each.
+    pref = {"prompt": msgs[:1], "chosen": msgs[1:], "rejected": [{"role": "assistant", "content": "No."}]}
+    notes = set()
+    out, _ = data.tokenize_example(pref, tok, "preference", 512, 256, notes)
+    p = out["prompt_input_ids"]
+    assert p == prompt[:n] and notes == {"merged"}
+    assert out["chosen_input_ids"] == ids and out["chosen_labels"] == [-100] * n + ids[n:-1] + [-100]
+    rejected = enc(tok, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n")
+    assert out["rejected_input_ids"] == rejected and rejected[:len(prompt)] == prompt
+    assert out["rejected_labels"] == [-100] * len(prompt) + rejected[len(prompt):-1] + [-100]  # not the "\n"
+
+
+def test_whitespace_merge_in_a_middle_turn(plain_tok, example_tok):
+    conv = [*CONV[:2], {"role": "assistant", "content": "\n\n4."}, *CONV[3:]]
+    outs = [data.tokenize_example({"messages": conv}, tok, "sft", 512, 256)[0] for tok in (plain_tok, example_tok)]
+    assert outs[0] == outs[1]
+    assert [plain_tok.decode(r) for r in runs(outs[0]["labels"])] == ["\n\n\n4.<|im_end|>", "It is 6.<|im_end|>"]
+
+
+def test_whitespace_merge_warning_counts_records(tmp_path, plain_tok, capsys):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": r}]}
+            for i, r in enumerate(WHITESPACE_STARTS[:3] + ["plain", "text"])]
+    path = tmp_path / "ws.json"
+    path.write_text(json.dumps(rows))
+    spec = {"type": "custom_dataset", "path": str(path)}
+    tr, ev, st = data.build_datasets([spec], [], plain_tok, "sft", 512, 256, 1, 0)
+    assert len(tr) + len(ev) == 5 and st["warnings"] == [
+        "warning: 3 records: the response's first tokens merge with the chat template's (e.g. a response starting "
+        "with whitespace); split at the longest common token prefix"]
+    # make_tok merges no whitespace: no warning
+    assert "warnings" not in data.build_datasets([spec], [], make_tok(CHATML_PLAIN), "sft", 512, 256, 0, 0)[2]
+    plain_tok.save_pretrained(tmp_path / "tok")
+    assert data.main(["check", str(path), "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert capsys.readouterr().err == st["warnings"][0] + "\n"
+
+
+def test_inconsistent_templates_still_fail(plain_tok):
+    """Not a merge: the generation prompt's text is not what the conversation renders ("\n\n" vs "\n")."""
+    tok = copy.copy(plain_tok)
+    tok.chat_template = GEN_PROMPT_DIFFERS
+    assert GEN_PROMPT_DIFFERS != CHATML_PLAIN
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Hi."}]
+    for ex, kind in (({"messages": msgs}, "sft"), ({"prompt": msgs[:1], "chosen": msgs[1:], "rejected": msgs[1:]},
+                                                   "preference")):
+        with pytest.raises(DataError, match="not prefix-consistent"):
+            data.tokenize_example(ex, tok, kind, 512, 256)
+    # The text is consistent, but the tokens differ before the prompt's last MERGE_WINDOW tokens.
+    with pytest.raises(DataError, match="not prefix-consistent"):
+        data._split(tok, ("ab", [1, 2, 3, 4, 5, 6]), [1, 7, 8, 9, 10, 11, 12], lambda: "abc", "x", set())
+    assert data._split(tok, ("ab", [1, 2, 3, 4, 5, 6]), [1, 2, 8, 9, 10, 11], lambda: "abc", "x", set()) == 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -318,7 +406,19 @@ BAD = [
     (GOOD_SFT, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
      "field 'messages[1].content': empty"),
     (GOOD_PREF, {**GOOD_PREF, "chosen": {"from": "gpt", "value": ""}}, "field 'chosen.value': empty"),
-    (GOOD_PREF, {**GOOD_PREF, "rejected": {"from": "human", "value": "x"}}, "field 'rejected.from': the response"),
+    (GOOD_PREF, {**GOOD_PREF, "rejected": {"from": "human", "value": "x"}},
+     "field 'rejected.from': the response must be 'gpt', got 'human'"),  # as written, not normalized ('user')
+    (GOOD_PREF, {**GOOD_PREF, "chosen": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "x"}]},
+     "field 'chosen[1].from': the response must be 'gpt', got 'human'"),
+    (GOOD_PREF, {**GOOD_PREF, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+     "field 'conversations': the prompt must end with a user message, got 'gpt'"),
+    (GOOD_SFT, {"messages": [{"role": "assistant", "content": "Hello!"}, *GOOD_SFT["messages"]]},
+     "field 'messages[0]': the conversation starts with an assistant message"),
+    (GOOD_SFT, {"messages": [{"role": "user", "content": "a\ud800b"}, GOOD_SFT["messages"][1]]},
+     "field 'messages[0].content': invalid text: lone surrogate '\\ud800' at character 1"),
+    (GOOD_PREF, {**GOOD_PREF, "chosen": {"from": "gpt", "value": "\udfff"}},
+     "field 'chosen.value': invalid text: lone surrogate"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, {"chosen": "a", "rejected": "b"}, "field 'prompt': missing"),
     (GOOD_SFT, {"messages": [{"role": "user", "content": "q"}]}, "field 'messages': no assistant message"),
     (GOOD_SFT, {"messages": "hello"}, "field 'messages': must be a list"),
     (GOOD_SFT, {"conversations": [{"from": "human", "value": "q"}]}, "one format per file"),
@@ -362,6 +462,85 @@ def test_bad_files(tmp_path):
         data.load_examples({"type": "huggingface_dataset", "name": "imdb"}, "sft")
 
 
+def message(fn):
+    with pytest.raises(DataError) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", ["b.json", "b.jsonl", "b.json.gz"])
+def test_utf8_bom_is_read(tmp_path, name):
+    import gzip
+    path = tmp_path / name
+    text = json.dumps(GOOD_SFT) + "\n" if name == "b.jsonl" else json.dumps([GOOD_SFT])
+    with (gzip.open if name.endswith(".gz") else open)(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text.encode())
+    assert load(str(path), "sft") == [GOOD_SFT]
+
+
+def test_corrupt_gzip_is_one_line_error(tmp_path):
+    import gzip
+    blob = gzip.compress(json.dumps([GOOD_SFT] * 50).encode())
+    for name, content, what in (("garbage", blob[:10] + b"\x00not deflate data" * 5, "error"),
+                                ("truncated", blob[:-12], "EOFError"), ("plain", b"[]", "BadGzipFile")):
+        path = tmp_path / f"{name}.json.gz"
+        path.write_bytes(content)
+        assert message(lambda: load(str(path), "sft")).startswith(f"{path}: cannot read: {what}")
+
+
+def test_deeply_nested_json_is_one_line_error(tmp_path):
+    for name, text in (("deep.json", "[" * 100000), ("deep.jsonl", json.dumps(GOOD_SFT) + "\n" + "[" * 100000)):
+        (tmp_path / name).write_text(text)
+        assert message(lambda: load(str(tmp_path / name), "sft")) == \
+            f"{tmp_path / name}: invalid JSON: nested too deeply for Python's parser"
+
+
+def test_json_error_messages_are_complete(tmp_path):
+    path = tmp_path / "u.json"
+    path.write_text('[\n {"messages": "abc')
+    assert message(lambda: load(str(path), "sft")) == \
+        f"{path}: invalid JSON at line 2 column 15: Unterminated string starting at line 2 column 15"
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(GOOD_SFT) + '\n{"a": "x\ty"}\n')
+    assert message(lambda: load(str(path), "sft")) == \
+        f"{path}: invalid JSON at line 2 column 9: Invalid control character at line 2 column 9"
+
+
+def test_format_detection_needs_the_signature_keys(tmp_path):
+    import datasets
+    path = str(tmp_path / "odd.parquet")
+    datasets.Dataset.from_list([{"question_text": "q", "answer": "a"}]).to_parquet(path)
+    msg = message(lambda: data.load_examples({"type": "custom_dataset", "path": path}, "preference"))
+    assert msg.startswith(f"{path}: record 0: unrecognized format (keys ['answer', 'question_text']); expected the "
+                          "keys of one of: messages (SFT): messages; ")
+    assert "stack-exchange-preferences: question, answers; Anthropic HH: chosen, rejected" in msg
+    (tmp_path / "q.json").write_text('[{"question": "q"}]')  # shared a key with se: once taken for se
+    assert "unrecognized format (keys ['question'])" in message(lambda: load(str(tmp_path / "q.json"), "preference"))
+    # Record 1 of another format: "one format per file"; one that lacks keys of record 0's format is parsed as that.
+    share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "m.json").write_text(json.dumps([share, GOOD_PREF]))
+    assert "record 1: format conversations/chosen/rejected (preference) but record 0 is conversations (ShareGPT SFT)" \
+        in message(lambda: data._load({"type": "custom_dataset", "path": str(tmp_path / "m.json")}, None))
+    (tmp_path / "p.json").write_text(json.dumps([GOOD_PREF, {"conversations": share["conversations"][:1]}]))
+    assert message(lambda: load(str(tmp_path / "p.json"), "preference")).endswith("record 1: field 'chosen': missing")
+
+
+def test_conversation_starting_with_assistant_names_file_record_field(tmp_path, example_tok):
+    rows = [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            {"conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "hi"},
+                               {"from": "gpt", "value": "yo"}]}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rows))
+    spec = {"type": "custom_dataset", "path": str(path)}
+    assert message(lambda: data.build_datasets([spec], [], example_tok, "sft", 64, 32, 0, 0)) == \
+        f"{path}: record 1: field 'conversations[0]': the conversation starts with an assistant message; put a user " \
+        "(or system) message before it"
+    system_first = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi."}]}
+    out, _ = data.tokenize_example(data.PARSERS["messages"](system_first)[0], example_tok, "sft", 64, 32)
+    assert [example_tok.decode(r) for r in runs(out["labels"])] == ["Hi.<|im_end|>"]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # build_datasets and collate
 # --------------------------------------------------------------------------------------------------------------
@@ -387,8 +566,24 @@ def test_build_datasets_split(example_tok, many_sft):
     eval_spec = {"type": "custom_dataset", "path": os.path.join(FIX, "sft_messages.json")}
     tr, ev, st = build(0, 1, [eval_spec])
     assert len(tr) == 20 and len(ev) == 1 and example_tok.decode(ev[0]["input_ids"]).count("You are terse.") == 1
-    with pytest.raises(DataError, match="cannot hold out n_eval_examples=20"):
-        build(0, 20)
+    tr, ev, st = build(0, 10)  # half of the records: held out as asked
+    assert (len(tr), len(ev)) == (10, 10) and "warnings" not in st
+
+
+@pytest.mark.parametrize("n_eval", [11, 20, 256])
+def test_n_eval_examples_beyond_what_the_data_can_spare(example_tok, many_sft, n_eval):
+    tr, ev, st = data.build_datasets([many_sft], [], example_tok, "sft", 64, 32, n_eval, 0)
+    assert (len(tr), len(ev)) == (18, 2) and st["warnings"] == [  # 10% of the 20 records
+        f"warning: n_eval_examples={n_eval} but the data has only 20 records: holding out 2 for evaluation "
+        "(set n_eval_examples or eval_datasets)"]
+    assert ev == data.build_datasets([many_sft], [], example_tok, "sft", 64, 32, 2, 0)[1]  # the same 2
+
+
+def test_held_out_rule():
+    assert [data._held_out(256, n)[0] for n in (1, 2, 3, 19, 20, 39, 40, 500, 511)] == [0, 1, 1, 1, 2, 3, 4, 50, 51]
+    assert data._held_out(256, 512) == (256, None) and data._held_out(0, 1) == (0, None)
+    assert data._held_out(5, 1)[1].startswith("warning: n_eval_examples=5 but the data has only 1 records: holding "
+                                              "out 0")
 
 
 def test_build_datasets_counts_truncated_and_skipped(example_tok):
@@ -494,6 +689,38 @@ def test_cli_check(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {bad}: invalid JSON at line 1 column 3: Expecting property name enclosed in double quotes\n"
     bad.write_text(json.dumps([GOOD_PREF, {**GOOD_PREF, "chosen": None}]))
     assert_one_line_error(run_cli("data.py", "check", str(bad)), "bad.json: record 1: field 'chosen': missing")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_cli_convert_output_gets_umask_permissions(tmp_path, umask):
+    out = tmp_path / "out.json"
+    old = os.umask(umask)
+    try:
+        assert data.main(["convert", os.path.join(FIX, "dpo_trl.jsonl"), str(out), "--to", "dpo"]) == 0
+        assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask
+        os.chmod(out, 0o640)  # an existing OUT keeps its mode, as with open(OUT, "w")
+        assert data.main(["convert", os.path.join(FIX, "dpo_trl.jsonl"), str(out), "--to", "dpo"]) == 0
+        assert os.stat(out).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_readme_data_tool_commands_work(tmp_path, monkeypatch, capsys):
+    import re
+    import shlex
+    import shutil
+    blocks = [re.search(r"```bash\n(python data.py.*?)```", open(os.path.join(ROOT, name), encoding="utf-8").read(),
+                        re.S).group(1) for name in ("README.md", "README_zh.md")]
+    commands = [shlex.split(line, comments=True) for line in blocks[0].splitlines()]
+    assert commands == [shlex.split(line, comments=True) for line in blocks[1].splitlines()]
+    shutil.copy(os.path.join(FIX, "dpo_seed.json"), tmp_path / "my_pairs.json")  # the placeholders' kinds of data
+    shutil.copy(os.path.join(FIX, "dpo_trl.jsonl"), tmp_path / "trl_pairs.jsonl")
+    monkeypatch.chdir(tmp_path)
+    for args in commands:
+        assert args[:2] == ["python", "data.py"]
+        args = [os.path.join(ROOT, a) if a.startswith("example/") else a for a in args[2:]]
+        assert data.main(args) == 0, (args, capsys.readouterr().err)
+    assert load(str(tmp_path / "pairs.json"), "preference") == load("dpo_trl.jsonl", "preference")
 
 
 def test_cli_convert_round_trip(tmp_path):
