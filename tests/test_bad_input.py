@@ -94,8 +94,16 @@ def test_folder_without_weights(tmp_path, run_dir, capsys):
                                     f"model.tokenizer_name_or_path={ROOT}/example/tokenizer"], ["model.name_or_path"])
 
 
-def test_too_few_examples_for_eval(run_dir, capsys):
-    run_and_check(capsys, run_dir, ["n_eval_examples=100000"], ["n_eval_examples"])
+def test_too_few_examples_for_eval():
+    """Not an error any more: n_eval_examples beyond what the data can spare holds out 10% of it, with one warning."""
+    import data
+    from transformers import AutoTokenizer
+    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(os.path.join(ROOT, "example", "tokenizer")))
+    spec = {"type": "custom_dataset", "path": os.path.join(ROOT, "example", "data", "sft_demo.json")}
+    train_data, eval_data, stats = data.build_datasets([spec], [], tokenizer, "sft", 512, 256, 100000, 0)
+    assert (len(train_data), len(eval_data)) == (360, 40) and stats["warnings"] == [
+        "warning: n_eval_examples=100000 but the data has only 400 records: holding out 40 for evaluation "
+        "(set n_eval_examples or eval_datasets)"]
 
 
 def test_missing_archive(tmp_path, run_dir, capsys):
