@@ -202,3 +202,300 @@ def sft_loss(token_logps: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> 
     else:
         denominator = max(num_loss_tokens, 1)
     return -token_logps.sum() / denominator
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The preference-optimisation family: one pure function per loss.
+#
+# Paired losses share one signature, so a table can call them generically:
+#
+#     <name>_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, <hyper-parameters>)
+#         -> losses [B], chosen_rewards [B], rejected_rewards [B], metrics {name: [B]}
+#
+# chosen, rejected: [B] the policy's sequence log-probs of y_w, y_l (summed or length-averaged: the caller decides;
+# where a loss's paper or TRL prescribes one, its docstring says so). ref_chosen, ref_rejected: [B] the same under
+# the reference, or None for reference-free losses (which never read them). The rewards are detached implicit
+# rewards: beta * (logp - ref_logp), or beta * logp for reference-free losses (as TRL logs them). metrics holds
+# per-pair extras under TRL's metric names. Write c = chosen - ref_chosen, r = rejected - ref_rejected (log-ratios)
+# and h = c - r. beta has no default: it is the caller's, with different customary values per loss (TRL: 0.1).
+# ---------------------------------------------------------------------------------------------------------------------
+
+import math  # noqa: E402  (appended section; joins the imports at the top when the module is restructured)
+
+
+def _logratios(chosen, rejected, ref_chosen, ref_rejected, beta):
+    """(c, r, chosen_rewards, rejected_rewards) of a reference-based pair loss."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    c, r = chosen - ref_chosen, rejected - ref_rejected
+    return c, r, beta * c.detach(), beta * r.detach()
+
+
+def _ref_free(chosen, rejected, beta):
+    """(h, chosen_rewards, rejected_rewards) of a reference-free pair loss: h = chosen - rejected, reward beta logp."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return chosen - rejected, beta * chosen.detach(), beta * rejected.detach()
+
+
+def _smoothed_sigmoid(logits, eps):
+    """-(1 - eps) log sigmoid(logits) - eps log sigmoid(-logits): the conservative (label-smoothed) logistic loss."""
+    return -(1.0 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7), with label smoothing cDPO (Mitchell 2023, eq. 3).
+
+        loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),   h = c - r
+
+    label_smoothing eps in [0, 0.5]: the assumed probability that a label is flipped; default 0 (plain DPO).
+    Reference-free DPO is this with zero reference log-probs. Same numbers as ``preference_loss``.
+    """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return _smoothed_sigmoid(beta * (c - r), label_smoothing), cr, rr, {}
+
+
+def robust_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoothing=0.1):
+    """Robust DPO, rDPO (Chowdhury et al. 2024, arXiv:2403.00409): the unbiased loss under label-flip rate eps.
+
+        loss = ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps)
+
+    label_smoothing eps in [0, 0.5): the noise rate; default 0.1, the paper's recommended value (TRL's field
+    defaults to 0, which is plain DPO). TRL's formula exactly. Unlike cDPO the flipped term is SUBTRACTED.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    eps, logits = label_smoothing, beta * (c - r)
+    losses = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
+    return losses, cr, rr, {}
+
+
+def ipo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), beta playing the paper's tau.
+
+        loss = (h - 1 / (2 beta))^2
+
+    On whatever log-probs are given: the original DPO code passes summed ones; TRL divides each log-ratio by its
+    completion length first (the form the IPO authors used), which is this function on length-averaged log-probs.
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return (c - r - 1.0 / (2.0 * beta)) ** 2, cr, rr, {}
+
+
+def hinge_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """Hinge loss of SLiC (Zhao et al. 2023, arXiv:2305.10425) as normalised by RSO (Liu et al. 2023, arXiv:2309.06657).
+
+        loss = relu(1 - beta h)      (beta: RSO's gamma, the inverse margin)
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return torch.relu(1.0 - beta * (c - r)), cr, rr, {}
+
+
+def exo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoothing=1e-3):
+    """EXO-pref (Ji et al. 2024, arXiv:2402.00856, eq. 16): KL(p_theta || p_label) over the pair, K = 2.
+
+        q_w = sigmoid(beta h), q_l = sigmoid(-beta h), target (1 - eps, eps):
+        loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)
+
+    label_smoothing eps in (0, 1): default 1e-3, the paper's and TRL's recommended value (0 is undefined).
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in (0, 1) for EXO, got {label_smoothing}")
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    logits, eps = beta * (c - r), label_smoothing
+    losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps))
+              + torch.sigmoid(-logits) * (F.logsigmoid(-logits) - math.log(eps)))
+    return losses, cr, rr, {}
+
+
+def nca_pair_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """NCA, pairwise (Chen et al. 2024, arXiv:2402.05369): absolute, not relative, likelihoods.
+
+        loss = -log sigmoid(beta c) - 1/2 log sigmoid(-beta c) - 1/2 log sigmoid(-beta r)
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    losses = -F.logsigmoid(beta * c) - 0.5 * F.logsigmoid(-beta * c) - 0.5 * F.logsigmoid(-beta * r)
+    return losses, cr, rr, {}
+
+
+def sppo_hard_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """SPPO with hard labels (Wu et al. 2024, arXiv:2405.00675, eq. 4.7 with P(y_w > y_l) = 1, P(y_l > y_w) = 0).
+
+        loss = (c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2      (beta: the paper's 1 / eta)
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2, cr, rr, {}
+
+
+def apo_zero_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7): chosen better than the model's own outputs.
+
+        loss = 1 - sigmoid(beta c) + sigmoid(beta r)
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return 1.0 - torch.sigmoid(beta * c) + torch.sigmoid(beta * r), cr, rr, {}
+
+
+def apo_down_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta):
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8): chosen worse than the model's own outputs.
+
+        loss = sigmoid(beta c) + 1 - sigmoid(beta (c - r))
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    return torch.sigmoid(beta * c) + 1.0 - torch.sigmoid(beta * (c - r)), cr, rr, {}
+
+
+def discopop_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, discopop_tau=0.05):
+    """DiscoPOP, log-ratio modulated loss (Chris Lu et al. 2024, arXiv:2406.08414, eq. 5).
+
+        z = beta h, w = sigmoid(z / tau):   loss = (1 - w) * -log sigmoid(z) + w * exp(-z)
+
+    discopop_tau: the temperature tau, default 0.05 (paper and TRL).
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    z = beta * (c - r)
+    w = torch.sigmoid(z / discopop_tau)
+    return -F.logsigmoid(z) * (1.0 - w) + torch.exp(-z) * w, cr, rr, {}
+
+
+def bco_pair_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, delta):
+    """BCO, paired (Jung et al. 2024, arXiv:2404.04656): a binary classifier on the implicit rewards with a shift.
+
+        loss = -log sigmoid(beta c - delta) - log sigmoid(-(beta r - delta))
+
+    delta: the running mean of the implicit rewards (state of the caller, not a hyper-parameter; float or scalar
+    tensor). metrics["reward_mean"] [B] is (beta c + beta r) / 2, detached: its mean over the batch is the batch's
+    mean reward, which TRL's RunningMoments folds into delta (see ``running_mean_update``). TRL (0.9 to 0.28) folds it
+    in BEFORE computing this step's loss; the rewards do not depend on delta, so a caller gets that order by updating
+    with ``beta * (c + r).mean() / 2`` first (or takes a one-step lag by updating from the metric after).
+    TRL 1.16's DPOTrainer dropped the running mean: its 'bco_pair' is this with delta = 0.
+    """
+    c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
+    losses = -F.logsigmoid(beta * c - delta) - F.logsigmoid(-(beta * r - delta))
+    return losses, cr, rr, {"reward_mean": (cr + rr) / 2}
+
+
+def running_mean_update(mean, count, batch_mean, batch_count=1):
+    """One step of TRL's RunningMoments mean (the part BCO uses): a count-weighted running mean.
+
+        count' = count + batch_count,   mean' = mean + (batch_mean - mean) * batch_count / count'
+
+    Pure, on floats (or scalar tensors): the trainer keeps (mean, count) as checkpointable state, starting from TRL's
+    (0.0, 1e-24). TRL updates with one scalar per step (the batch's mean reward, ``bco_pair_loss``'s
+    metrics["reward_mean"].mean()), so batch_count = 1 (with DDP its global statistics count one per rank: pass the
+    mean over ranks and batch_count = world size). TRL does this arithmetic in float32; this is float64 for floats.
+    """
+    total = count + batch_count
+    return mean + (batch_mean - mean) * batch_count / total, total
+
+
+def simpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta, simpo_gamma=0.5, label_smoothing=0.0):
+    """SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6): reference-free, length-normalised, with a target margin.
+
+        loss = -log sigmoid(beta (c - r) - gamma)      (with label smoothing: the cDPO mix of both signs, as TRL)
+
+    c, r: the policy's LENGTH-AVERAGED log-probs (the caller averages). simpo_gamma: the margin gamma itself, TRL's
+    ``simpo_gamma`` semantics, default 0.5 (TRL); the SimPO code's ``gamma_beta_ratio`` is simpo_gamma / beta (its
+    defaults: beta 2.0, gamma_beta_ratio 0.5, i.e. simpo_gamma 1.0). label_smoothing: default 0, in [0, 0.5].
+    ref_chosen / ref_rejected are ignored. Rewards: beta * logp (TRL).
+    """
+    h, cr, rr = _ref_free(chosen, rejected, beta)
+    return _smoothed_sigmoid(beta * h - simpo_gamma, label_smoothing), cr, rr, {}
+
+
+def cpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta, label_smoothing=0.0):
+    """CPO, preference part (Xu et al. 2024, arXiv:2401.08417, eq. 3): reference-free DPO on summed log-probs.
+
+        loss = -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
+
+    c, r: the policy's SUMMED log-probs. label_smoothing eps: default 0. CPO's full objective adds its NLL term on the
+    chosen responses, cpo_alpha * ``nll_loss`` (TRL's cpo_alpha defaults to 1.0): the caller adds it, this function
+    is the preference part only. ref_chosen / ref_rejected are ignored. Rewards: beta * logp (TRL).
+    """
+    h, cr, rr = _ref_free(chosen, rejected, beta)
+    return _smoothed_sigmoid(beta * h, label_smoothing), cr, rr, {}
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Maechler 2012; as TRL's ORPO)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta):
+    """ORPO, odds-ratio part (Hong et al. 2024, arXiv:2403.07691, eqs. 4 and 7).
+
+        log odds(y) = logp - log(1 - exp(logp)),  L_OR = -log sigmoid(log odds(y_w) - log odds(y_l)),  loss = beta L_OR
+
+    c, r: the policy's LENGTH-AVERAGED log-probs, which the caller MUST pass (as TRL: odds of a summed log-prob are
+    meaningless). beta is the paper's lambda (TRL default 0.1). The full ORPO loss adds the NLL on the chosen
+    responses (``nll_loss``, weight 1): the caller adds it. Sign: this is the loss to minimise; TRL's
+    ``odds_ratio_loss`` returns its negative (beta log sigmoid(...)) and subtracts it. Computed in at least float32.
+    metrics (TRL's names, per pair): "log_odds_ratio" = log sigmoid(log-odds difference), "log_odds_chosen" = the
+    log-odds difference. Rewards: beta * logp (TRL). ref_chosen / ref_rejected are ignored.
+    """
+    dtype = torch.promote_types(chosen.dtype, torch.float32)
+    chosen, rejected = chosen.to(dtype), rejected.to(dtype)
+    h, cr, rr = _ref_free(chosen, rejected, beta)
+    log_odds = h - (_log1mexp(chosen) - _log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    return -beta * ratio, cr, rr, {"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
+
+
+def kto_loss(logps, ref_logps, desirable, kl, *, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7 with TRL's formula): unpaired, one label per example.
+
+    Args:
+        logps, ref_logps: [B] summed sequence log-probs of the policy and the reference.
+        desirable: [B] bool, True for desirable (chosen) examples.
+        kl: scalar, the reference point z0 (``kto_kl``; detached, >= 0).
+        desirable_weight, undesirable_weight: lambda_D, lambda_U, default 1.0 (TRL); the paper advises
+            lambda_D n_D / (lambda_U n_U) in [1, 4/3] for unbalanced data.
+
+    With x = logps - ref_logps:   desirable:   lambda_D (1 - sigmoid(beta (x - kl)))
+                                  undesirable: lambda_U (1 - sigmoid(beta (kl - x)))
+
+    Returns losses [B] (in input order: TRL concatenates desirable then undesirable, same mean), rewards [B] =
+    beta x detached, metrics {"kl": kl broadcast to [B]}.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    x = logps - ref_logps
+    desirable = torch.as_tensor(desirable, dtype=torch.bool, device=x.device)
+    kl = torch.as_tensor(kl, dtype=x.dtype, device=x.device).detach()
+    losses = torch.where(desirable, desirable_weight * (1.0 - torch.sigmoid(beta * (x - kl))),
+                         undesirable_weight * (1.0 - torch.sigmoid(beta * (kl - x))))
+    return losses, beta * x.detach(), {"kl": kl.expand_as(x)}
+
+
+def kto_kl(kl_logps, ref_kl_logps):
+    """KTO's reference point: z0 = max(0, mean(kl_logps - ref_kl_logps)), detached (TRL).
+
+    kl_logps, ref_kl_logps: [B] summed log-probs of MISMATCHED pairs (each prompt with another example's completion)
+    under the policy and the reference. The caller computes it over the whole global batch (all micro-batches and
+    ranks: gather first); TRL averages a micro-batch over ranks, then clamps. Returns a 0-dim tensor.
+    """
+    return (kl_logps - ref_kl_logps).mean().clamp(min=0).detach()
+
+
+def dft_loss(token_logps, num_loss_tokens):
+    """DFT, Dynamic Fine-Tuning (Wu et al. 2025, "On the Generalization of SFT", arXiv:2508.05629).
+
+        loss = -sum_t sg(p(y_t)) log p(y_t) / num_loss_tokens,   sg: stop-gradient, p = exp(logp)
+
+    Each token's NLL weighted by its detached probability. token_logps [N], num_loss_tokens: the global batch's
+    label-token count, exactly as ``sft_loss`` (which this is, on reweighted log-probs). Returns a scalar.
+    """
+    return sft_loss(token_logps * token_logps.detach().exp(), num_loss_tokens)
+
+
+def nll_loss(chosen_token_logps_sum, num_chosen_tokens):
+    """NLL on the chosen responses, token-normalised over the global batch: -sum / count.
+
+    The modifier term of RPO (Pang et al. 2024, arXiv:2404.19733: DPO + alpha NLL) and the NLL term of CPO and ORPO
+    (added by the caller with its weight). chosen_token_logps_sum: [B] summed log-probs of the chosen responses;
+    num_chosen_tokens: the number of chosen label tokens in the WHOLE global batch (as ``sft_loss``). Returns a scalar.
+    """
+    return sft_loss(chosen_token_logps_sum, num_chosen_tokens)
