@@ -306,6 +306,11 @@ def _sources(spec):
         raise DataError(f"datasets: unknown type {typ!r}; allowed: custom_dataset, huggingface_dataset")
     if hub_id:
         label = f"{hub_id} [{split}]"
+        from utils import UserError, check_hub_reachable  # no torch: the data tool stays fast
+        try:  # offline: one line in seconds, not a minute of retries
+            check_hub_reachable(hub_id, "datasets", repo_type="dataset")
+        except UserError as e:
+            raise DataError(f"{label}: cannot load: {str(e).removeprefix('config: datasets: ')}") from None
         return name, [(label, _with_datasets(lambda ds: ds.load_dataset(hub_id, split=split).to_list(), label))]
     if os.path.isfile(path):
         return name, [(path, _read_file(path))]

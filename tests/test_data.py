@@ -384,8 +384,17 @@ def test_hh_raw_folder_layout_gz(tmp_path):
 
 
 def test_hub_id_offline_is_data_error():
-    with pytest.raises(DataError, match=r"someone/somedata \[train\]: cannot load"):
-        data.load_examples({"type": "custom_dataset", "path": "someone/somedata"}, "sft")
+    """HF_HUB_OFFLINE=1 (conftest): refused at once, saying so; and without it, where the hub cannot be reached here,
+    within seconds (a probe, not the library's minute of retries)."""
+    for spec in ({"type": "custom_dataset", "path": "someone/somedata"}, {"type": "huggingface_dataset", "name": "hh"}):
+        with pytest.raises(DataError, match=r"\[train\]: cannot load: .*HF_HUB_OFFLINE=1 is set"):
+            data.load_examples(spec, "preference")
+    script = ("import data, time; t = time.time()\ntry: data.load_examples({'type': 'huggingface_dataset', 'name': 'hh'}, "
+              "'preference')\nexcept data.DataError as e: print(round(time.time() - t), e)")
+    env = {k: "" for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = run_cli("-c", script, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)  # a closed port
+    seconds, message = proc.stdout.split(" ", 1)
+    assert int(seconds) <= 5 and "Anthropic/hh-rlhf [train]: cannot load" in message and "cannot be reached" in message
 
 
 # --------------------------------------------------------------------------------------------------------------
