@@ -22,8 +22,8 @@ import sys
 import tempfile
 import warnings
 
-from utils import (TrainingError, UserError, abort_now, check_hub_reachable, choices, config_yaml, list_checkpoints,
-                   load_config, remove_partial_checkpoints, set_seed, write_atomic)
+from utils import (TrainingError, UserError, abort_now, check_hub_reachable, checkpoint_problem, choices, config_yaml,
+                   human_bytes, list_checkpoints, load_config, remove_partial_checkpoints, set_seed, write_atomic)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,6 +141,16 @@ def disable_dropout(config_or_model):
     return config_or_model
 
 
+def pickle_imports(path) -> bool:
+    """Whether a (legacy, not zipped) pickle file imports or calls anything: read opcode by opcode, never run."""
+    import pickletools
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE") for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a complete pickle: damaged
+        return False
+
+
 def load_archive(model, path):
     """Weights from a `.pt` state dict (or {'state': state_dict}, as the original project saved), tensors only."""
     if not os.path.isfile(path):
@@ -156,7 +166,7 @@ def load_archive(model, path):
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # a damaged file, not a refused object
+        if "Weights only load failed" not in str(e) or magic != b"PK" and not pickle_imports(path):  # damaged
             raise UserError(f"config: model.archive: {path}: not a loadable torch state dict (damaged?)") from e
         raise UserError(f"config: model.archive: {path}: refused: the file holds Python objects other than tensors "
                         "(possibly code); only plain state dicts load (torch.load weights_only=True)") from e
@@ -308,13 +318,15 @@ def build_policy(cfg, tokenizer, device):
 
 
 def build_reference(cfg, policy):
-    """A frozen copy of the initial policy in reference_dtype; None when the loss needs no reference."""
+    """A frozen copy of the initial policy (in reference_dtype when set); None when the loss needs no reference."""
     if cfg.loss.name == "sft" or cfg.loss.reference_free:
         return None
     reference = copy.deepcopy(policy)
     if cfg.activation_checkpointing:
         reference.activation_checkpointing_disable()  # forward-only: nothing to recompute
-    dtype = DTYPES[cfg.model.reference_dtype or cfg.model.policy_dtype]
+    # by default the reference IS the initial policy: float32 weights under the same autocast, so that before any
+    # update policy and reference agree exactly (rewards 0); reference_dtype stores it in half precision instead
+    dtype = DTYPES[cfg.model.reference_dtype or "float32"]
     return reference.to(dtype).eval().requires_grad_(False)
 
 
@@ -323,7 +335,10 @@ def build_data(cfg, tokenizer):
     eval_specs = [dict(s) for s in cfg.eval_datasets]
     train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, data_kind(cfg.loss.name), cfg.max_length,
                                                    cfg.max_prompt_length, cfg.n_eval_examples, cfg.seed)
+    notes = stats.pop("warnings", [])
     if is_main_process():
+        for line in notes:
+            print(line, file=sys.stderr)
         print("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return train, evaluation
 
@@ -332,43 +347,102 @@ def run_dir_of(cfg) -> str:
     return os.path.abspath(os.path.expanduser(cfg.output_dirs))
 
 
-def resolve_resume(cfg):
-    """The checkpoint to continue from, or None to start afresh; refuses to mix a new run into an old run's folder."""
+def resolve_resume(cfg) -> list:
+    """The checkpoints to continue from, the preferred first ([] to start afresh); refuses to mix a new run into an
+    old run's folder. resume=auto lists the run's resumable checkpoints newest first, leaving out (with a warning)
+    any whose files were cut short or removed since they were written."""
     run_dir = run_dir_of(cfg)
     if cfg.resume is None:
         old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
         if old_run and not cfg.overwrite:
             raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, or "
                             "start afresh with overwrite=true (removes its files)")
-        return None
+        return []
     if cfg.resume == "auto":
-        found = list_checkpoints(run_dir, resumable=True)
-        return found[-1][1] if found else None
+        found = []
+        for _, path in reversed(list_checkpoints(run_dir, resumable=True)):
+            problem = checkpoint_problem(path)
+            if problem and is_main_process():
+                print(f"warning: checkpoint {path} is damaged ({problem}): skipped", file=sys.stderr)
+            found += [] if problem else [path]
+        return found
     if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise UserError(f"config: resume: '{cfg.resume}' is not a complete checkpoint folder (no trainer_state.json); "
                         "use resume=auto or a step-N / final folder of a run")
-    return cfg.resume
+    problem = checkpoint_problem(cfg.resume)
+    if problem:
+        raise UserError(f"resume: checkpoint {cfg.resume} is damaged ({problem}): resume from an earlier one")
+    return [cfg.resume]
 
 
-def prepare_run_dir(cfg, n_params=0, fresh=True):
-    """Create the run folder (emptied first for overwrite=true), drop half-written checkpoints, check it can hold a
-    checkpoint, save the resolved config. Called only once every input has been checked."""
-    run_dir = run_dir_of(cfg)
+def load_newest(trainer, candidates):
+    """Load the first checkpoint of `candidates` that loads; with resume=auto an unreadable one (corrupt in a way
+    its file sizes do not show) is skipped with a warning. Returns the path, or None for a fresh start."""
+    for i, path in enumerate(candidates):
+        try:
+            trainer.load_checkpoint(path)
+            return path
+        except Exception as e:  # whatever torch.load / safetensors raise for a damaged file
+            if trainer.cfg.resume != "auto" or isinstance(e, UserError) and "does not match" in str(e):
+                raise e if isinstance(e, UserError) else UserError(f"resume: cannot read {path}: {e}") from e
+            if trainer.is_main:
+                print(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): skipped",
+                      file=sys.stderr)
+    if candidates:
+        raise UserError(f"resume: none of the {len(candidates)} checkpoints in {run_dir_of(trainer.cfg)} can be read; "
+                        "start afresh with overwrite=true")
+    return None
+
+
+def take_run_lock(run_dir) -> int:
+    """An exclusive lock on the run folder itself (flock on its descriptor: nothing is written), held until the
+    process ends or the descriptor is closed: a second run on the same folder is refused instead of interleaving its
+    files with ours. The kernel drops the lock of a dead process, so a crashed run never blocks the next one. The
+    owner's pid is in `<run folder>/.lock` (written by prepare_run_dir), for the message."""
+    import fcntl
+    fd = os.open(run_dir, os.O_RDONLY)
     try:
-        if fresh and cfg.overwrite and os.path.isdir(run_dir):
-            shutil.rmtree(run_dir)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            with open(os.path.join(run_dir, ".lock")) as f:
+                owner = f.read().strip() or "?"
+        except OSError:
+            owner = "?"
+        raise UserError(f"config: output_dirs '{run_dir}' is in use by another run (pid {owner}); wait for it to end "
+                        "or choose another output_dirs") from None
+    return fd
+
+
+def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
+    """Create the run folder and lock it, empty it first for overwrite=true, drop half-written checkpoints, check
+    it can hold a checkpoint, save the resolved config. Called only once every input has been checked; nothing is
+    written into the folder before the space check has passed."""
+    run_dir = run_dir_of(cfg)
+    existing = run_dir
+    while not os.path.exists(existing):  # the disk it will be on
+        existing = os.path.dirname(existing)
+    export_bytes = DTYPES[cfg.model.policy_dtype].itemsize
+    state_bytes = 12 if cfg.save_optimizer else 0  # Adam moments + float32 masters
+    need, free = n_params * (export_bytes + state_bytes), shutil.disk_usage(existing).free
+    if not cfg.debug and need > free:
+        raise UserError(f"config: output_dirs: '{run_dir}' has {human_bytes(free)} free but one checkpoint needs about "
+                        f"{human_bytes(need)}: free space or point output_dirs elsewhere")
+    try:
         os.makedirs(run_dir, exist_ok=True)
+        lock = take_run_lock(run_dir) if lock is None else lock
+        write_atomic(os.path.join(run_dir, ".lock"), str(os.getpid()))
+        if fresh and cfg.overwrite:
+            for name in os.listdir(run_dir):
+                if name != ".lock":
+                    path = os.path.join(run_dir, name)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         remove_partial_checkpoints(run_dir)
         write_atomic(os.path.join(run_dir, "config.yaml"), config_yaml(cfg))
     except OSError as e:
         raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror or e}") from e
-    export_bytes = DTYPES[cfg.model.policy_dtype].itemsize
-    state_bytes = (8 + (4 if export_bytes < 4 else 0)) if cfg.save_optimizer else 0  # Adam moments (+ fp32 masters)
-    need, free = n_params * (export_bytes + state_bytes), shutil.disk_usage(run_dir).free
-    if not cfg.debug and need > free:
-        raise UserError(f"config: output_dirs: '{run_dir}' has {free / 2**30:.1f} GiB free but one checkpoint needs about "
-                        f"{need / 2**30:.1f} GiB: free space or point output_dirs elsewhere")
-    return run_dir
+    return run_dir, lock
 
 
 def check_versions():
@@ -396,24 +470,29 @@ def build_trainer(cfg):
 def main(config_path, overrides=()):
     """Returns the exit code: 0 finished, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
     cfg = load_config(config_path, overrides)
-    resume_from = resolve_resume(cfg)
-    trainer = build_trainer(cfg)
-    if resume_from:
-        trainer.load_checkpoint(resume_from)
-    n_params = sum(p.numel() for p in trainer.policy.parameters())  # a sharded DTensor counts its full size
-    failed = None
-    if trainer.is_main:  # only now, once every input has been checked
-        try:
-            prepare_run_dir(cfg, n_params, fresh=resume_from is None)
-        except UserError as e:
-            failed = e
-    if trainer.any_process(failed is not None):  # every rank stops, none waits for rank 0 in a collective
-        raise failed or UserError("rank 0 could not prepare the run folder")
-    if trainer.is_main:
-        start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
-        print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
-              f"{n_params / 1e6:.2f}M params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
-    status = trainer.train()
+    # an existing run folder is locked first: another run's checkpoints may otherwise change while we read them
+    lock = take_run_lock(run_dir_of(cfg)) if is_main_process() and os.path.isdir(run_dir_of(cfg)) else None
+    try:
+        candidates = resolve_resume(cfg)
+        trainer = build_trainer(cfg)
+        resume_from = load_newest(trainer, candidates)
+        n_params = sum(p.numel() for p in trainer.policy.parameters())  # a sharded DTensor counts its full size
+        failed = None
+        if trainer.is_main:  # only now, once every input has been checked
+            try:
+                _, lock = prepare_run_dir(cfg, n_params, fresh=resume_from is None, lock=lock)
+            except UserError as e:
+                failed = e
+        if trainer.any_process(failed is not None):  # every rank stops, none waits for rank 0 in a collective
+            raise failed or UserError("rank 0 could not prepare the run folder")
+        if trainer.is_main:
+            start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+            print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
+                  f"{n_params / 1e6:.2f}M params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+        status = trainer.train()
+    finally:
+        if lock is not None:
+            os.close(lock)
     if status == "interrupted" and trainer.is_main:
         again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
         print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}", flush=True)

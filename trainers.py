@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -27,9 +28,10 @@ from tqdm import tqdm
 
 import data
 import losses
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, config_yaml, example_key, logps_cache_path,
-                   model_flop_shape, model_flops, peak_flops, plot_curves, prune_checkpoints, read_logps_cache, rng_state,
-                   set_rng_state, write_logps_cache)
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, checkpoint_files, config_yaml, example_key,
+                   logps_cache_path, model_flop_shape, model_flops, peak_flops, plot_curves, prune_checkpoints,
+                   read_logps_cache, replace_checkpoint, rng_state, set_rng_state, write_atomic, write_failure,
+                   write_logps_cache)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 VARLEN_ATTN = "varlen_attn"  # model.attn_implementation: batches as segments, no mask (train.varlen_attention)
@@ -99,6 +101,10 @@ class BasicTrainer:
         self.eval_data = eval_data[: len(eval_data) - len(eval_data) % self.world_size]
         self.total_steps = math.ceil(self.n_train_examples / cfg.total_batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        if cfg.warmup_steps > self.total_steps and self.is_main:
+            print(f"warning: warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): the "
+                  f"learning rate never reaches lr={cfg.lr:g} (its peak is {self.total_steps / (cfg.warmup_steps + 1):.0%} "
+                  "of it); lower warmup_steps", file=sys.stderr)
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not (enabled=False makes it a no-op)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
@@ -296,21 +302,24 @@ class BasicTrainer:
 
     @torch.no_grad()
     def sample(self, writer):
-        """Sample completions of the first eval prompts from the policy (and reference) into samples/step-N.txt."""
-        examples = self.eval_data[: self.cfg.n_eval_model_samples]
+        """Sample completions of the first eval prompts from the policy (and reference) into samples/step-N.txt.
+        A finished reply shows its end-of-turn token; one cut by max_new_tokens ends in "[truncated ...]"."""
+        cfg, tok = self.cfg, self.tokenizer
+        examples = self.eval_data[: cfg.n_eval_model_samples]
         batch = self.to_batch(examples)
         models = {"policy": self.policy, **({"reference": self.reference} if self.reference is not None else {})}
-        rows = [{"prompt": self.tokenizer.decode(ex["prompt_input_ids"], skip_special_tokens=False)} for ex in examples]
+        rows = [{"prompt": tok.decode(ex["prompt_input_ids"], skip_special_tokens=False)} for ex in examples]
+        how = dict(do_sample=True, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p) \
+            if cfg.sample_temperature > 0 else dict(do_sample=False)  # temperature 0: greedy
         for name, model in models.items():
             model.eval()
             with self.autocast():
                 out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
-                                     max_new_tokens=self.cfg.max_new_tokens, do_sample=True, top_p=0.95,
-                                     pad_token_id=self.tokenizer.pad_token_id,
+                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id, **how,
                                      synced_gpus=self.world_size > 1)  # keep stepping until every process is done
-            texts = self.tokenizer.batch_decode(out[:, batch["prompt_input_ids"].shape[1]:], skip_special_tokens=True)
-            for row, text in zip(rows, texts):
-                row[name] = text
+            for row, ids in zip(rows, out[:, batch["prompt_input_ids"].shape[1]:].tolist()):
+                row[name] = sample_text(tok, ids, cfg.max_new_tokens)
         if not self.is_main:
             return
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
@@ -380,25 +389,23 @@ class BasicTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
         save_dtype = DTYPES[self.cfg.model.policy_dtype]
-        state = {k: v.to(save_dtype) for k, v in self.full_state_dict().items()}  # collective under FSDP
+        state = export_state(self.policy, self.full_state_dict(), save_dtype)  # collective under FSDP
         if self.cfg.save_optimizer:
             self.save_sharded(os.path.join(tmp, "dcp"))  # collective under FSDP; written by every process
         if not self.is_main:
             return final
         try:
-            self.write_checkpoint(tmp, state, save_dtype)
-            if os.path.exists(final):  # `final` of a resumed run: swap, then drop the old one
-                os.replace(final, final + ".old.tmp")
-            os.replace(tmp, final)
-            shutil.rmtree(final + ".old.tmp", ignore_errors=True)
-        except OSError as e:
+            self.write_checkpoint(tmp, state)
+            replace_checkpoint(tmp, final)
+        except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
             shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not save checkpoint {final}: {e.strerror or e} (earlier checkpoints are kept)") from e
+            raise TrainingError(f"could not save checkpoint {final}: {write_failure(e, self.run_dir)} (earlier "
+                                "checkpoints are kept)") from e
         if self.cfg.save_total_limit:
             prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
         return final
 
-    def write_checkpoint(self, folder, state, save_dtype):
+    def write_checkpoint(self, folder, state):
         self.policy.save_pretrained(folder, state_dict=state)
         with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
             hf_config = json.load(f)
@@ -412,26 +419,32 @@ class BasicTrainer:
                      "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak}
             if self.world_size == 1:  # sharded runs keep optimizer state and float32 weights in dcp/
                 state["optimizer"] = self.optimizer.state_dict()
-                # exported weights in half precision lose bits: keep the float32 masters for an exact resume
-                state["master_weights"] = None if save_dtype == torch.float32 else self.policy.state_dict()
+                # the float32 masters under their own names: the export may be rounded (half precision) or renamed
+                # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
+                state["master_weights"] = self.policy.state_dict()
             torch.save(state, os.path.join(folder, "training_state.pt"))
-        with open(os.path.join(folder, "trainer_state.json"), "w") as f:  # written last: marks the folder complete
-            json.dump({"step": self.step, "examples_seen": self.examples_seen}, f)
         for root, _, files in os.walk(folder):  # on disk before the rename makes the checkpoint visible
             for file in files:
                 with open(os.path.join(root, file), "rb") as f:
                     os.fsync(f.fileno())
+        # written last: marks the folder complete; the file sizes let a resume tell a truncated file from a good one
+        write_atomic(os.path.join(folder, "trainer_state.json"), json.dumps(
+            {"step": self.step, "examples_seen": self.examples_seen, "files": checkpoint_files(folder)}))
 
     def load_weights(self, folder, master_weights):
-        weights = master_weights
-        if weights is None:  # float32 run: the exported safetensors are the master weights
-            from safetensors.torch import load_file
-            weights = {}
-            for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
-                weights.update(load_file(os.path.join(folder, file)))
-        missing, _ = self.policy.load_state_dict(weights, strict=False)
-        if any(not k.endswith("lm_head.weight") for k in missing):  # tied lm_head is not stored separately
-            raise UserError(f"resume: {folder} does not match the model: missing {missing[:3]}")
+        """The float32 masters into the policy, every key accounted for (strict): a checkpoint of another
+        architecture is one line naming the first key that differs."""
+        live = self.policy.state_dict()
+        for key, value in master_weights.items():
+            if key in live and live[key].shape != value.shape:
+                raise UserError(f"resume: {folder} does not match the model: '{key}' is {list(value.shape)} in the "
+                                f"checkpoint but {list(live[key].shape)} in the model (was the architecture changed?)")
+        missing, unexpected = set(live) - set(master_weights), set(master_weights) - set(live)
+        if missing or unexpected:
+            what = (f"missing {sorted(missing)[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
+                (f"unexpected {sorted(unexpected)[:3]}" if unexpected else "")
+            raise UserError(f"resume: {folder} does not match the model: {what} (was the architecture changed?)")
+        self.policy.load_state_dict(master_weights, strict=True)
 
     def load_checkpoint(self, folder):
         """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
@@ -443,8 +456,15 @@ class BasicTrainer:
         if "optimizer" not in state:  # written by a sharded run: weights and optimizer from dcp/, any world size
             load_sharded_state(self, folder)
         else:
+            if state.get("master_weights") is None:  # written before the masters were always kept: the export
+                from transformers import AutoModelForCausalLM  # through transformers, which knows its key names
+                state["master_weights"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
             self.load_weights(folder, state["master_weights"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise UserError(f"resume: {folder}: its optimizer state does not fit this run (optimizer or "
+                                f"architecture changed?): {e}") from e
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         with open(os.path.join(folder, "trainer_state.json")) as f:
@@ -461,7 +481,8 @@ class BasicTrainer:
         writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, resume_step=self.step if resumed else None,
                                wandb_id=self.wandb_id)
         self.wandb_id = writer.wandb_id
-        # from here on SIGTERM / a first Ctrl-C ends training gracefully, also during precompute and first eval
+        # from here on SIGTERM / a first Ctrl-C ends training gracefully, also during precompute, the first eval and
+        # the final save (which then finishes: the run is complete)
         with self.stop_on_signals():
             if cfg.precompute_reference_logps:
                 self.precompute_reference_logps()
@@ -485,36 +506,39 @@ class BasicTrainer:
                         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
                                         **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
                         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                    paused = time.perf_counter()
                     if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
-                        paused = time.perf_counter()
                         self.evaluate_and_log(writer)
-                        window_start += time.perf_counter() - paused  # evaluation time is not training throughput
                     periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
                     stop = self.any_process(self.stop_signal is not None)
                     if not cfg.debug and self.step < self.total_steps and (periodic or stop):
-                        paused = time.perf_counter()
                         self.save(f"step-{self.step:06d}")
-                        window_start += time.perf_counter() - paused  # nor is saving
+                    # evaluation and saving are not training: neither the tokens/s nor the bar's rate and ETA count them
+                    window_start += exclude_from_bar(bar, time.perf_counter() - paused)
                     if stop:
                         self.stop_signal = self.stop_signal or signal.SIGTERM
                         break
-        writer.close()
-        if self.is_main:
-            plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"), preference=self.kind == "preference")
-        if self.stop_signal and self.step < self.total_steps:
-            return "interrupted"
-        if not cfg.debug:
-            path = self.save("final")
+            writer.close()
             if self.is_main:
-                print(f"saved final checkpoint to {path}")
+                plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"),
+                            preference=self.kind == "preference")
+            if self.step < self.total_steps:
+                return "interrupted"
+            if not cfg.debug:
+                path = self.save("final")
+                if self.is_main:
+                    print(f"saved final checkpoint to {path}")
         return "finished"
 
     @contextlib.contextmanager
     def stop_on_signals(self):
-        """SIGTERM (preemption) / first Ctrl-C: finish the step, save, stop. A second Ctrl-C aborts at once."""
+        """SIGTERM (preemption) / first Ctrl-C: finish the step, save, stop. A second Ctrl-C aborts at once; a
+        repeated SIGTERM changes nothing (the stop is under way)."""
         def request_stop(signum, frame):
-            if self.stop_signal is not None:  # exits right here: an exception raised at an arbitrary point of the
-                abort_now(say=self.is_main)   # program (say, inside tqdm's lock setup) could end in a traceback
+            if self.stop_signal is not None:
+                if signum == signal.SIGINT:  # exits right here: an exception raised at an arbitrary point of the
+                    abort_now(say=self.is_main)  # program (say, inside tqdm's lock setup) could end in a traceback
+                return
             self.stop_signal = signum
             if self.is_main:
                 tqdm.write(f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
@@ -570,7 +594,9 @@ class FSDPTrainer(BasicTrainer):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         if reference is not None and cfg.fsdp.shard_reference:
-            shard_model(reference, block, mesh, MixedPrecisionPolicy(), offload)  # stays in reference_dtype
+            # exactly the policy's compute (same gathered dtype) unless reference_dtype stores it in half precision
+            half = cfg.model.reference_dtype in ("bfloat16", "float16")
+            shard_model(reference, block, mesh, MixedPrecisionPolicy() if half else mixed, offload)
         elif reference is not None:
             reference.to(device)  # a full replica on every device: no communication in its forward
         super().__init__(cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
@@ -617,11 +643,44 @@ class FSDPTrainer(BasicTrainer):
         dcp.save(state, checkpoint_id=path)
 
 
+def sample_text(tokenizer, ids, max_new_tokens) -> str:
+    """A generated reply as text: up to and including its end-of-turn (eos) token, which stays visible, or marked
+    as cut when generation stopped at max_new_tokens instead."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[:ids.index(tokenizer.eos_token_id)]
+        return tokenizer.decode(ids, skip_special_tokens=True) + tokenizer.eos_token
+    return tokenizer.decode(ids, skip_special_tokens=True) + f" [truncated at max_new_tokens={max_new_tokens}]"
+
+
+def exclude_from_bar(bar, seconds) -> float:
+    """Shift a tqdm bar's clock by `seconds` (time spent on evaluation or saving), so that its rate and ETA
+    measure training steps only. Returns `seconds`."""
+    if not bar.disable:  # a disabled bar (processes other than the main one) keeps no clock
+        bar.start_t += seconds
+        bar.last_print_t += seconds
+    return seconds
+
+
 def check_batch_split(cfg, world_size):
     per_step = cfg.gradient_accumulation_steps * world_size
     if cfg.total_batch_size % per_step:
         raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by gradient_accumulation_steps "
                         f"x world size = {cfg.gradient_accumulation_steps} x {world_size} = {per_step}")
+
+
+def export_state(model, state, dtype):
+    """`state` (the model's full state dict, or {} off the main process) in `dtype`, with tied weights sharing one
+    tensor again: a converted or gathered dict has a copy per name, and save_pretrained, which drops a tie only
+    when both names share storage, would write the tied embedding twice."""
+    converted = {k: v.to(dtype) for k, v in state.items()}
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        for name in names[1:]:
+            if names[0] in converted and name in converted:
+                converted[name] = converted[names[0]]
+    return converted
 
 
 def find_block_class(model, name):

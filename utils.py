@@ -429,20 +429,81 @@ def list_checkpoints(run_dir, resumable=False) -> list:
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
         path = os.path.join(run_dir, name)
         state = os.path.join(path, "trainer_state.json")
-        if name.endswith(".tmp") or not os.path.isfile(state):
+        if name.endswith((".tmp", ".old")) or not os.path.isfile(state):
             continue
         if resumable and not os.path.isfile(os.path.join(path, "training_state.pt")):
             continue
-        with open(state) as f:
-            found.append((json.load(f)["step"], name == "final", path))
+        try:
+            with open(state) as f:
+                found.append((json.load(f)["step"], name == "final", path))
+        except (ValueError, KeyError, OSError):  # unreadable: not a complete checkpoint
+            continue
     return [(step, path) for step, _, path in sorted(found)]
 
 
+def checkpoint_files(folder) -> dict:
+    """{relative path: size in bytes} of every file in a checkpoint folder (recorded in trainer_state.json)."""
+    return {os.path.relpath(os.path.join(root, f), folder): os.path.getsize(os.path.join(root, f))
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def checkpoint_problem(folder):
+    """Why a checkpoint cannot be trusted (a file missing or cut short since it was written), or None."""
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        expected = json.load(f).get("files", {})  # absent in checkpoints of older versions: nothing to compare
+    for name, size in expected.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def replace_checkpoint(tmp, final):
+    """Make the complete folder `tmp` the checkpoint `final`. An existing `final` (a resumed run's) is moved aside
+    as `final.old` first and removed last, so some complete `final` exists at every instant but one rename (and
+    `remove_partial_checkpoints` puts `final.old` back if a crash comes between the two renames)."""
+    if os.path.exists(final):
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        os.replace(final, final + ".old")
+    os.replace(tmp, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
 def remove_partial_checkpoints(run_dir):
-    """A crash during a save leaves `<name>.tmp`: never used, removed at the next start."""
+    """A crash during a save leaves `<name>.tmp` (never used: removed at the next start), and a crash while a
+    checkpoint is replaced may leave its previous version as `<name>.old` (restored when `<name>` is gone)."""
     for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        if name.endswith(".tmp") and os.path.isdir(os.path.join(run_dir, name)):
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+        path = os.path.join(run_dir, name)
+        if name.endswith(".tmp") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.endswith(".old") and os.path.isdir(path):
+            if os.path.exists(path[:-4]):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.replace(path, path[:-4])
+
+
+def human_bytes(n) -> str:
+    """1.5 GiB, 340 MiB, 12 KiB: sizes in messages, never "0.0 GiB" for a small one."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def write_failure(error, folder) -> str:
+    """What went wrong in a failed write, in a few words: the OS's reason, or (torch's zip writer raises a
+    RuntimeError of several lines) "write failed", with the space left when the disk is (nearly) full."""
+    reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:200]
+    if not isinstance(error, OSError):
+        reason = f"write failed ({type(error).__name__})"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return reason
+    return reason if free > 2**30 else f"{reason}; {human_bytes(free)} free on that disk"
 
 
 def prune_checkpoints(run_dir, keep):

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import trainers
+import utils
 from utils import UserError
 from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
 from test_train import TINY, build, local_model_overrides, params_of
@@ -91,7 +92,7 @@ def check_sharded_state_loads_into_one_process(checkpoint, basic, model_dir):
     """Written by 2 processes, read by 1 (DCP reshards): the policy and the SGD momentum of 3 BasicTrainer steps."""
     fresh = build("dpo", model_dir, *COMMON, *RUNS["dpo"])
     state = trainers.load_sharded_state(fresh, str(checkpoint))
-    assert state == {"step": 3, "examples_seen": 12}
+    assert (state["step"], state["examples_seen"]) == (3, 12)
     for k, want in params_of(basic.policy).items():
         torch.testing.assert_close(params_of(fresh.policy)[k], want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
     names = {p: n for n, p in basic.policy.named_parameters()}
@@ -213,3 +214,28 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]  # noqa: E731
     assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def test_sharded_reference_and_tied_export_in_one_process(tmp_path, monkeypatch):
+    """FSDPTrainer (world size 1, bf16 mixed precision, tied embeddings): the sharded reference computes exactly what
+    the initial policy does (step-0 rewards 0), and the gathered export keeps the tie (one tensor, as save_pretrained)."""
+    from safetensors.torch import load_file
+
+    import train
+    from test_train import TIED
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(train.free_port())).items():
+        monkeypatch.setenv(key, value)
+    cfg = utils.load_config(TINY["dpo"], ["trainer=FSDPTrainer", "model.policy_dtype=bfloat16", "model.reference_dtype=null",
+                                          f"model.from_config={TIED}", "n_eval_examples=8", f"output_dirs={tmp_path}/run"])
+    try:
+        trainer = train.build_trainer(cfg)
+        metrics = trainer.evaluate()
+        exported = trainer.save("final")
+    finally:
+        torch.distributed.destroy_process_group()
+    assert metrics["eval/rewards/margins"] == 0 and metrics["eval/rewards/chosen"] == 0
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
+    assert sorted(load_file(os.path.join(exported, "model.safetensors"))) == sorted(load_file(plain / "model.safetensors"))
+    assert os.path.getsize(os.path.join(exported, "model.safetensors")) == os.path.getsize(plain / "model.safetensors")

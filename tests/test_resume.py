@@ -221,3 +221,142 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
         trainer.save("step-000002")
     assert sorted(os.listdir(tmp_path)) == ["step-000001"]  # no half-written folder left behind
     assert {name: open(os.path.join(good, name), "rb").read() for name in os.listdir(good)} == before
+    monkeypatch.undo()
+
+    def zip_writer_full(*args, **kwargs):  # what torch.save raises when the disk fills up mid-file
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4544 vs 4432\nframe #0: ...")
+    monkeypatch.setattr(torch, "save", zip_writer_full)
+    with pytest.raises(utils.TrainingError) as failed:
+        trainer.save("step-000002")
+    assert "write failed (RuntimeError)" in str(failed.value) and "\n" not in str(failed.value)
+    assert sorted(os.listdir(tmp_path)) == ["step-000001"]
+
+
+# ---- model families, damaged checkpoints, faults during a save --------------------------------------------------
+FAMILIES = {  # transformers treats them differently: GPT-NeoX saves its head as embed_out, qwen2 here ties it
+    "gpt_neox": "{model_type: gpt_neox, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                "num_attention_heads: 4, max_position_embeddings: 256}",
+    "llama": "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, "
+             "num_key_value_heads: 2, max_position_embeddings: 256}",
+    "qwen2-tied": "{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+                  "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}",
+}
+SHORT = ["n_epochs=null", "n_examples=32", "total_batch_size=8", "save_model_step=2", "n_eval_examples=0",
+         "print_log_step=1", "save_total_limit=null"]
+
+
+def family_config(tmp_path, family):
+    """tiny-dpo.yml with another architecture (a whole from_config, not merged into the llama one)."""
+    text = open(os.path.join(ROOT, "example", "tiny-dpo.yml")).read()
+    start, end = text.index("  from_config:"), text.index("  policy_dtype:")
+    path = tmp_path / f"{family}.yml"
+    path.write_text(text[:start] + f"  from_config: {FAMILIES[family]}\n" + text[end:])
+    return str(path)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_resume_is_exact_on_every_model_family(family, tmp_path):
+    """Continue from step 2 of a 4-step run: the same final weights, bit for bit (the head included: GPT-NeoX's
+    export names it embed_out, the live model lm_head), and the same metrics for steps 3 and 4."""
+    config = family_config(tmp_path, family)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train.main(config, [*SHORT, f"output_dirs={whole}"]) == 0
+    checkpoint = whole / "step-000002"
+    if family == "gpt_neox":  # a checkpoint of an earlier version, without the masters: read through transformers
+        state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+        state["master_weights"] = None
+        torch.save(state, checkpoint / "training_state.pt")
+        files = json.loads((checkpoint / "trainer_state.json").read_text())
+        (checkpoint / "trainer_state.json").write_text(json.dumps({k: v for k, v in files.items() if k != "files"}))
+    assert train.main(config, [*SHORT, f"output_dirs={resumed}", f"resume={checkpoint}"]) == 0
+    expected, got = final_weights(whole), final_weights(resumed)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert metrics_without_timing(resumed) == metrics_without_timing(whole)[2:]
+
+
+def test_damaged_newest_checkpoints_are_skipped(uninterrupted, tmp_path, capsys):
+    """final's training_state.pt cut short (its size says so) and step-10's overwritten with junk of the same size
+    (it fails to load): resume=auto warns about both, continues from step 8 and ends where the whole run ended."""
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    final_state = run_dir / "final" / "training_state.pt"
+    final_state.write_bytes(final_state.read_bytes()[:1000])
+    junk = run_dir / "step-000010" / "training_state.pt"
+    junk.write_bytes(b"\0" * junk.stat().st_size)
+    code = train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), [f"output_dirs={run_dir}", *RUN, "resume=auto"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "resuming from" in out and "step-000008" in out
+    assert "final is damaged (training_state.pt has 1000 bytes" in err and "step-000010 cannot be read" in err
+    expected, got = final_weights(uninterrupted), final_weights(run_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_changed_architecture_on_resume_is_one_line(uninterrupted, tmp_path, capsys):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}", *RUN,
+                      "resume=auto", "model.from_config.intermediate_size=96"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "does not match the model" in err[0] and "final" in err[0] and "mlp" in err[0] and "[96, 64]" in err[0], err
+
+
+def test_second_run_on_a_busy_folder_is_refused(tmp_path):
+    """A lock on the run folder: a second run on it is refused while the first lives; a dead run's lock is not."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "n_examples=4000")
+    wait_for(run_dir / "metrics.jsonl", proc)
+    other = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={run_dir}", *RUN, "resume=auto")
+    assert_one_line_error(other, "output_dirs", "in use by another run", f"pid {proc.pid}")
+    proc.kill()
+    proc.wait()
+    again = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={run_dir}", *RUN, "overwrite=true",
+                    "debug=true", "n_examples=8", "n_eval_examples=0")
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+SIGTERM_IN_FINAL_SAVE = """
+import os, signal, sys
+import train, trainers
+write = trainers.BasicTrainer.write_checkpoint
+def write_and_get_a_signal(self, folder, state):
+    if folder.endswith("final.tmp"):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, in the middle of the final save
+    write(self, folder, state)
+trainers.BasicTrainer.write_checkpoint = write_and_get_a_signal
+sys.exit(train.cli(["example/tiny-sft.yml", "--overrides", "output_dirs=" + sys.argv[1], "n_eval_examples=0",
+                    "n_examples=8", "n_epochs=null", "total_batch_size=4"]))
+"""
+
+
+def test_sigterm_during_the_final_save_lets_it_finish(tmp_path):
+    proc = run_cli("-c", SIGTERM_IN_FINAL_SAVE, str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "SIGTERM" in proc.stdout + proc.stderr and "saved final checkpoint" in proc.stdout
+    assert [s for s, _ in utils.list_checkpoints(tmp_path / "run", resumable=True)] == [2]
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
+
+
+def test_crash_while_replacing_a_checkpoint_keeps_the_old_one(tmp_path):
+    """Killed between the two renames of replace_checkpoint: `final` is gone, `final.old` holds it; the next start
+    puts it back."""
+    run_dir = tmp_path / "run"
+    (run_dir / "final.old").mkdir(parents=True)
+    (run_dir / "final.old" / "trainer_state.json").write_text(json.dumps({"step": 3, "examples_seen": 24}))
+    (run_dir / "final.tmp").mkdir()
+    assert utils.list_checkpoints(run_dir) == []
+    utils.remove_partial_checkpoints(run_dir)
+    assert sorted(os.listdir(run_dir)) == ["final"] and utils.list_checkpoints(run_dir)[0][0] == 3
+
+
+def test_disk_space_check_speaks_mib_and_writes_nothing(tmp_path, monkeypatch):
+    import collections
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"), [f"output_dirs={tmp_path}/run"])
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 6 * 2**20, 6 * 2**20))
+    with pytest.raises(utils.UserError, match=r"has 6\.0 MiB free but one checkpoint needs about 16\.0 MiB"):
+        train.prepare_run_dir(cfg, n_params=2**20)
+    assert not os.path.exists(tmp_path / "run")
+    assert [utils.human_bytes(n) for n in (512, 3 * 2**10, 2**31)] == ["512 bytes", "3.0 KiB", "2.0 GiB"]

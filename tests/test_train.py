@@ -77,7 +77,9 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     assert [s for s in steps if s.startswith("step-")] == ["step-000010", "step-000020"]   # 23 steps in all
     assert (run / "step-000010" / "training_state.pt").exists() and (run / "final" / "training_state.pt").exists()
     assert not any(s.endswith(".tmp") for s in steps)
-    assert json.load(open(run / "final" / "trainer_state.json")) == {"step": 23, "examples_seen": 368}
+    counters = json.load(open(run / "final" / "trainer_state.json"))
+    assert (counters["step"], counters["examples_seen"]) == (23, 368)
+    assert counters["files"]["model.safetensors"] == os.path.getsize(run / "final" / "model.safetensors")
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
     assert before.keys() == after.keys()
@@ -118,7 +120,7 @@ def test_dpo_reference_frozen_and_policy_moves(tiny_model_dir):
     trainer = build("dpo", tiny_model_dir, "n_examples=32", "n_epochs=null", "debug=true",
                     f"output_dirs={tiny_model_dir}/../dpo-ref-run")
     initial = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    train.prepare_run_dir(trainer.cfg)
+    os.close(train.prepare_run_dir(trainer.cfg)[1])  # the run folder and its lock
     trainer.train()
     reference, policy = params_of(trainer.reference), params_of(trainer.policy)
     assert all(torch.equal(reference[k], initial[k]) for k in initial)
@@ -291,3 +293,77 @@ def test_dropout_is_disabled(tmp_path):
     with torch.no_grad():
         first, second = (trainer.policy(input_ids=batch["input_ids"], use_cache=False).logits for _ in range(2))
     assert torch.equal(first, second)
+
+
+TIED = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, " \
+       "num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_reference_equals_the_initial_policy_in_every_dtype(dtype, tmp_path):
+    """Before any update, policy and reference compute the same log-probs: rewards exactly 0, loss exactly ln 2.
+    A half-precision reference (reference_dtype, the memory-saving option) does not: the control."""
+    def first_eval(reference_dtype):
+        cfg = utils.load_config(TINY["dpo"], [f"model.policy_dtype={dtype}", f"model.reference_dtype={reference_dtype}",
+                                              "n_eval_examples=16", f"output_dirs={tmp_path}"])
+        return train.build_trainer(cfg).evaluate()
+    metrics = first_eval("null")
+    assert metrics["eval/rewards/chosen"] == 0 and metrics["eval/rewards/rejected"] == 0
+    assert metrics["eval/rewards/margins"] == 0 and metrics["eval/rewards/accuracies"] == 0
+    assert metrics["eval/loss"] == pytest.approx(0.6931471805599453, abs=1e-7)
+    if dtype == "float32":
+        half = first_eval("bfloat16")
+        assert half["eval/rewards/margins"] != 0 and half["eval/loss"] != metrics["eval/loss"]
+
+
+def test_export_keeps_tied_weights_once(tmp_path):
+    """A bf16 export of a tied-embedding model: the same tensors and bytes as a plain save_pretrained of it."""
+    from safetensors.torch import load_file
+    cfg = utils.load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
+                                          "n_eval_examples=0", f"output_dirs={tmp_path}/run"])
+    trainer = train.build_trainer(cfg)
+    exported = trainer.save("final")
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
+    ours, theirs = (load_file(os.path.join(p, "model.safetensors")) for p in (exported, plain))
+    assert sorted(ours) == sorted(theirs) and "lm_head.weight" not in ours
+    assert os.path.getsize(os.path.join(exported, "model.safetensors")) == os.path.getsize(plain / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(exported)
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_samples_show_how_a_reply_ended_and_greedy_is_repeatable(tiny_model_dir, tmp_path):
+    import trainers
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    hello = tok("hello", add_special_tokens=False)["input_ids"]
+    assert trainers.sample_text(tok, hello + [tok.eos_token_id, tok.eos_token_id], 8) == "hello" + tok.eos_token
+    assert trainers.sample_text(tok, hello, 8) == "hello [truncated at max_new_tokens=8]"
+    trainer = build("sft", tiny_model_dir, "n_eval_examples=2", "sample_temperature=0", "n_eval_model_samples=2",
+                    "max_new_tokens=6", f"output_dirs={tmp_path}")
+    texts = []
+    for step in (1, 2):
+        trainer.step = step
+        trainer.sample(utils.MetricsWriter(tmp_path, trainer.cfg, enabled=False))
+        texts.append(open(tmp_path / "samples" / f"step-{step:06d}.txt").read())
+    assert texts[0] == texts[1] and "[truncated at max_new_tokens=6]" in texts[0]
+
+
+def test_progress_bar_rate_leaves_out_evaluation_time():
+    """0.3 s of "evaluation" between two steps: the bar's clock (elapsed, hence rate and ETA) does not count it."""
+    import time
+    from tqdm import tqdm
+
+    import trainers
+    bar = tqdm(total=10, file=open(os.devnull, "w"), mininterval=0)
+    bar.update(1)
+    time.sleep(0.3)
+    assert trainers.exclude_from_bar(bar, 0.3) == 0.3
+    bar.update(1)
+    assert bar.format_dict["elapsed"] < 0.2
+    bar.close()
+
+
+def test_warmup_longer_than_the_run_is_a_warning(tiny_model_dir, capsys):
+    build("sft", tiny_model_dir, "warmup_steps=150", "total_batch_size=8", "n_examples=16", "n_epochs=null")
+    err = capsys.readouterr().err
+    assert "warning: warmup_steps=150 is longer than the run (2 steps)" in err
