@@ -766,12 +766,14 @@ def main(argv=None):
     check.add_argument("--loss", choices=("sft", "dpo"), default=None, help="default: from the file's format")
     check.add_argument("--tokenizer", default=None, help="default: example/tokenizer when it exists")
     check.add_argument("--max-length", type=int, default=512)
-    check.add_argument("--max-prompt-length", type=int, default=256)
+    check.add_argument("--max-prompt-length", type=int, default=None, help="default: half of --max-length, as train.py")
     conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format")
     conv.add_argument("input", metavar="IN")
     conv.add_argument("out", metavar="OUT")
     conv.add_argument("--to", choices=("sft", "dpo"), required=True)
     args = ap.parse_args(argv)
+    if getattr(args, "max_prompt_length", 0) is None:
+        args.max_prompt_length = args.max_length // 2
     try:
         _cmd_check(args) if args.command == "check" else _cmd_convert(args)
     except DataError as e:

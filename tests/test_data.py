@@ -692,6 +692,8 @@ def test_cli_check(tmp_path, capsys):
     assert "1 truncated, 1 skipped" in out
     assert data.main(["check", os.path.join(FIX, "hh_raw.jsonl"), "--loss", "sft"]) == 0
     assert "2 records (1 dropped), format Anthropic HH, kind sft" in capsys.readouterr().out
+    assert data.main(["check", os.path.join(FIX, "dpo_seed.json"), "--max-length", "100"]) == 0
+    assert "at max_length 100, max_prompt_length 50:" in capsys.readouterr().out  # half, as train.py's default
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
     assert data.main(["check", str(bad)]) == 2
