@@ -470,8 +470,9 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
                   prompt_input_ids = the messages before the last assistant turn with add_generation_prompt=True,
                   keeping its last max_prompt_length tokens (used to sample completions).
       preference: {"prompt_input_ids", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"};
-                  <side>_input_ids = prompt_input_ids + response ids; labels -100 on the prompt. The prompt is
-                  the rendered one, less its last token(s) when a response's first tokens merge with them (_split).
+                  <side>_input_ids = the prompt + response ids; labels -100 on the prompt. That prompt is the
+                  rendered one, less its last token(s) when a response's first tokens merge with them (_split);
+                  prompt_input_ids (to sample from) is the whole rendered prompt, cut at the front as it is.
     notes: a set that gets "merged" when that happened (for a warning).
     Truncation: when prompt + response exceeds max_length, the prompt (the context before the first labelled token)
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
@@ -507,7 +508,10 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
         sides, truncated = {k: (ids[:room], lab[:room]) for k, (ids, lab) in sides.items()}, True
     if any(all(l == -100 for l in lab) for _, lab in sides.values()):
         return None, truncated
-    out = {"prompt_input_ids": prompt}
+    # what the model is asked to continue when sampling: the whole generation prompt, even where a response's first
+    # tokens merged with its end, cut at the front as the shared prefix was
+    generation = _render(tokenizer, example["prompt"], True)[1]
+    out = {"prompt_input_ids": generation[start - len(prompt):]}
     for side, (ids, lab) in sides.items():
         out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
     return out, truncated
@@ -600,6 +604,12 @@ def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
     return [(ex[f"{p}input_ids"], ex[f"{p}labels"]) for p in prefixes for ex in examples]
 
 
+def label_count(labels: list[int]) -> int:
+    """How many tokens of a sequence are scored: its labels other than -100, but never its first token (nothing
+    predicts it). The one definition, for loss normalisers and FLOP counts alike."""
+    return sum(1 for t in labels[1:] if t != -100)
+
+
 def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: sequence indices grouped into rows of at most `capacity` tokens (a longer
     sequence gets a row of its own). Deterministic: ties go to the row opened first."""
@@ -639,7 +649,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
                   position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
                   there is no attention_mask: the model then attends only within each sequence. The first token
                   of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).
-      cu_seq_lens [S + 1] int32, max_seq_len (an int): the rows as segments (`segments`).
+      cu_seq_lens [S + 1] int32, max_seq_len (an int): the rows as segments (`segments`); n_seqs (an int).
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
@@ -677,6 +687,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     if not packing:
         batch["attention_mask"] = (batch["seq_ids"] >= 0).long()
     batch["cu_seq_lens"], batch["max_seq_len"] = segments(batch["seq_ids"])
+    batch["n_seqs"] = len(seqs)
     prompts = [ex["prompt_input_ids"] for ex in examples]
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)

@@ -1,4 +1,4 @@
-"""Loss functions for SFT and preference optimisation (DPO, conservative DPO, IPO).
+"""Loss functions for SFT and preference optimisation, and LOSSES: the one table of what each `loss.name` needs.
 
 Pure functions of tensors: no config objects, no models. Shapes use
 B = batch size (preference pairs), N = number of scored token positions, V = vocabulary size.
@@ -9,6 +9,10 @@ flattened over the batch: ``logits`` [N, V], ``labels`` [N], ``seq_ids`` [N] (wh
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -116,70 +120,6 @@ def sequence_logps(token_logps: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int
     return total
 
 
-def preference_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-    ipo: bool = False,
-    reference_free: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO-family loss for a batch of preference pairs.
-
-    Args:
-        policy_chosen_logps, policy_rejected_logps: [B] log pi_theta(y_w | x), log pi_theta(y_l | x).
-        reference_chosen_logps, reference_rejected_logps: [B] the same under the frozen reference pi_ref.
-        beta: the KL-strength / inverse temperature, > 0.
-        label_smoothing: eps, the assumed probability that a preference label is flipped (conservative DPO,
-            Mitchell 2023); 0 gives plain DPO. Must lie in [0, 0.5].
-        ipo: use the IPO loss instead of the sigmoid (DPO) loss.
-        reference_free: treat the reference log-probs as 0 (an implicit uniform reference), in the loss
-            and in the rewards.
-
-    With the log-ratio difference (all per example)
-
-        h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l))
-
-    the per-example losses are
-
-        DPO  (Rafailov et al. 2023, eq. 7):   -log sigmoid(beta * h)
-        cDPO (Mitchell 2023):                 -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
-        IPO  (Azar et al. 2023, eq. 17):      (h - 1 / (2 * beta)) ** 2
-
-    IPO is applied to the *summed* sequence log-ratios, as in the original DPO repository (TRL instead
-    averages the log-probs over tokens first; pass ``sequence_logps(..., average=True)`` values for that).
-
-    Returns:
-        losses: [B], one loss per pair (reduce with ``.mean()`` or a global-batch normaliser).
-        chosen_rewards, rejected_rewards: [B], the implicit rewards ``beta * (log pi - log ref)``, detached.
-    """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
-    if ipo and label_smoothing:
-        raise ValueError("label_smoothing (conservative DPO) is not defined for the IPO loss")
-    if reference_free:
-        reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
-        reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
-
-    policy_logratios = policy_chosen_logps - policy_rejected_logps
-    reference_logratios = reference_chosen_logps - reference_rejected_logps
-    h = policy_logratios - reference_logratios
-
-    if ipo:
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        eps = label_smoothing
-        losses = -(1.0 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
-
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
 def sft_loss(token_logps: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> torch.Tensor:
     """Next-token NLL of one micro-batch, normalised by the token count of the whole global batch.
 
@@ -220,9 +160,6 @@ def sft_loss(token_logps: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> 
 # and h = c - r. beta has no default: it is the caller's, with different customary values per loss (TRL: 0.1).
 # ---------------------------------------------------------------------------------------------------------------------
 
-import math  # noqa: E402  (appended section; joins the imports at the top when the module is restructured)
-
-
 def _logratios(chosen, rejected, ref_chosen, ref_rejected, beta):
     """(c, r, chosen_rewards, rejected_rewards) of a reference-based pair loss."""
     if beta <= 0:
@@ -249,7 +186,7 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoothin
         loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),   h = c - r
 
     label_smoothing eps in [0, 0.5]: the assumed probability that a label is flipped; default 0 (plain DPO).
-    Reference-free DPO is this with zero reference log-probs. Same numbers as ``preference_loss``.
+    Reference-free DPO is this with zero reference log-probs.
     """
     if not 0.0 <= label_smoothing <= 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
@@ -499,3 +436,93 @@ def nll_loss(chosen_token_logps_sum, num_chosen_tokens):
     num_chosen_tokens: the number of chosen label tokens in the WHOLE global batch (as ``sft_loss``). Returns a scalar.
     """
     return sft_loss(chosen_token_logps_sum, num_chosen_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loss table: what each `loss.name` trains on and needs, declared once. The config check (utils), the decision
+# to build a reference (models), the data kind (data), the loss step (`micro_batch_loss`, called by the trainer) and
+# the tests all ask it; nothing else branches on loss names.
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable                  # the pure loss function above
+    data: str                     # the data kind it trains on (data.py): "sft" conversations | "preference" pairs
+    reference: bool = False       # needs reference log-probs: a reference model, or log-probs precomputed with one
+    average: bool = False         # scores length-averaged sequence log-probs instead of summed ones
+    nll: str | None = None        # the hyper-parameter weighing an NLL term on the chosen responses, if any
+    params: dict = field(default_factory=dict)  # its loss.* hyper-parameters and their defaults (its paper's)
+    metrics: tuple = ()           # what its fn reports per pair, beyond rewards/*, logps/* and logits/*
+
+    @property
+    def unit(self) -> str:
+        """What its loss and metrics are averaged over in a global batch: label tokens (SFT) or examples."""
+        return "tokens" if self.data == "sft" else "examples"
+
+
+LOSSES = {
+    "sft": Loss(sft_loss, "sft"),
+    "dpo": Loss(dpo_loss, "preference", reference=True, params={"beta": 0.1, "label_smoothing": 0.0}),
+    "ipo": Loss(ipo_loss, "preference", reference=True, params={"beta": 0.1}),
+}
+MODIFIERS = {"reference_free": False}  # loss.* keys that every reference-based pair loss takes, and their defaults
+NEUTRAL = {"label_smoothing": 0.0, "reference_free": False}  # values that change nothing: allowed on any loss
+
+
+def parameters_of(name) -> dict:
+    """{loss.* key: default} of every key that `loss.name=name` takes: its hyper-parameters and modifiers."""
+    spec = LOSSES[name]
+    return {**spec.params, **(MODIFIERS if spec.reference and spec.data == "preference" else {})}
+
+
+def needs_reference(loss_cfg) -> bool:
+    """Whether a run with this `loss:` section needs reference log-probs (reference_free drops them)."""
+    return LOSSES[loss_cfg.name].reference and not loss_cfg.reference_free
+
+
+def hyperparameters(loss_cfg) -> dict:
+    """The hyper-parameters its loss function takes, from the `loss:` section (nulls already resolved)."""
+    return {k: loss_cfg[k] for k in LOSSES[loss_cfg.name].params}
+
+
+def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, norm, mean_logits=None):
+    """The loss of one micro-batch, divided by its GLOBAL batch's normaliser, and its metric sums.
+
+    Args:
+        spec: the table row (``LOSSES[name]``); hp: ``hyperparameters(loss_cfg)``.
+        token_logps: [N] the policy's label-token log-probs; seq_ids: [N] their sequences, in [0, n_seqs): for
+            pairs the B chosen responses, then the B rejected ones (data.sequences_of).
+        reference_logps: [n_seqs] summed reference log-probs, or None (no reference: taken as 0).
+        norm: the global batch's counts {"examples", "tokens" (label tokens), "chosen_tokens"}.
+        mean_logits: [N] each position's mean logit (detached), for the logits/* metrics.
+
+    Returns (loss: scalar with grad, sums: {metric: scalar}); a metric's value is its sum over the global batch
+    divided by ``norm[spec.unit]``.
+    """
+    if spec.data == "sft":
+        loss = spec.fn(token_logps, norm["tokens"])
+        return loss, {"loss": loss.detach() * norm["tokens"]}
+    B = n_seqs // 2
+    counts = torch.bincount(seq_ids, minlength=n_seqs).clamp(min=1)
+    sums = token_logps.new_zeros(n_seqs).index_add(0, seq_ids, token_logps)
+    policy = sums / counts if spec.average else sums
+    reference = None
+    if spec.reference:
+        reference = torch.zeros_like(policy) if reference_logps is None else reference_logps.to(policy.dtype)
+        reference = reference / counts if spec.average else reference
+    ref_c, ref_r = (None, None) if reference is None else (reference[:B], reference[B:])
+    pair_losses, chosen_rewards, rejected_rewards, extra = spec.fn(policy[:B], policy[B:], ref_c, ref_r, **hp)
+    loss = pair_losses.sum() / norm["examples"]
+    out = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
+           "rewards/rejected": rejected_rewards.sum(), "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+           "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+           "logps/chosen": policy[:B].detach().sum(), "logps/rejected": policy[B:].detach().sum(),
+           **{k: v.sum() for k, v in extra.items()}}
+    if spec.nll:  # an NLL term on the chosen responses, token-normalised over the global batch
+        nll = nll_loss(sums[:B], norm["chosen_tokens"])
+        loss = loss + hp[spec.nll] * nll
+        out["nll_loss"] = nll.detach() * norm["examples"]
+    if mean_logits is not None:  # TRL's logits/*: the mean logit over each side's label positions
+        chosen = seq_ids < B
+        for name, side in (("chosen", chosen), ("rejected", ~chosen)):
+            out[f"logits/{name}"] = mean_logits[side].sum() / side.sum().clamp(min=1) * B
+    return loss, out

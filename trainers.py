@@ -1,7 +1,10 @@
-"""Trainers: one explicit training loop (BasicTrainer) and the sharded one (FSDPTrainer).
+"""The trainer: one explicit training loop (`Trainer.train`, `Trainer.train_step`) over a process layout.
 
-The only place that tells SFT from preference training is `BasicTrainer.batch_loss`; everything else (data order,
-gradient accumulation, clipping, logging, evaluation, checkpoints) is shared.
+A layout says where the processes are and how they talk, and exists before any model is built (train.py makes it,
+models.build_models places the weights by it): `OneDevice` (trainer: BasicTrainer) or `FSDPRanks` (trainer:
+FSDPTrainer: FSDP2 over every process of a device mesh; GPUs, nodes, or CPU workers with gloo). The loss of a
+micro-batch comes from losses.micro_batch_loss, as the loss table declares; the reference is a models.*Reference.
+Data order, gradient accumulation, clipping, logging, evaluation and checkpoints are the same for every loss.
 """
 import contextlib
 import gc
@@ -22,76 +25,124 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
 import losses
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, checkpoint_files, config_yaml, example_key,
-                   logps_cache_path, model_flop_shape, model_flops, peak_flops, plot_curves, prune_checkpoints,
-                   read_logps_cache, replace_checkpoint, rng_state, set_rng_state, write_atomic, write_failure,
-                   write_logps_cache)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VARLEN_ATTN = "varlen_attn"  # model.attn_implementation: batches as segments, no mask (train.varlen_attention)
+import models
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, checkpoint_files, config_yaml, plot_curves,
+                   prune_checkpoints, replace_checkpoint, rng_state, set_rng_state, write_atomic, write_failure)
 
 
-def data_kind(loss_name: str) -> str:
-    """'sft' trains on single conversations; every other loss trains on (prompt, chosen, rejected) pairs."""
-    return "sft" if loss_name == "sft" else "preference"
+# ----------------------------------------------------------------------------------------------------------------
+# Process layouts: made before any model, handed to the model builder and to the trainer
+# ----------------------------------------------------------------------------------------------------------------
+class OneDevice:
+    """One process on one device (trainer: BasicTrainer)."""
+    rank, world_size, mesh = 0, 1, None
+
+    def __init__(self, cfg):
+        self.device = models.pick_device(cfg)
+
+    def local_share(self, examples):
+        """This process's part of a global batch: all of it."""
+        return examples
+
+    def reduce_sums(self, sums: dict) -> dict:
+        """Metric sums over all processes."""
+        return sums
+
+    def any_process(self, flag: bool) -> bool:
+        """True when the flag is set on any process (a signal may reach the ranks at different steps)."""
+        return flag
+
+    def all_gather(self, tensor):
+        """[world_size, *tensor.shape]: every process's tensor (the same shape on each)."""
+        return tensor[None]
+
+    def clip_gradients(self, model, max_norm) -> float:
+        """Clip the global gradient norm; returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def full_state_dict(self, model):
+        """The model's complete weights, on the main process."""
+        return model.state_dict()
+
+    def save_sharded(self, model, optimizer, path):
+        """Each process's shard of model and optimizer state (FSDPRanks); one device keeps them in training_state.pt."""
 
 
-def token_logps(model, batch):
-    """Log-probs of every labelled token of a batch, in ONE forward pass over its rows (padded or packed:
-    data.collate puts chosen and rejected responses side by side, so one pass scores both).
+class FSDPRanks:
+    """One process per device of a 1-D mesh (trainer: FSDPTrainer), ranks from the environment (torchrun, or
+    train.py's own launcher). Each keeps 1/world_size of the policy's weights, gradients and optimizer state and trains
+    on its own share of every global batch; gradients are summed over processes, so the update is exactly
+    OneDevice's on the whole batch."""
 
-    Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
-    float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
-    A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
-    within each sequence (see data.collate); with `attn_implementation: varlen_attn` both bring their segments.
+    def __init__(self, cfg):
+        self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        check_batch_split(cfg, self.world_size)
+        self.device = models.pick_device(cfg)
+        if cfg.fsdp.cpu_offload and self.device.type != "cuda":
+            raise UserError("config: fsdp.cpu_offload=true needs CUDA devices (on CPU the weights are in CPU memory already)")
+        # nccl on GPUs, gloo on CPU; the timeout turns a dead rank or node into an error everywhere instead of a hang
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=timedelta(minutes=cfg.fsdp.timeout_minutes))
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
-    Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
-    """
-    keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
-        inputs.pop("attention_mask", None)
-        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-                      max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return losses.label_logps(logits, targets), target_seqs, logits
+    def local_share(self, examples):
+        """A disjoint strided share: rank r takes examples r, r + world_size, ... of the global batch."""
+        return examples[self.rank::self.world_size]
+
+    def reduce_sums(self, sums: dict) -> dict:
+        keys = sorted(sums)  # the same keys on every process: each runs the same micro-batches
+        values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, values.tolist()))
+
+    def any_process(self, flag: bool) -> bool:
+        """All-reduce (MAX) of a flag; a collective, so it also serves as a barrier."""
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def all_gather(self, tensor):
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous())
+        return torch.stack(out)
+
+    def clip_gradients(self, model, max_norm) -> float:
+        """The norm of the full gradient: each process has a shard (a DTensor), so the total is reduced first."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
+
+    def full_state_dict(self, model):
+        """Gathered on rank 0 (in CPU memory, so a model larger than one GPU still exports); {} elsewhere."""
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_sharded(self, model, optimizer, path):
+        """torch.distributed.checkpoint: every process writes its own shards; a later run may use another world size."""
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 checkpoint_id=path)
 
 
-def length_multiple(device, model) -> int:
-    """What batch lengths are rounded up to. GPUs: 64, so that cuDNN attention, planned per shape, is planned for a
-    few shapes instead of at almost every step; varlen_attn plans nothing, so its batches keep their length (no
-    extra padding tokens to compute)."""
-    return 64 if device.type == "cuda" and model.config._attn_implementation != VARLEN_ATTN else 1
+LAYOUTS = {"BasicTrainer": OneDevice, "FSDPTrainer": FSDPRanks}  # config `trainer:` -> layout
 
 
-def batch_logps(model, batch, n_seqs):
-    """[n_seqs] float32: the summed log-probs of each sequence's labelled tokens (`token_logps`)."""
-    logps, seq_ids, _ = token_logps(model, batch)
-    return losses.sequence_logps(logps, seq_ids, n_seqs)
+class Trainer:
+    """Training over a layout: policy (+ reference), one readable loop in `train`."""
 
-
-def loss_normalizer(kind, examples) -> int:
-    """What the loss of a whole global batch is averaged over: label tokens (SFT) or preference pairs."""
-    if kind == "sft":
-        return sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in examples)
-    return len(examples)
-
-
-class BasicTrainer:
-    """Single-device training: policy (+ frozen reference) on cfg.device, one readable loop in `train`."""
-
-    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir):
-        self.cfg, self.policy, self.reference, self.tokenizer = cfg, policy, reference, tokenizer
-        self.train_data, self.eval_data, self.run_dir = train_data, eval_data, run_dir
-        self.kind = data_kind(cfg.loss.name)
-        self.device = next(policy.parameters()).device
-        self.compute_dtype = DTYPES[cfg.model.policy_dtype]
+    def __init__(self, cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir):
+        self.cfg, self.layout, self.policy, self.reference, self.tokenizer = cfg, layout, policy, reference, tokenizer
+        self.train_data, self.run_dir = train_data, run_dir
+        self.rank, self.world_size, self.device = layout.rank, layout.world_size, layout.device
+        self.loss, self.hyperparameters = losses.LOSSES[cfg.loss.name], losses.hyperparameters(cfg.loss)
+        self.compute_dtype = models.DTYPES[cfg.model.policy_dtype]
         self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))
         n_total = len(train_data) * cfg.n_epochs if cfg.n_epochs is not None else math.inf
         self.n_train_examples = int(min(n_total, cfg.n_examples if cfg.n_examples is not None else math.inf))
@@ -109,80 +160,35 @@ class BasicTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
         self.wandb_id, self.stop_signal = None, None
-        self.flop_shape = model_flop_shape(policy)
-        self.peak_flops = peak_flops(self.device, self.compute_dtype)
+        self.flop_shape = models.model_flop_shape(policy)
+        self.peak_flops = models.peak_flops(self.device, self.compute_dtype)
         if cfg.compile:  # in place (the module keeps its class, so saving is unchanged); shapes vary: dynamic
-            for model in (policy, reference):
+            for model in (policy, reference.model):
                 if model is not None:
                     model.compile(dynamic=True)
-
-    # ---- the one place that knows SFT from preference losses --------------------------------------------------
-    def batch_loss(self, batch, normalizer):
-        """Loss of one micro-batch, already divided by the GLOBAL batch's normalizer, and metric sums over it."""
-        cfg = self.cfg
-        B = batch["prompt_input_ids"].shape[0]
-        if self.kind == "sft":
-            loss = losses.sft_loss(token_logps(self.policy, batch)[0], normalizer)
-            return loss, {"loss": loss.detach() * normalizer}
-        logps, seq_ids, logits = token_logps(self.policy, batch)
-        policy_logps = losses.sequence_logps(logps, seq_ids, 2 * B)
-        if "reference_logps" in batch:  # precomputed once (precompute_reference_logps)
-            reference_logps = batch["reference_logps"]
-        elif cfg.loss.reference_free:
-            reference_logps = torch.zeros_like(policy_logps)
-        else:
-            with torch.no_grad():
-                reference_logps = batch_logps(self.reference, batch, 2 * B)
-        with torch.no_grad():  # the mean logit over chosen / rejected label positions (TRL's logits/*), float32 sums
-            per_position = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
-            chosen = seq_ids < B
-            mean_logits = {f"logits/{name}": per_position[side].sum() / side.sum().clamp(min=1) * B
-                           for name, side in (("chosen", chosen), ("rejected", ~chosen))}
-        policy_c, policy_r, ref_c, ref_r = policy_logps[:B], policy_logps[B:], reference_logps[:B], reference_logps[B:]
-        pair_losses, chosen_rewards, rejected_rewards = losses.preference_loss(
-            policy_c, policy_r, ref_c, ref_r, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
-            ipo=cfg.loss.name == "ipo", reference_free=cfg.loss.reference_free)
-        loss = pair_losses.sum() / normalizer
-        sums = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
-                "rewards/rejected": rejected_rewards.sum(), "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).sum(), "logps/chosen": policy_c.detach().sum(),
-                "logps/rejected": policy_r.detach().sum(), **mean_logits}
-        return loss, sums
-
-    # ---- what a multi-process trainer (FSDPTrainer) changes; one process here ----------------------------------
-    rank, world_size = 0, 1
 
     @property
     def is_main(self) -> bool:
         """Only the main process logs, shows the bar and writes files."""
         return self.rank == 0
 
-    def local_share(self, examples):
-        """This process's part of a global batch: all of it on one device."""
-        return examples
-
-    def reduce_sums(self, sums: dict) -> dict:
-        """Metric sums over all processes: as they are on one device."""
-        return sums
-
     def any_process(self, flag: bool) -> bool:
-        """True when the flag is set on any process (a signal may reach the ranks at different steps)."""
-        return flag
+        return self.layout.any_process(flag)
 
-    def all_gather(self, tensor):
-        """[world_size, *tensor.shape]: every process's tensor (the same shape on each)."""
-        return tensor[None]
+    def batch_loss(self, batch, norm):
+        """Loss of one micro-batch, already divided by the GLOBAL batch's normaliser (`norm`), and metric sums."""
+        logps, seq_ids, logits = models.token_logps(self.policy, batch)
+        reference_logps = self.reference.logps(batch, batch["n_seqs"])
+        with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
+            mean_logits = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
+        return losses.micro_batch_loss(self.loss, self.hyperparameters, logps, seq_ids, batch["n_seqs"],
+                                       reference_logps, norm, mean_logits)
 
-    def clip_gradients(self, max_norm) -> float:
-        """Clip the global gradient norm; returns the norm before clipping."""
-        return float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm))
-
-    def full_state_dict(self):
-        """The policy's complete weights, for the export on the main process."""
-        return self.policy.state_dict()
-
-    def save_sharded(self, path):
-        """Each process's shard of model and optimizer state, for resuming (FSDPTrainer); one device: nothing."""
+    def normalizer(self, examples) -> dict:
+        """What a global batch's loss and metrics are divided by: its examples, label tokens and chosen label tokens
+        (the first of each example's sequences)."""
+        counts = [data.label_count(labels) for _, labels in data.sequences_of(examples)]
+        return {"examples": len(examples), "tokens": sum(counts), "chosen_tokens": sum(counts[:len(examples)])}
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -192,7 +198,7 @@ class BasicTrainer:
 
     def to_batch(self, examples):
         batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
-                             pad_to_multiple_of=length_multiple(self.device, self.policy))
+                             pad_to_multiple_of=models.length_multiple(self.device, self.policy))
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def epoch_order(self, epoch):
@@ -235,27 +241,27 @@ class BasicTrainer:
     def train_step(self, examples):
         """Forward/backward over micro-batches of one global batch, then clip and step. Returns the step's metrics."""
         self.policy.train()
-        normalizer = loss_normalizer(self.kind, examples)  # of the GLOBAL batch, so every share is weighted right
-        local = self.local_share(examples)
+        norm = self.normalizer(examples)  # of the GLOBAL batch, so every share is weighted right
+        local = self.layout.local_share(examples)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens, flops = {}, 0, 0.0
         for start in range(0, len(local), micro):
             examples_mb = local[start:start + micro]
             batch = self.to_batch(examples_mb)
             with self.autocast():
-                loss, mb_sums = self.batch_loss(batch, normalizer)
+                loss, mb_sums = self.batch_loss(batch, norm)
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
-            mb_tokens, mb_flops = model_flops(self.flop_shape, data.sequences_of(examples_mb),
-                                              with_reference="reference_logps" not in batch and self.reference is not None)
+            mb_tokens, mb_flops = models.model_flops(self.flop_shape, data.sequences_of(examples_mb),
+                                                     with_reference=self.reference.runs_forward)
             tokens, flops = tokens + mb_tokens, flops + mb_flops
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one sync for all metrics
-        sums = self.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
+        sums = self.layout.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
         tokens, flops = sums.pop("tokens"), sums.pop("flops")
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = self.clip_gradients(max_norm)
+        grad_norm = self.layout.clip_gradients(self.policy, max_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         # fp16: the grad scaler skips steps with inf gradients by itself (that is how it finds its scale)
         finite = math.isfinite(sums["loss"]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
@@ -278,27 +284,23 @@ class BasicTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.examples_seen += len(examples)
-        metrics = {k: v / normalizer for k, v in sums.items()}
+        metrics = {k: v / norm[self.loss.unit] for k, v in sums.items()}
         metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
         return metrics, tokens, flops
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
+        """Metrics over the whole eval set (its share on each process), normalised as one global batch."""
         self.policy.eval()
-        sums, normalizer = {}, 0
-        size = self.cfg.eval_batch_size
-        local = self.local_share(self.eval_data)
+        sums, size, norm = {}, self.cfg.eval_batch_size, self.normalizer(self.eval_data)
+        local = self.layout.local_share(self.eval_data)
         for start in range(0, len(local), size):
-            examples = local[start:start + size]
             with self.autocast():
-                _, mb_sums = self.batch_loss(self.to_batch(examples), 1)
-            normalizer += loss_normalizer(self.kind, examples)
+                _, mb_sums = self.batch_loss(self.to_batch(local[start:start + size]), norm)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        sums = self.reduce_sums({**sums, "normalizer": normalizer})
-        normalizer = sums.pop("normalizer")
-        return {f"eval/{k}": v / normalizer for k, v in sums.items()}
+        return {f"eval/{k}": v / norm[self.loss.unit] for k, v in self.layout.reduce_sums(sums).items()}
 
     @torch.no_grad()
     def sample(self, writer):
@@ -307,11 +309,11 @@ class BasicTrainer:
         cfg, tok = self.cfg, self.tokenizer
         examples = self.eval_data[: cfg.n_eval_model_samples]
         batch = self.to_batch(examples)
-        models = {"policy": self.policy, **({"reference": self.reference} if self.reference is not None else {})}
+        samplers = {"policy": self.policy, **({"reference": self.reference.model} if self.reference.model else {})}
         rows = [{"prompt": tok.decode(ex["prompt_input_ids"], skip_special_tokens=False)} for ex in examples]
         how = dict(do_sample=True, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p) \
             if cfg.sample_temperature > 0 else dict(do_sample=False)  # temperature 0: greedy
-        for name, model in models.items():
+        for name, model in samplers.items():
             model.eval()
             with self.autocast():
                 out = model.generate(input_ids=batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"],
@@ -338,26 +340,26 @@ class BasicTrainer:
         n_train = len(self.train_data)  # only the examples this run trains on (n_examples may stop mid-epoch)
         used = range(n_train) if self.n_train_examples >= n_train else self.epoch_order(0)[:self.n_train_examples]
         examples = [self.train_data[i] for i in used] + self.eval_data
-        if self.reference is None or all("reference_logps" in ex for ex in examples):
+        if not isinstance(self.reference, models.FrozenReference):  # none needed, or precomputed already
             return
         settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
                     len(self.tokenizer), cfg.max_length, cfg.max_prompt_length)
-        path = logps_cache_path(cfg.reference_cache_dir, self.reference, settings)
-        cache = read_logps_cache(path)
-        keys = [example_key(ex) for ex in examples]
+        path = models.logps_cache_path(cfg.reference_cache_dir, self.reference.fingerprint(settings))
+        cache = models.read_logps_cache(path)
+        keys = [models.example_key(ex) for ex in examples]
         cached = torch.tensor([k in cache for k in keys], dtype=torch.long, device=self.device)
-        cached = self.all_gather(cached).min(0).values.cpu()  # computed where any process lacks it: all agree
+        cached = self.layout.all_gather(cached).min(0).values.cpu()  # computed where any process lacks it: all agree
         missing = [i for i in range(len(examples)) if not cached[i]]
         if missing:
             values = self.reference_logps_of([examples[i] for i in missing])
             cache.update(zip([keys[i] for i in missing], map(tuple, values.tolist())))
             if self.is_main:
-                write_logps_cache(path, cache)
+                models.write_logps_cache(path, cache)
         for example, key in zip(examples, keys):
             example["reference_logps"] = cache[key]
         if self.is_main:
             print(f"reference log-probs: {len(examples) - len(missing)} from the cache, {len(missing)} computed ({path})")
-        self.reference = None  # its memory goes back to the policy's training
+        self.reference = models.PrecomputedReference()  # the model's memory goes back to the policy's training
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -372,9 +374,9 @@ class BasicTrainer:
                           disable=not self.is_main, dynamic_ncols=True):
             chunk = share[start:start + self.cfg.eval_batch_size]
             with self.autocast():
-                logps = batch_logps(self.reference, self.to_batch(chunk), 2 * len(chunk))
+                logps = self.reference.logps(self.to_batch(chunk), 2 * len(chunk))
             out.append(torch.stack([logps[:len(chunk)], logps[len(chunk):]], 1))
-        gathered = self.all_gather(torch.cat(out))  # [world, per_process, 2]; process r holds examples r, r + world, ...
+        gathered = self.layout.all_gather(torch.cat(out))  # [world, per_process, 2]; process r holds examples r, r + world, ...
         return gathered.transpose(0, 1).reshape(-1, 2)[:len(examples)].cpu()
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -388,10 +390,10 @@ class BasicTrainer:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
-        save_dtype = DTYPES[self.cfg.model.policy_dtype]
-        state = export_state(self.policy, self.full_state_dict(), save_dtype)  # collective under FSDP
-        if self.cfg.save_optimizer:
-            self.save_sharded(os.path.join(tmp, "dcp"))  # collective under FSDP; written by every process
+        save_dtype = models.DTYPES[self.cfg.model.policy_dtype]
+        state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
+        if self.cfg.save_optimizer:  # collective under FSDP; written by every process
+            self.layout.save_sharded(self.policy, self.optimizer, os.path.join(tmp, "dcp"))
         if not self.is_main:
             return final
         try:
@@ -417,7 +419,7 @@ class BasicTrainer:
         if self.cfg.save_optimizer:
             state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
                      "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak}
-            if self.world_size == 1:  # sharded runs keep optimizer state and float32 weights in dcp/
+            if self.layout.mesh is None:  # sharded runs keep optimizer state and float32 weights in dcp/
                 state["optimizer"] = self.optimizer.state_dict()
                 # the float32 masters under their own names: the export may be rounded (half precision) or renamed
                 # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
@@ -520,8 +522,7 @@ class BasicTrainer:
                         break
             writer.close()
             if self.is_main:
-                plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"),
-                            preference=self.kind == "preference")
+                plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"))
             if self.step < self.total_steps:
                 return "interrupted"
             if not cfg.debug:
@@ -563,86 +564,6 @@ class BasicTrainer:
             self.sample(writer)
 
 
-class FSDPTrainer(BasicTrainer):
-    """Sharded data parallelism with FSDP2 (`fully_shard`) over every process: GPUs, nodes, or CPU workers (gloo).
-
-    Each process keeps 1/world_size of the policy's weights, gradients and optimizer state; a transformer block's full
-    weights exist only while it runs. Each process trains on its own share of every global batch; gradients are
-    summed over processes, so the update is exactly BasicTrainer's on the whole batch. Ranks come from the
-    environment (torchrun, or train.py's own launcher).
-    """
-
-    def __init__(self, cfg, policy, reference, tokenizer, train_data, eval_data, run_dir):
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        check_batch_split(cfg, self.world_size)
-        block = find_block_class(policy, cfg.fsdp.block_class)
-        device = process_device(cfg)
-        if cfg.fsdp.cpu_offload and device.type != "cuda":
-            raise UserError("config: fsdp.cpu_offload=true needs CUDA devices (on CPU the weights are in CPU memory already)")
-        init_distributed(device, cfg.fsdp.timeout_minutes)
-        mesh = init_device_mesh(device.type, (self.world_size,))
-        offload = CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy()
-        mp_dtype = DTYPES[cfg.model.fsdp_policy_mp or cfg.model.policy_dtype]
-        # gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards
-        mixed = MixedPrecisionPolicy(param_dtype=None if mp_dtype == torch.float32 else mp_dtype, reduce_dtype=torch.float32)
-        shard_model(policy, block, mesh, mixed, offload)
-        for module in policy.modules():
-            if isinstance(module, FSDPModule):
-                # each process's loss is already divided by the GLOBAL normalizer: gradients must be summed, not
-                # averaged. Plain SUM collectives (gloo has no PREMUL_SUM), then a division by 1.
-                module.set_gradient_divide_factor(1.0)
-                module.set_force_sum_reduction_for_comms(True)
-        if reference is not None and cfg.fsdp.shard_reference:
-            # exactly the policy's compute (same gathered dtype) unless reference_dtype stores it in half precision
-            half = cfg.model.reference_dtype in ("bfloat16", "float16")
-            shard_model(reference, block, mesh, MixedPrecisionPolicy() if half else mixed, offload)
-        elif reference is not None:
-            reference.to(device)  # a full replica on every device: no communication in its forward
-        super().__init__(cfg, policy, reference, tokenizer, train_data, eval_data, run_dir)
-        self.device = device  # where batches go (with cpu_offload the sharded weights themselves live in CPU memory)
-
-    def local_share(self, examples):
-        """A disjoint strided share: rank r takes examples r, r + world_size, ... of the global batch."""
-        return examples[self.rank::self.world_size]
-
-    def reduce_sums(self, sums: dict) -> dict:
-        keys = sorted(sums)  # the same keys on every process: each runs the same micro-batches
-        values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        return dict(zip(keys, values.tolist()))
-
-    def all_gather(self, tensor):
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous())
-        return torch.stack(out)
-
-    def any_process(self, flag: bool) -> bool:
-        """All-reduce (MAX) of a flag; a collective, so it also serves as a barrier."""
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def clip_gradients(self, max_norm) -> float:
-        """The norm of the full gradient: each process has a shard (a DTensor), so the total is reduced first."""
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
-
-    def full_state_dict(self):
-        """Gathered on rank 0 (in CPU memory, so a model larger than one GPU still exports); {} elsewhere."""
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def save_sharded(self, path):
-        """torch.distributed.checkpoint: every process writes its own shards; a later run may use another world size."""
-        state = {"model": get_model_state_dict(self.policy),
-                 "optimizer": get_optimizer_state_dict(self.policy, self.optimizer)}
-        dcp.save(state, checkpoint_id=path)
-
-
 def sample_text(tokenizer, ids, max_new_tokens) -> str:
     """A generated reply as text: up to and including its end-of-turn (eos) token, which stays visible, or marked
     as cut when generation stopped at max_new_tokens instead."""
@@ -668,71 +589,15 @@ def check_batch_split(cfg, world_size):
                         f"x world size = {cfg.gradient_accumulation_steps} x {world_size} = {per_step}")
 
 
-def export_state(model, state, dtype):
-    """`state` (the model's full state dict, or {} off the main process) in `dtype`, with tied weights sharing one
-    tensor again: a converted or gathered dict has a copy per name, and save_pretrained, which drops a tie only
-    when both names share storage, would write the tied embedding twice."""
-    converted = {k: v.to(dtype) for k, v in state.items()}
-    names_of = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():
-        for name in names[1:]:
-            if names[0] in converted and name in converted:
-                converted[name] = converted[names[0]]
-    return converted
-
-
-def find_block_class(model, name):
-    """The module class sharded as one unit: fsdp.block_class, else the model's own `_no_split_modules` (its
-    transformer block), else the class of the first entry of the decoder's layer list."""
-    classes = {type(m).__name__: type(m) for m in model.modules()}
-    if name is not None:
-        if name not in classes:
-            raise UserError(f"config: fsdp.block_class={name!r} is not a module class of this model; it has: "
-                            f"{', '.join(sorted(classes))}")
-        return classes[name]
-    for candidate in getattr(model, "_no_split_modules", None) or []:
-        if candidate in classes:
-            return classes[candidate]
-    for attr in ("layers", "h", "blocks"):
-        layers = getattr(model.base_model, attr, None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            return type(layers[0])
-    raise UserError(f"config: could not find the transformer block class of {type(model).__name__}: set fsdp.block_class "
-                    f"to one of {', '.join(sorted(classes))}")
-
-
-def process_device(cfg) -> torch.device:
-    """This process's device: the GPU train.py made current (cuda:LOCAL_RANK), or the CPU."""
-    kind = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-
-
-def init_distributed(device, timeout_minutes):
-    """The process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT); nccl on GPUs, gloo on CPU. The
-    timeout turns a dead rank or node into an error on every other rank instead of a hang."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes))
-
-
-def shard_model(model, block_class, mesh, mixed, offload):
-    """fully_shard every transformer block, then the root (embeddings, final norm, head): one all-gather per block."""
-    blocks = [m for m in model.modules() if isinstance(m, block_class)]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-
-
 def load_sharded_state(trainer, checkpoint_dir):
-    """Restore policy and optimizer from `<checkpoint_dir>/dcp` (written by FSDPTrainer.save) into `trainer`, sharded or
-    not and at any world size (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
+    """Restore policy and optimizer from `<checkpoint_dir>/dcp` (written by a sharded run's save) into `trainer`, sharded
+    or not and at any world size (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
     path = os.path.join(checkpoint_dir, "dcp")
     if not os.path.isdir(path):
         raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
     state = {"model": get_model_state_dict(trainer.policy),
              "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer)}
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (BasicTrainer) reads it all
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (OneDevice) reads it all
     set_model_state_dict(trainer.policy, state["model"])
     set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"])
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:

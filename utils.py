@@ -6,7 +6,6 @@ beside it) what it means. `example/full-config.yml` repeats it as a commented YA
 """
 import dataclasses
 import difflib
-import hashlib
 import json
 import math
 import netrc
@@ -19,7 +18,6 @@ import sys
 import threading
 import urllib.parse
 import urllib.request
-from array import array
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -42,9 +40,8 @@ class TrainingError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # Schema
 # ----------------------------------------------------------------------------------------------------------------
-LOSSES = ("sft", "dpo", "ipo")                     # cDPO = dpo + loss.label_smoothing; reference-free = loss.reference_free
 TRAINERS = ("BasicTrainer", "FSDPTrainer")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # models.DTYPES maps them to torch dtypes
 SCHEDULES = ("constant", "linear", "cosine")       # what follows the linear warmup
 DATASET_TYPES = ("custom_dataset", "huggingface_dataset")
 HF_DATASET_NAMES = ("hh", "shp", "se")
@@ -82,11 +79,11 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    name: str = "dpo"                       # sft | dpo | ipo
-    beta: float = num(0.1, gt=0)            # DPO/IPO temperature: strength of the KL pull towards the reference
-    label_smoothing: float = num(0.0, ge=0, lt=0.5)  # cDPO: assumed probability that a preference label is flipped (0 = plain DPO)
-    reference_free: bool = False            # DPO without a reference model (reference log-probs taken as 0)
+class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is refused
+    name: str = "dpo"                       # sft | dpo | ipo (the table in losses.py, and in the README)
+    beta: Optional[float] = num(None, gt=0)  # DPO/IPO temperature: strength of the KL pull towards the reference (dpo, ipo: 0.1)
+    label_smoothing: Optional[float] = num(None, ge=0, lt=0.5)  # cDPO: assumed probability that a preference label is flipped (dpo: 0 = plain DPO)
+    reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
 
 
 @dataclass
@@ -231,12 +228,11 @@ def _check_ranges(node, schema_cls, prefix=""):
 
 def _validate(cfg):
     """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed."""
-    _check_choice("loss.name", cfg.loss.name, LOSSES)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
     for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
         if key == "policy_dtype" or cfg.model[key] is not None:
-            _check_choice(f"model.{key}", cfg.model[key], DTYPES)
+            _check_choice(f"model.{key}", cfg.model[key], DTYPE_NAMES)
     if not cfg.datasets:
         raise UserError("config: 'datasets' is empty: add at least one, e.g. datasets: [{type: custom_dataset, path: data.json}]")
     for group in ("datasets", "eval_datasets"):
@@ -259,17 +255,34 @@ def _validate(cfg):
     if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
         raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}); "
                         "leave it null for half of max_length")
-    if cfg.loss.label_smoothing and cfg.loss.name != "dpo":
-        raise UserError(f"config: loss.label_smoothing (conservative DPO) needs loss.name=dpo, not {cfg.loss.name}")
     _check_wandb_login(cfg)
     if cfg.model.attn_implementation is not None and cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
         from transformers import AttentionInterface  # the registry, only for a value outside the usual ones
         allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
         _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
+    _check_loss(cfg.loss)
     import torch  # last: a config with a mistake elsewhere fails before torch is imported
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
     _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+
+
+def _check_loss(loss_cfg):
+    """loss.name and its loss.* keys, as the loss table (losses.LOSSES) declares them: a null hyper-parameter takes
+    the loss's own default (written into the config, so the saved config says what ran); a key the loss does not
+    use is refused unless it is null or its neutral value (losses.NEUTRAL)."""
+    import losses  # imports torch: after every check that does not need it
+    _check_choice("loss.name", loss_cfg.name, list(losses.LOSSES))
+    uses = losses.parameters_of(loss_cfg.name)
+    for f in dataclasses.fields(LossConfig):
+        value = loss_cfg[f.name]
+        if f.name == "name" or value is None and f.name not in uses:
+            continue
+        if f.name in uses:
+            loss_cfg[f.name] = uses[f.name] if value is None else value
+        elif value != losses.NEUTRAL.get(f.name, object()):
+            raise UserError(f"config: loss.{f.name}={value} is not used by loss.name={loss_cfg.name}, which takes "
+                            f"{', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'}")
 
 
 def _check_wandb_login(cfg):
@@ -514,106 +527,6 @@ def prune_checkpoints(run_dir, keep):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Throughput accounting and the reference log-prob cache (used by trainers.py)
-# ----------------------------------------------------------------------------------------------------------------
-def model_flop_shape(model):
-    """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
-    `model_flops`. The input embedding is a lookup (no FLOPs); a tied output head still multiplies."""
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its full size
-    body = total - embedding.numel() - (head.numel() if head is not embedding else 0)
-    config = model.config
-    return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
-
-
-def model_flops(flop_shape, seqs, with_reference) -> tuple[int, float]:
-    """(real tokens, matmul FLOPs) of the sequences of a micro-batch ([(input_ids, labels)], data.sequences_of):
-    policy forward + backward (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params
-    x real tokens (the vocabulary projection only at label positions, as computed) + causal attention 2 x layers x
-    hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples)."""
-    body, head, layers, hidden = flop_shape
-    lengths = [len(ids) for ids, _ in seqs]
-    n_labels = sum(sum(1 for t in labels[1:] if t != -100) for _, labels in seqs)
-    forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
-    return sum(lengths), float(forward * (4 if with_reference else 3))
-
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
-               ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
-
-
-def peak_flops(device, dtype):
-    """The device's peak FLOP/s for the compute dtype, or None where unknown (CPUs, float32, unlisted GPUs): then no
-    MFU is logged rather than a made-up one."""
-    import torch
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
-
-
-def example_key(example) -> int:
-    """A 64-bit digest of an example's token ids and labels: the per-example key of the reference log-prob cache."""
-    h = hashlib.blake2b(digest_size=8)
-    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
-        h.update(array("q", example[k]).tobytes() + b"|")
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def weights_digest(model, extra) -> str:
-    """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
-    training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
-    from torch.distributed.tensor import DTensor
-    h = hashlib.sha256(repr(extra).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
-            tensor = tensor.full_tensor()
-        flat = tensor.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 65536)].float().cpu()
-        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def logps_cache_path(cache_dir, model, settings) -> str:
-    """The reference log-prob cache file of `model` with these settings: in `cache_dir` (null: $XDG_CACHE_HOME, or
-    ~/.cache, /minimal-llm-alignment/reference_logps), named by `weights_digest`."""
-    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "minimal-llm-alignment",
-                                       "reference_logps")
-    return os.path.join(os.path.expanduser(folder), weights_digest(model, settings) + ".pt")
-
-
-def read_logps_cache(path) -> dict:
-    """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
-    (a cache is never worth failing a run for: it is recomputed)."""
-    import torch
-    if not os.path.exists(path):
-        return {}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
-    except Exception as e:  # truncated, corrupt or foreign file: whatever the loader raises, recompute
-        print(f"warning: reference log-prob cache {path} is unreadable ({type(e).__name__}): recomputing it")
-        return {}
-
-
-def write_logps_cache(path, cache):
-    """Atomically (a reader sees the old cache or the new one, never half of one); a cache that cannot be written
-    costs the next run a recomputation, not this run its training: a warning, no error."""
-    import torch
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
-                    "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        print(f"warning: could not write the reference log-prob cache {path}: {e.strerror or e} (training goes on)")
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Metrics: JSONL always, TensorBoard and WandB when asked for
 # ----------------------------------------------------------------------------------------------------------------
 class MetricsWriter:
@@ -673,13 +586,14 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-def plot_curves(history, path, preference: bool):
-    """PNG of train/eval loss (and reward accuracy for preference losses) against the optimizer step."""
+def plot_curves(history, path):
+    """PNG of train/eval loss (and reward accuracy, for losses that define rewards) against the optimizer step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if preference else [])
+    rewards = any("rewards/accuracies" in r or "eval/rewards/accuracies" in r for r in history)
+    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if rewards else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for prefix, style in (("", "-"), ("eval/", "o-")):

@@ -51,13 +51,12 @@ def check_packing_on_gpu(device="cuda"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import data
-    import train
-    import trainers
+    import models
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=32000)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()
-    train.register_varlen_attention(torch.device(device))
+    models.register_varlen_attention(torch.device(device))
     varlen = AutoModelForCausalLM.from_config(config, attn_implementation="varlen_attn").to(device).eval()
     varlen.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(0)
@@ -73,7 +72,7 @@ def check_packing_on_gpu(device="cuda"):
             for name, m, packing in (("padded", model, False), ("packed", model, True), ("varlen", varlen, True)):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v
                          for k, v in data.collate(examples, 0, packing=packing, max_length=1024).items()}
-                got[name] = trainers.batch_logps(m, batch, len(examples))
+                got[name] = models.batch_logps(m, batch, len(examples))
             out[f"{dtype} packed"] = (got["packed"] - got["padded"]).abs().max().item()
             out[f"{dtype} varlen"] = (got["varlen"] - got["padded"]).abs().max().item()
             out[f"{dtype} scale"] = got["padded"].abs().max().item()

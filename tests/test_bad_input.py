@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import models
 import train
 from conftest import ROOT
 
@@ -202,7 +203,7 @@ def test_load_error_is_whole_and_capped():
         def from_pretrained(path, **kwargs):
             raise OSError("first line of the reason,\n  continued on the second line" + " and more" * 300)
     with pytest.raises(train.UserError) as e:
-        train.from_pretrained(Loader, ROOT, "model.name_or_path")
+        models.from_pretrained(Loader, ROOT, "model.name_or_path")
     assert "first line of the reason, continued on the second line" in str(e.value) and len(str(e.value)) < 600
 
 
@@ -274,8 +275,8 @@ def test_hub_check_passes_local_and_cached(tmp_path, monkeypatch):
                                                   (set(), "bfloat16", False)])  # unknown CPU: say nothing
 def test_bfloat16_on_a_cpu_without_bf16_instructions(flags, dtype, warned, monkeypatch, capsys):
     import utils
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
     cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["device=cpu", f"model.policy_dtype={dtype}"])
-    assert train.pick_device(cfg).type == "cpu"
+    assert models.pick_device(cfg).type == "cpu"
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [] if not warned else (len(err) == 1 and "bfloat16" in err[0] and "float32" in err[0]), err

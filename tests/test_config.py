@@ -7,6 +7,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
+import losses
 import train
 import utils
 from conftest import ROOT, assert_one_line_error, run_cli
@@ -24,7 +25,7 @@ def test_examples_exist():
 def test_every_example_loads(path):
     overrides = ["model.name_or_path=some/model"] if path.endswith("full-config.yml") else []
     cfg = utils.load_config(path, overrides)
-    assert cfg.loss.name in utils.LOSSES
+    assert cfg.loss.name in losses.LOSSES
     assert "${" not in cfg.output_dirs  # interpolation resolved
     assert cfg.output_dirs.endswith(cfg.exp_name)
 
@@ -158,9 +159,9 @@ def test_every_numeric_field_is_range_checked(key, tmp_path, capsys):
     (["lr=-1"], "lr must be > 0, got -1.0"),
     (["lr=.inf"], "lr must be finite and > 0, got inf"),
     (["lr=.nan"], "lr must be finite and > 0, got nan"),
-    (["loss.beta=0"], "loss.beta must be > 0, got 0.0"),
-    (["loss.label_smoothing=0.5"], "loss.label_smoothing must be >= 0 and < 0.5, got 0.5"),
-    (["loss.label_smoothing=-0.1"], "loss.label_smoothing must be >= 0 and < 0.5, got -0.1"),
+    (["loss.beta=0"], "loss.beta must be > 0 (or null), got 0.0"),
+    (["loss.label_smoothing=0.5"], "loss.label_smoothing must be >= 0 and < 0.5 (or null), got 0.5"),
+    (["loss.label_smoothing=-0.1"], "loss.label_smoothing must be >= 0 and < 0.5 (or null), got -0.1"),
     (["sample_during_eval=true", "max_new_tokens=0"], "max_new_tokens must be >= 1, got 0"),
     (["max_grad_norm=-1"], "max_grad_norm must be >= 0, got -1.0"),
     (["weight_decay=-0.1"], "weight_decay must be >= 0, got -0.1"),

@@ -188,12 +188,13 @@ def test_response_whitespace_merging_with_the_template(example_tok, plain_tok, t
     # Labelled: exactly the tokens after the common prefix, up to the end-of-turn token (the merged one included).
     assert out["labels"] == [-100] * n + ids[n:-1] + [-100]
     assert tok.decode(ids[n:-1]) == "\n" + response + "<|im_end|>"
-    # Preference: only chosen merges; the prompt is what both sides share, a true prefix of each.
+    # Preference: only chosen merges; the sequences start with what both sides share (a true prefix of each), while
+    # sampling continues the whole generation prompt, its final "\n" included
     pref = {"prompt": msgs[:1], "chosen": msgs[1:], "rejected": [{"role": "assistant", "content": "No."}]}
     notes = set()
     out, _ = data.tokenize_example(pref, tok, "preference", 512, 256, notes)
-    p = out["prompt_input_ids"]
-    assert p == prompt[:n] and notes == {"merged"}
+    assert out["prompt_input_ids"] == prompt and notes == {"merged"}
+    assert out["chosen_labels"][:n] == [-100] * n and out["rejected_input_ids"][:n] == prompt[:n]
     assert out["chosen_input_ids"] == ids and out["chosen_labels"] == [-100] * n + ids[n:-1] + [-100]
     rejected = enc(tok, "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nNo.<|im_end|>\n")
     assert out["rejected_input_ids"] == rejected and rejected[:len(prompt)] == prompt
@@ -636,7 +637,8 @@ def test_collate_padded(example_tok):
     assert b["input_ids"].shape == (2, T) and b["input_ids"][0].tolist() == pref[0]["chosen_input_ids"]
     assert b["input_ids"][1, :len(pref[0]["rejected_input_ids"])].tolist() == pref[0]["rejected_input_ids"]
     assert set(b) == {"input_ids", "labels", "seq_ids", "attention_mask", "prompt_input_ids", "prompt_attention_mask",
-                      "cu_seq_lens", "max_seq_len"}
+                      "cu_seq_lens", "max_seq_len", "n_seqs"}
+    assert b["n_seqs"] == 2
     pref[0]["reference_logps"] = (-3.5, -7.25)
     assert data.collate(pref, pad)["reference_logps"].tolist() == [-3.5, -7.25]  # chosen, then rejected
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import models
 import trainers
 import utils
 from utils import UserError
@@ -111,10 +112,10 @@ def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, 
     try:
         trainer = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"], "trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16",
                         "activation_checkpointing=true")
-        assert isinstance(trainer, trainers.FSDPTrainer)
+        assert isinstance(trainer.layout, trainers.FSDPRanks)
         assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
         metrics, *_ = trainer.train_step(next(trainer.global_batches()))
-        mixed = {k: v.float() for k, v in trainer.full_state_dict().items()}
+        mixed = {k: v.float() for k, v in trainer.layout.full_state_dict(trainer.policy).items()}
     finally:
         torch.distributed.destroy_process_group()
     initial, _, basic_metrics = basic_runs["sft"]
@@ -130,10 +131,10 @@ def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, 
 def test_block_class_detected_or_named(tiny_model_dir):
     """In process (the error travels as every UserError does: one line, exit 2, as the CLI test below shows)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert trainers.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
-    assert trainers.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
+    assert models.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
+    assert models.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
     with pytest.raises(UserError) as e:
-        trainers.find_block_class(model, "GPT2Block")
+        models.find_block_class(model, "GPT2Block")
     message = str(e.value)
     assert "\n" not in message and "fsdp.block_class='GPT2Block'" in message and "LlamaDecoderLayer" in message
 

@@ -14,7 +14,20 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
-from losses import label_logps, preference_loss, scored_positions, sft_loss  # noqa: E402
+from losses import label_logps, scored_positions, sft_loss  # noqa: E402
+
+
+def preference_loss(pc, pr, rc, rr, beta, label_smoothing=0.0, ipo=False, reference_free=False):
+    """The pair losses of the loss table, called as the trainer calls them: dpo (cDPO with label_smoothing) or ipo,
+    reference_free = reference log-probs taken as 0; a hyper-parameter the loss does not take is refused (as the
+    config check refuses it). Returns (losses, chosen_rewards, rejected_rewards)."""
+    spec = losses.LOSSES["ipo" if ipo else "dpo"]
+    hp = {"beta": beta, **({"label_smoothing": label_smoothing} if label_smoothing or not ipo else {})}
+    if set(hp) - set(spec.params):
+        raise ValueError(f"{sorted(set(hp) - set(spec.params))} not taken by this loss")
+    if reference_free:
+        rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+    return spec.fn(pc, pr, rc, rr, **hp)[:3]
 
 
 def sequence_logps(logits, labels, average=False):

@@ -163,7 +163,7 @@ def test_out_of_memory_names_the_knobs(tmp_path, capsys, monkeypatch):
 
     def oom(self, examples):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-    monkeypatch.setattr(trainers.BasicTrainer, "train_step", oom)  # a test-only fault injection
+    monkeypatch.setattr(trainers.Trainer, "train_step", oom)  # a test-only fault injection
     code = train.cli([os.path.join(ROOT, "example", "tiny-sft.yml"), "--overrides", f"output_dirs={tmp_path}/run",
                       "do_first_eval=false"])
     err = capsys.readouterr().err
@@ -320,12 +320,12 @@ def test_second_run_on_a_busy_folder_is_refused(tmp_path):
 SIGTERM_IN_FINAL_SAVE = """
 import os, signal, sys
 import train, trainers
-write = trainers.BasicTrainer.write_checkpoint
+write = trainers.Trainer.write_checkpoint
 def write_and_get_a_signal(self, folder, state):
     if folder.endswith("final.tmp"):
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, in the middle of the final save
     write(self, folder, state)
-trainers.BasicTrainer.write_checkpoint = write_and_get_a_signal
+trainers.Trainer.write_checkpoint = write_and_get_a_signal
 sys.exit(train.cli(["example/tiny-sft.yml", "--overrides", "output_dirs=" + sys.argv[1], "n_eval_examples=0",
                     "n_examples=8", "n_epochs=null", "total_batch_size=4"]))
 """

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-import trainers
+import models
 import utils
 from conftest import run_cli
 from test_train import TINY, build, one_sgd_step, params_of, read_jsonl
@@ -29,12 +29,12 @@ def test_packed_log_probs_equal_padded(kind, tiny_model_dir):
     packed = data.collate(examples, pad, packing=True, max_length=128)
     assert packed["input_ids"].shape[0] <= n_seqs // 2  # really packed: several sequences share each row
     with torch.no_grad():
-        want = trainers.batch_logps(trainer.policy, padded, n_seqs)
-        got = trainers.batch_logps(trainer.policy, packed, n_seqs)
+        want = models.batch_logps(trainer.policy, padded, n_seqs)
+        got = models.batch_logps(trainer.policy, packed, n_seqs)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         # the control: the same packed rows with a plain causal mask attend across sequences, and the test sees it
         leaky = {**{k: v for k, v in packed.items() if k != "position_ids"}, "attention_mask": torch.ones_like(packed["input_ids"])}
-        assert (trainers.batch_logps(trainer.policy, leaky, n_seqs) - want).abs().max() > 1e-3
+        assert (models.batch_logps(trainer.policy, leaky, n_seqs) - want).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -94,15 +94,15 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
     assert "40 computed" in capsys.readouterr().out and len(os.listdir(tmp_path)) == 1
 
     trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", cache, "n_examples=40", "n_epochs=null")
-    reference = trainer.reference
+    reference = trainer.reference.model
     trainer.precompute_reference_logps()
-    assert trainer.reference is None  # freed
+    assert trainer.reference.model is None  # freed
     assert "40 from the cache, 0 computed" in capsys.readouterr().out
     used = [ex for ex in trainer.train_data if "reference_logps" in ex]
     assert len(used) == 40
     batch = data.collate(used[:5], trainer.tokenizer.pad_token_id)
     with torch.no_grad():
-        direct = trainers.batch_logps(reference, batch, 10)
+        direct = models.batch_logps(reference, batch, 10)
     torch.testing.assert_close(torch.tensor([ex["reference_logps"] for ex in used[:5]]).T.flatten(), direct,
                                rtol=0, atol=1e-5)
 
@@ -112,7 +112,7 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
                         "n_epochs=null", *overrides)
         if change_weights:
             with torch.no_grad():
-                trainer.reference.model.norm.weight.mul_(1.5)
+                trainer.reference.model.model.norm.weight.mul_(1.5)
         trainer.precompute_reference_logps()
         assert "0 from the cache, 40 computed" in capsys.readouterr().out
     assert len(os.listdir(tmp_path)) == 3
@@ -131,7 +131,7 @@ def test_precomputed_reference_is_the_same_maths_and_cached(tiny_model_dir, tmp_
     trainer = build("dpo", tiny_model_dir, "precompute_reference_logps=true", f"reference_cache_dir={blocked}",
                     "n_examples=40", "n_epochs=null")
     trainer.precompute_reference_logps()
-    assert "could not write the reference log-prob cache" in capsys.readouterr().out and trainer.reference is None
+    assert "could not write the reference log-prob cache" in capsys.readouterr().out and trainer.reference.model is None
     assert sum("reference_logps" in ex for ex in trainer.train_data) == 40  # the run goes on with the computed values
 
 
@@ -163,25 +163,25 @@ def test_model_flops_hand_computed(tiny_model_dir):
     # 5 real tokens, 2 labels, sequence lengths 3 and 2
     forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
     seqs = data.sequences_of(examples)
-    assert utils.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
-    assert utils.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
+    assert models.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
+    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
-    assert utils.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert models.peak_flops(torch.device("cpu"), torch.bfloat16) is None
     for name, want in (("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                        ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert utils.peak_flops(torch.device("cuda"), torch.bfloat16) == want
-    assert utils.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
+        assert models.peak_flops(torch.device("cuda"), torch.bfloat16) == want
+    assert models.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
 
 
 def test_compile_option_compiles_policy_and_reference_in_place(tiny_model_dir):
     """compile=true: both models compiled in place (same classes, so saving is unchanged). A compiled step takes ~100 s
     to compile on this CPU, so its numbers are checked in bench/gpu.py rather than here."""
     plain, compiled = build("dpo", tiny_model_dir), build("dpo", tiny_model_dir, "compile=true")
-    assert plain.policy._compiled_call_impl is None and plain.reference._compiled_call_impl is None
-    assert compiled.policy._compiled_call_impl is not None and compiled.reference._compiled_call_impl is not None
+    assert plain.policy._compiled_call_impl is None and plain.reference.model._compiled_call_impl is None
+    assert compiled.policy._compiled_call_impl is not None and compiled.reference.model._compiled_call_impl is not None
     assert type(compiled.policy) is type(plain.policy)
 
 
@@ -219,7 +219,7 @@ def test_batch_lengths_rounded_where_kernels_plan_per_shape(tiny_model_dir):
     gpu, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: no GPU is touched
     sdpa = build("sft", tiny_model_dir).policy
     varlen = build("sft", tiny_model_dir, "model.attn_implementation=varlen_attn").policy
-    assert [trainers.length_multiple(d, m) for d, m in ((gpu, sdpa), (gpu, varlen), (cpu, sdpa))] == [64, 1, 1]
+    assert [models.length_multiple(d, m) for d, m in ((gpu, sdpa), (gpu, varlen), (cpu, sdpa))] == [64, 1, 1]
 
 
 def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
@@ -231,9 +231,9 @@ def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
     R, T = packed["input_ids"].shape
     rows = {**packed, "cu_seq_lens": torch.arange(0, R * T + 1, T, dtype=torch.int32), "max_seq_len": T}
     with torch.no_grad():
-        want = trainers.batch_logps(trainer.policy, data.collate(examples, trainer.tokenizer.pad_token_id), n_seqs)
-        torch.testing.assert_close(trainers.batch_logps(trainer.policy, packed, n_seqs), want, rtol=0, atol=1e-5)
-        assert (trainers.batch_logps(trainer.policy, rows, n_seqs) - want).abs().max() > 1e-3
+        want = models.batch_logps(trainer.policy, data.collate(examples, trainer.tokenizer.pad_token_id), n_seqs)
+        torch.testing.assert_close(models.batch_logps(trainer.policy, packed, n_seqs), want, rtol=0, atol=1e-5)
+        assert (models.batch_logps(trainer.policy, rows, n_seqs) - want).abs().max() > 1e-3
 
 
 def fake_varlen_attn(new_signature):
@@ -255,19 +255,18 @@ def fake_varlen_attn(new_signature):
 
 @pytest.mark.parametrize("new_signature", [True, False])
 def test_flash_varlen_passes_what_each_torch_version_needs(new_signature, monkeypatch):
-    """train.flash_varlen (the CUDA path of varlen_attn): causal, the model's scale, GQA, for either kernel signature,
+    """models.flash_varlen (the CUDA path of varlen_attn): causal, the model's scale, GQA, for either kernel signature,
     against attention computed by hand over each segment."""
     import inspect
 
-    import train
     fake = fake_varlen_attn(new_signature)
-    monkeypatch.setattr(train, "varlen_attn", fake)  # a test-only stand-in for the CUDA kernel
-    monkeypatch.setattr(train, "VARLEN_PARAMS", frozenset(inspect.signature(fake).parameters))
+    monkeypatch.setattr(models, "varlen_attn", fake)  # a test-only stand-in for the CUDA kernel
+    monkeypatch.setattr(models, "VARLEN_PARAMS", frozenset(inspect.signature(fake).parameters))
     torch.manual_seed(0)
     lengths, heads, kv_heads, dim, scale = [3, 5, 1, 7], 4, 2, 8, 0.3
     q, k, v = torch.randn(sum(lengths), heads, dim), torch.randn(sum(lengths), kv_heads, dim), torch.randn(sum(lengths), kv_heads, dim)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    got = train.flash_varlen(q, k, v, cu, max(lengths), scale)
+    got = models.flash_varlen(q, k, v, cu, max(lengths), scale)
     want = []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         kk, vv = (x[s:e].repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
@@ -280,7 +279,7 @@ def test_flash_varlen_passes_what_each_torch_version_needs(new_signature, monkey
 def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
     import train
     with pytest.raises(utils.UserError, match="model.policy_dtype=bfloat16, or use sdpa"):
-        train.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
+        models.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
     sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
                "max_window_layers: 0}")
@@ -293,8 +292,7 @@ def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
 def test_flash_varlen_traces_without_graph_breaks():
     """compile=true on a GPU keeps whole layers in one graph: dynamo traces the kernel call (shapes on the meta
     device stand in for CUDA tensors; the kernel's fake implementation gives the output shape)."""
-    import train
     q, kv = (torch.empty(16, h, 8, device="meta", dtype=torch.bfloat16) for h in (4, 2))
     cu = torch.empty(3, device="meta", dtype=torch.int32)
-    whole = torch.compile(train.flash_varlen, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    whole = torch.compile(models.flash_varlen, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
     assert whole(q, kv, kv, cu, 11, 0.3).shape == (16, 4, 8)

@@ -92,7 +92,7 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     # the pythia recipe: DPO starts from the SFT run's folder (model.archive), policy and reference alike
     trainer = build("dpo", tiny_model_dir, f"model.archive={run / 'final'}")
     for k, v in after.items():
-        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.state_dict()[k], v)
+        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.model.state_dict()[k], v)
 
 
 def build(kind, model_dir, *overrides):
@@ -122,16 +122,16 @@ def test_dpo_reference_frozen_and_policy_moves(tiny_model_dir):
     initial = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     os.close(train.prepare_run_dir(trainer.cfg)[1])  # the run folder and its lock
     trainer.train()
-    reference, policy = params_of(trainer.reference), params_of(trainer.policy)
+    reference, policy = params_of(trainer.reference.model), params_of(trainer.policy)
     assert all(torch.equal(reference[k], initial[k]) for k in initial)
     assert any(not torch.equal(policy[k], initial[k]) for k in initial)
-    assert all(not p.requires_grad for p in trainer.reference.parameters())
+    assert all(not p.requires_grad for p in trainer.reference.model.parameters())
     assert not os.path.exists(os.path.join(trainer.run_dir, "final"))  # debug: no checkpoint
 
 
 def test_sft_has_no_reference_and_n_examples_counts(tiny_model_dir):
     trainer = build("sft", tiny_model_dir, "n_epochs=null", "n_examples=40", "total_batch_size=16")
-    assert trainer.reference is None
+    assert trainer.reference.model is None
     assert trainer.total_steps == 3
     assert sum(len(b) for b in trainer.global_batches()) == 40
 
@@ -145,7 +145,7 @@ def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
     torch.save({"state": model.state_dict(), "step_idx": 3}, good)  # the original project's archive layout
     trainer = build("dpo", tiny_model_dir, f"model.archive={good}")
     for k, v in model.state_dict().items():
-        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.state_dict()[k], v)
+        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.model.state_dict()[k], v)
 
     class Exploit:
         def __reduce__(self):
@@ -276,7 +276,7 @@ def test_first_step_loss_of_each_preference_loss(overrides, expected_loss, tiny_
 
 def test_reference_free_has_no_reference_model(tiny_model_dir):
     trainer = build("dpo", tiny_model_dir, "loss.reference_free=true")
-    assert trainer.reference is None
+    assert trainer.reference.model is None
     metrics, *_ = trainer.train_step(next(trainer.global_batches()))
     # rewards are beta * policy log-probs when the reference is taken as 0
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * metrics["logps/chosen"], rel=1e-5)

@@ -1,0 +1,555 @@
+"""Everything about networks: devices, loading the policy, attention kernels, the reference, sharding (FSDP2),
+the forward pass to log-probs, exporting Hugging Face weights, and FLOP accounting.
+
+    models.build_models(cfg, tokenizer, layout) -> (policy, reference)
+
+`layout` (trainers.OneDevice or trainers.FSDPRanks) exists before any model is built: it says where the weights go
+(one device, or shards over its device mesh). The reference is an object with one small interface, in three kinds:
+`FrozenReference` (a frozen copy of the initial policy), `PrecomputedReference` (log-probs computed once, from the
+disk cache) and `NoReference` (losses that need none, or reference_free).
+"""
+import copy
+import hashlib
+import inspect
+import os
+import pickle
+import re
+import sys
+import warnings
+from array import array
+
+import torch
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import data
+import losses
+from utils import DTYPE_NAMES, UserError, check_hub_reachable, choices
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
+VARLEN_ATTN = "varlen_attn"  # model.attn_implementation: batches as segments, no mask (varlen_attention)
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process) prints; under torchrun and train.py's launcher RANK is in the environment."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and loading
+# ----------------------------------------------------------------------------------------------------------------
+def device_type(cfg) -> str:
+    """'cuda' or 'cpu': cfg.device, else cuda when there is a GPU (the one rule, for every process and launcher)."""
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+
+
+def pick_device(cfg) -> torch.device:
+    """This process's device: cfg.device (or cuda when available), and under FSDPTrainer on GPUs cuda:LOCAL_RANK,
+    made the current device (one GPU per process). Refuses what cannot run here."""
+    device = torch.device(cfg.device or device_type(cfg))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"config: device={cfg.device} but CUDA is not available on this machine (use device=cpu)")
+    if device.type == "cuda" and cfg.trainer == "FSDPTrainer":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if device.type == "cuda" and cfg.model.policy_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise UserError("config: model.policy_dtype=bfloat16 is not supported by this GPU; use float16 or float32")
+    flags = cpu_flags() if device.type == "cpu" and cfg.model.policy_dtype == "bfloat16" else {"bf16"}
+    if flags and not flags & {"avx512_bf16", "amx_bf16", "bf16"} and is_main_process():  # bf16: ARM's flag
+        print("warning: model.policy_dtype=bfloat16 on a CPU without native bfloat16 instructions (no avx512_bf16 / "
+              "amx_bf16 in /proc/cpuinfo) runs about 10x slower than float32: consider model.policy_dtype=float32",
+              file=sys.stderr)
+    return device
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo: 'flags' on x86, 'Features' on ARM); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))),
+                        set())
+    except OSError:
+        return set()
+
+
+def check_versions():
+    """Log-probs are taken only at label positions through a boolean `logits_to_keep`, new in transformers 5.24."""
+    import transformers
+    if tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2]) < (5, 24):
+        raise UserError(f"transformers {transformers.__version__} is too old: this project needs >= 5.24 "
+                        "(pip install -r requirements.txt)")
+
+
+def from_pretrained(loader, path, key, **kwargs):
+    """transformers' from_pretrained with a one-line error naming the config key when the path cannot be loaded."""
+    local = os.path.expanduser(path)
+    if (path.startswith((".", "/", "~")) or path.count("/") > 1) and not os.path.exists(local):
+        raise UserError(f"config: {key}: '{path}' does not exist")
+    gguf = sorted(f for f in os.listdir(local) if f.endswith(".gguf")) if os.path.isdir(local) else []
+    if gguf and not os.path.exists(os.path.join(local, "config.json")):
+        raise UserError(f"config: {key}: '{path}' holds only GGUF files ({', '.join(gguf[:3])}"
+                        f"{', ...' if len(gguf) > 3 else ''}): convert to a Hugging Face folder (save_pretrained) first")
+    check_hub_reachable(path, key)  # a hub id without network: fail in seconds, not after a minute of retries
+    try:
+        return loader.from_pretrained(local, **kwargs)
+    except (OSError, ValueError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__  # all of it on one line, within reason
+        if "trust_remote_code=True" in detail:
+            raise UserError(f"config: {key}: '{path}' needs its own model code (auto_map in its config), which runs "
+                            "only with model.trust_remote_code=true: set it if you trust that code") from e
+        detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+        where = "the local folder" if os.path.exists(local) else "the hub (no such model, or no access?)"
+        raise UserError(f"config: {key}: could not load '{path}' from {where}: {detail}") from e
+
+
+def build_tokenizer(cfg):
+    from transformers import AutoTokenizer
+    key = "model.tokenizer_name_or_path" if cfg.model.tokenizer_name_or_path else "model.name_or_path"
+    path = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
+    tokenizer = from_pretrained(AutoTokenizer, path, key, trust_remote_code=cfg.model.trust_remote_code)
+    return data.prepare_tokenizer(tokenizer)
+
+
+def disable_dropout(config_or_model):
+    """DPO compares log-probs of two models: dropout would make them noisy, so it is switched off everywhere."""
+    if isinstance(config_or_model, torch.nn.Module):
+        for module in config_or_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return config_or_model
+    for name, value in list(vars(config_or_model).items()):
+        if "dropout" in name and isinstance(value, float):
+            setattr(config_or_model, name, 0.0)
+    return config_or_model
+
+
+def pickle_imports(path) -> bool:
+    """Whether a (legacy, not zipped) pickle file imports or calls anything: read opcode by opcode, never run."""
+    import pickletools
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE") for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a complete pickle: damaged
+        return False
+
+
+def load_archive(model, path):
+    """Weights from a `.pt` state dict (or {'state': state_dict}, as the original project saved), tensors only."""
+    if not os.path.isfile(path):
+        raise UserError(f"config: model.archive: '{path}' does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # torch's zip format / a pickle (torch's legacy format)
+        hint = ": give the model's folder instead" if path.endswith(".safetensors") else ""
+        raise UserError(f"config: model.archive: {path}: not a torch state dict file (neither torch's zip format "
+                        f"nor a pickle){hint}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e) or magic != b"PK" and not pickle_imports(path):  # damaged
+            raise UserError(f"config: model.archive: {path}: not a loadable torch state dict (damaged?)") from e
+        raise UserError(f"config: model.archive: {path}: refused: the file holds Python objects other than tensors "
+                        "(possibly code); only plain state dicts load (torch.load weights_only=True)") from e
+    except Exception as e:
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"config: model.archive: {path}: not a loadable torch state dict: {detail}") from e
+    if isinstance(state, dict) and isinstance(state.get("state"), dict):
+        state = state["state"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"config: model.archive: {path}: expected a dict of tensors (a state dict)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"config: model.archive: {path}: does not match the model architecture: {detail}") from e
+
+
+def model_from_config(arch, tokenizer, kwargs):
+    """A randomly initialised model from `model.from_config`; any mistake in it is one line naming that key."""
+    from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    arch = dict(arch)
+    model_type = arch.pop("model_type", None)
+    if model_type is None:
+        raise UserError("config: model.from_config needs a model_type, e.g. llama, qwen2, gpt_neox")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(f"config: model.from_config.model_type={model_type!r} is not one of "
+                        f"{choices(model_type, sorted(CONFIG_MAPPING.keys()), limit=8)}")
+    arch.setdefault("vocab_size", len(tokenizer))
+    try:  # the config checks its own fields (heads that do not divide hidden_size, ...), the model class the rest
+        config = disable_dropout(AutoConfig.for_model(model_type, **arch))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"config: model.from_config: {detail if len(detail) <= 400 else detail[:400] + ' ...'}") from e
+
+
+def load_policy(cfg, tokenizer):
+    """The trainable model, float32 master weights (autocast supplies the compute dtype), on the CPU."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    m = cfg.model
+    kwargs = {"trust_remote_code": m.trust_remote_code}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    if m.attn_implementation == VARLEN_ATTN:
+        register_varlen_attention(torch.device(device_type(cfg)), m.policy_dtype)
+    archive_is_folder = bool(m.archive) and os.path.isdir(m.archive)
+    try:
+        if m.name_or_path is None and not archive_is_folder:
+            model = model_from_config(m.from_config, tokenizer, kwargs)
+        else:
+            source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
+            config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
+            model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+    except ImportError as e:  # flash_attention_2 / _3 without their package
+        if not m.attn_implementation:
+            raise
+        raise UserError(f"config: model.attn_implementation={m.attn_implementation}: {' '.join(str(e).split())[:300]}"
+                        " (or use sdpa)") from e
+    if m.archive and not archive_is_folder:
+        load_archive(model, m.archive)
+    if m.attn_implementation == VARLEN_ATTN and (any(getattr(mod, "sliding_window", None) for mod in model.modules())
+                                                 or getattr(model.config, "attn_logit_softcapping", None)):
+        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} supports plain causal attention only; this "
+                        "model has sliding-window attention or softcapping: use sdpa")
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                        f"{model.get_input_embeddings().weight.shape[0]}: they do not belong together")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return disable_dropout(model)
+
+
+def build_models(cfg, tokenizer, layout):
+    """(policy, reference) for this run, placed as the layout says: on its device, or sharded over its mesh (every
+    transformer block, then the root; fully_shard moves each block to the device as it shards it). The reference is
+    a frozen copy of the initial policy when the loss needs one (losses.LOSSES). By default it IS the initial policy
+    (float32 weights under the same autocast and the same FSDP mixed precision), so policy and reference agree
+    exactly before any update; reference_dtype stores it in half precision instead."""
+    policy, reference = load_policy(cfg, tokenizer), None
+    if losses.needs_reference(cfg.loss):
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if cfg.activation_checkpointing:
+            reference.activation_checkpointing_disable()  # forward-only: nothing to recompute
+        reference.to(DTYPES[cfg.model.reference_dtype or "float32"])
+    if layout.mesh is None:
+        policy.to(layout.device)
+        reference = reference.to(layout.device) if reference is not None else None
+        return policy, FrozenReference(reference) if reference is not None else NoReference()
+    block = find_block_class(policy, cfg.fsdp.block_class)
+    mp_dtype = DTYPES[cfg.model.fsdp_policy_mp or cfg.model.policy_dtype]
+    # gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards
+    mixed = MixedPrecisionPolicy(param_dtype=None if mp_dtype == torch.float32 else mp_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy()
+    shard_model(policy, block, layout.mesh, mixed, offload)
+    for module in policy.modules():
+        if isinstance(module, FSDPModule):
+            # each process's loss is already divided by the GLOBAL normalizer: gradients must be summed, not
+            # averaged. Plain SUM collectives (gloo has no PREMUL_SUM), then a division by 1.
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    if reference is not None and cfg.fsdp.shard_reference:
+        half = cfg.model.reference_dtype in ("bfloat16", "float16")  # else exactly the policy's compute
+        shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload)
+    elif reference is not None:
+        reference.to(layout.device)  # a full replica on every device: no communication in its forward
+    return policy, FrozenReference(reference) if reference is not None else NoReference()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention: varlen_attn, segments of a flattened batch through PyTorch's FlashAttention varlen kernel
+# ----------------------------------------------------------------------------------------------------------------
+try:  # PyTorch's own FlashAttention varlen kernel (torch >= 2.10, CUDA), and the arguments this version takes
+    from torch.nn.attention.varlen import varlen_attn
+    VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
+except ImportError:
+    varlen_attn, VARLEN_PARAMS = None, frozenset()
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """Causal attention within each segment of a flattened batch: the transformers attention function behind
+    `model.attn_implementation: varlen_attn` (registered by `build_policy`).
+
+    query [B, H, T, D], key / value [B, Hkv, T, D]; cu_seq_lens_q [S + 1] int32: where each of the S segments of
+    the B*T tokens starts (data.collate: every sequence, and the padding at each row's end), max_length_q the
+    longest. Returns ([B, T, H, D], None). On CUDA in bfloat16/float16 it is PyTorch's FlashAttention varlen kernel
+    (torch.nn.attention.varlen): no [T, T] mask, no FLOPs across sequences or on padding, no per-shape planning.
+    Elsewhere (CPU, float32) it is SDPA over each segment in turn: the same maths, slowly. Without segments
+    (generate) it is transformers' SDPA with the mask transformers built.
+    """
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, T, D = query.shape  # plain causal attention: build_policy refused sliding windows and softcapping
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+    if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
+        out = flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling)
+    else:
+        out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling)
+    return out.reshape(B, T, H, D), None
+
+
+@torch.compiler.disable  # a loop over data-dependent lengths: compiled, it would be re-traced for every batch
+def segment_sdpa(q, k, v, cu_seq_lens, scale):
+    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [N, H, D], k / v [N, Hkv, D]."""
+    bounds = cu_seq_lens.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
+    """PyTorch's varlen_attn, causal; q [N, H, D], k / v [N, Hkv, D] -> [N, H, D]. Its signature grew from torch 2.10
+    (is_causal) to 2.11+ (window_size, scale, enable_gqa): this passes what the installed version takes."""
+    extra = {"window_size": (-1, 0)} if "window_size" in VARLEN_PARAMS else {"is_causal": True}
+    if "scale" in VARLEN_PARAMS:
+        extra["scale"] = scale
+    elif scale is not None:  # the kernel scales by D**-0.5: fold the model's own scale into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in VARLEN_PARAMS:
+            extra["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **extra)
+
+
+def register_varlen_attention(device, policy_dtype="bfloat16"):
+    """Make `varlen_attn` a transformers attention implementation (its documented AttentionInterface); its mask,
+    used only when there are no segments (generate), is SDPA's."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    if device.type == "cuda" and varlen_attn is None:
+        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} needs torch >= 2.10 on a GPU (this is "
+                        f"torch {torch.__version__}): upgrade torch or use sdpa")
+    if device.type == "cuda" and policy_dtype == "float32":
+        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} runs its GPU kernel in bfloat16 or float16: "
+                        "set model.policy_dtype=bfloat16, or use sdpa for float32")
+    AttentionInterface.register(VARLEN_ATTN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward pass to log-probs
+# ----------------------------------------------------------------------------------------------------------------
+def token_logps(model, batch):
+    """Log-probs of every labelled token of a batch, in ONE forward pass over its rows (padded or packed:
+    data.collate puts chosen and rejected responses side by side, so one pass scores both).
+
+    Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
+    float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
+    A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
+    within each sequence (see data.collate); with `attn_implementation: varlen_attn` both bring their segments.
+
+    Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
+    """
+    keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
+        inputs.pop("attention_mask", None)
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                      max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return losses.label_logps(logits, targets), target_seqs, logits
+
+
+def length_multiple(device, model) -> int:
+    """What batch lengths are rounded up to. GPUs: 64, so that cuDNN attention, planned per shape, is planned for a
+    few shapes instead of at almost every step; varlen_attn plans nothing, so its batches keep their length (no
+    extra padding tokens to compute)."""
+    return 64 if device.type == "cuda" and model.config._attn_implementation != VARLEN_ATTN else 1
+
+
+def batch_logps(model, batch, n_seqs):
+    """[n_seqs] float32: the summed log-probs of each sequence's labelled tokens (`token_logps`)."""
+    logps, seq_ids, _ = token_logps(model, batch)
+    return losses.sequence_logps(logps, seq_ids, n_seqs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference: one interface (logps of a batch, a model to sample from or None, whether it runs in the step),
+# three kinds; and the disk cache of precomputed reference log-probs
+# ----------------------------------------------------------------------------------------------------------------
+class FrozenReference:
+    """A frozen copy of the initial policy, run in every step (and sampled from during evaluation)."""
+    runs_forward = True  # its forward is part of each step's FLOPs
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, batch, n_seqs):
+        """[n_seqs] float32 summed log-probs of the batch's sequences."""
+        return batch_logps(self.model, batch, n_seqs)
+
+    def fingerprint(self, settings) -> str:
+        """Names the disk cache of its log-probs: its weights plus the settings that change log-probs."""
+        return weights_digest(self.model, settings)
+
+
+class PrecomputedReference:
+    """Reference log-probs computed once before training (Trainer.precompute_reference_logps) and carried by the
+    examples (collate's batch["reference_logps"]); the model itself is freed."""
+    runs_forward, model = False, None
+
+    def logps(self, batch, n_seqs):
+        return batch["reference_logps"]
+
+
+class NoReference:
+    """The loss needs no reference (SFT, reference_free: true): reference log-probs are None."""
+    runs_forward, model = False, None
+
+    def logps(self, batch, n_seqs):
+        return None
+
+
+def example_key(example) -> int:
+    """A 64-bit digest of an example's token ids and labels: the per-example key of the reference log-prob cache."""
+    h = hashlib.blake2b(digest_size=8)
+    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+        h.update(array("q", example[k]).tobytes() + b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def logps_cache_path(cache_dir, fingerprint) -> str:
+    """The reference log-prob cache file named `fingerprint` (FrozenReference.fingerprint) in `cache_dir` (null:
+    $XDG_CACHE_HOME, or ~/.cache, /minimal-llm-alignment/reference_logps)."""
+    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "minimal-llm-alignment",
+                                       "reference_logps")
+    return os.path.join(os.path.expanduser(folder), fingerprint + ".pt")
+
+
+def read_logps_cache(path) -> dict:
+    """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
+    (a cache is never worth failing a run for: it is recomputed)."""
+    import torch
+    if not os.path.exists(path):
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
+    except Exception as e:  # truncated, corrupt or foreign file: whatever the loader raises, recompute
+        print(f"warning: reference log-prob cache {path} is unreadable ({type(e).__name__}): recomputing it")
+        return {}
+
+
+def write_logps_cache(path, cache):
+    """Atomically (a reader sees the old cache or the new one, never half of one); a cache that cannot be written
+    costs the next run a recomputation, not this run its training: a warning, no error."""
+    import torch
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
+                    "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"warning: could not write the reference log-prob cache {path}: {e.strerror or e} (training goes on)")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharding (FSDP2) and export
+# ----------------------------------------------------------------------------------------------------------------
+def find_block_class(model, name):
+    """The module class sharded as one unit: fsdp.block_class, else the model's own `_no_split_modules` (its
+    transformer block), else the class of the first entry of the decoder's layer list."""
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    if name is not None:
+        if name not in classes:
+            raise UserError(f"config: fsdp.block_class={name!r} is not a module class of this model; it has: "
+                            f"{', '.join(sorted(classes))}")
+        return classes[name]
+    for candidate in getattr(model, "_no_split_modules", None) or []:
+        if candidate in classes:
+            return classes[candidate]
+    for attr in ("layers", "h", "blocks"):
+        layers = getattr(model.base_model, attr, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers):
+            return type(layers[0])
+    raise UserError(f"config: could not find the transformer block class of {type(model).__name__}: set fsdp.block_class "
+                    f"to one of {', '.join(sorted(classes))}")
+
+
+def shard_model(model, block_class, mesh, mixed, offload):
+    """fully_shard every transformer block, then the root (embeddings, final norm, head): one all-gather per block."""
+    blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+
+
+def export_state(model, state, dtype):
+    """`state` (the model's full state dict, or {} off the main process) in `dtype`, with tied weights sharing one
+    tensor again: a converted or gathered dict has a copy per name, and save_pretrained, which drops a tie only
+    when both names share storage, would write the tied embedding twice."""
+    converted = {k: v.to(dtype) for k, v in state.items()}
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        for name in names[1:]:
+            if names[0] in converted and name in converted:
+                converted[name] = converted[names[0]]
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOP accounting (MFU)
+# ----------------------------------------------------------------------------------------------------------------
+def model_flop_shape(model):
+    """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
+    `model_flops`. The input embedding is a lookup (no FLOPs); a tied output head still multiplies."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its full size
+    body = total - embedding.numel() - (head.numel() if head is not embedding else 0)
+    config = model.config
+    return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+
+
+def model_flops(flop_shape, seqs, with_reference) -> tuple[int, float]:
+    """(real tokens, matmul FLOPs) of the sequences of a micro-batch ([(input_ids, labels)], data.sequences_of):
+    policy forward + backward (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params
+    x real tokens (the vocabulary projection only at label positions, as computed) + causal attention 2 x layers x
+    hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples)."""
+    body, head, layers, hidden = flop_shape
+    lengths = [len(ids) for ids, _ in seqs]
+    n_labels = sum(data.label_count(labels) for _, labels in seqs)
+    forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
+    return sum(lengths), float(forward * (4 if with_reference else 3))
+
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+               ("GH200", 989.4), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A10G", 70.0), ("L4", 121.0))
+
+
+def peak_flops(device, dtype):
+    """The device's peak FLOP/s for the compute dtype, or None where unknown (CPUs, float32, unlisted GPUs): then no
+    MFU is logged rather than a made-up one."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def weights_digest(model, extra) -> str:
+    """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
+    training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
+    h = hashlib.sha256(repr(extra).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
+            tensor = tensor.full_tensor()
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 65536)].float().cpu()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:20]
