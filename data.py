@@ -1,4 +1,5 @@
-"""Datasets for SFT and preference (DPO/IPO) training: load, validate, tokenize, truncate, split, collate.
+"""Datasets for SFT, preference (DPO/IPO) and unpaired (KTO) training: load, validate, tokenize, truncate, split,
+collate.
 
 Formats (detected per file from the records' keys; one format per file; every record is validated):
   SFT         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}            (seed format)
@@ -6,16 +7,20 @@ Formats (detected per file from the records' keys; one format per file; every re
   preference  {"conversations": [...], "chosen": {"from": "gpt", "value"}, "rejected": {...}}      (seed format)
               {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]} (TRL)
   raw hub     Anthropic/hh-rlhf ("hh"), stanfordnlp/SHP ("shp"), HuggingFaceH4/stack-exchange-preferences ("se")
+  unpaired    {"conversations": [...], "completion": {"from": "gpt", "value"}, "label": true|false}      (seed style)
+              {"prompt": str | [messages], "completion": str | [messages], "label": true|false}        (TRL)
 hh used for SFT trains on its chosen transcript (as the original DPO code does); other preference data must be
 converted first (`convert --to sft`). SFT data cannot be used for preference training (no rejected response).
+Unpaired data (label = desirable or not) is only for the losses of data kind "unpaired" (loss.name=kto); pair data
+used as unpaired gives two examples per pair, its chosen desirable and its rejected undesirable (TRL's convention).
 
 Tokenization goes through the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none). Labels are the
 token ids on assistant tokens (content + end-of-turn token) and -100 everywhere else; the assistant mask comes from
 the template's {% generation %} markers, or else from prefix-consistent incremental rendering (where a response's
 first tokens merge with the template's, at the longest common token prefix: _split).
 
-CLI:  python data.py check FILE [--loss sft|dpo] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
-      python data.py convert IN OUT --to sft|dpo
+CLI:  python data.py check FILE [--loss sft|dpo|kto] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
+      python data.py convert IN OUT --to sft|dpo|kto
 """
 from __future__ import annotations
 
@@ -40,8 +45,11 @@ HUB_IDS = {"hh": "Anthropic/hh-rlhf", "shp": "stanfordnlp/SHP", "se": "HuggingFa
 DATA_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 FORMAT_NAMES = {"messages": "messages (SFT)", "sharegpt": "conversations (ShareGPT SFT)",
                 "seed_pref": "conversations/chosen/rejected (preference)", "trl": "prompt/chosen/rejected (TRL preference)",
-                "hh": "Anthropic HH", "shp": "Stanford SHP", "se": "stack-exchange-preferences"}
-SFT_FORMATS = ("messages", "sharegpt")
+                "hh": "Anthropic HH", "shp": "Stanford SHP", "se": "stack-exchange-preferences",
+                "seed_unpaired": "conversations/completion/label (unpaired)",
+                "trl_unpaired": "prompt/completion/label (TRL unpaired)"}
+SFT_FORMATS, UNPAIRED_FORMATS = ("messages", "sharegpt"), ("seed_unpaired", "trl_unpaired")
+KINDS = ("sft", "preference", "unpaired")  # the data kinds of losses.LOSSES
 
 # ChatML-style text. Assistant content + eos_token sit inside {% generation %} so exactly they are labelled (the
 # model learns to stop); other turns end with the literal text '<|im_end|>' (eos_token for ChatML tokenizers).
@@ -130,14 +138,22 @@ def _preference(rec, prompt, schema):
                                   for side in ("chosen", "rejected")}}]
 
 
-def _parse_trl(rec):
+def _unpaired(rec, prompt, schema):
+    completion = _messages(rec.get("completion"), "completion", schema, "response")
+    label = rec.get("label")
+    if not isinstance(label, bool):
+        _fail("label", "missing" if label is None else f"must be true or false, got {label!r}")
+    return [{"prompt": prompt, "completion": completion, "desirable": label}]
+
+
+def _trl_prompt(rec, *required):
     p = rec.get("prompt")
     prompt = [{"role": "user", "content": _str(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
-    for side in ("chosen", "rejected"):
-        if rec.get(side) is None:
-            _fail(side, "missing")
-    # The prompt's last-turn check comes after the missing-side check; re-checking normalized messages is a no-op.
-    return _preference(rec, _messages(prompt, "prompt", CHATML, "prompt"), CHATML)
+    for field in required:
+        if rec.get(field) is None:
+            _fail(field, "missing")
+    # The prompt's last-turn check comes after the missing-field check; re-checking normalized messages is a no-op.
+    return _messages(prompt, "prompt", CHATML, "prompt")
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -208,11 +224,16 @@ PARSERS = {
     "sharegpt": lambda rec: [{"messages": _messages(rec.get("conversations"), "conversations", SHAREGPT, "sft")}],
     "seed_pref": lambda rec: _preference(
         rec, _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"), SHAREGPT),
-    "trl": _parse_trl, "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se,
+    "trl": lambda rec: _preference(rec, _trl_prompt(rec, "chosen", "rejected"), CHATML),
+    "hh": _parse_hh, "shp": _parse_shp, "se": _parse_se,
+    "seed_unpaired": lambda rec: _unpaired(
+        rec, _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"), SHAREGPT),
+    "trl_unpaired": lambda rec: _unpaired(rec, _trl_prompt(rec, "completion", "label"), CHATML),
 }
 # Format from a record's keys: the first whose signature keys the record all has (the parser checks the rest).
 _SIGNATURES = {"messages": ("messages",), "seed_pref": ("conversations", "chosen", "rejected"),
-               "sharegpt": ("conversations",), "trl": ("prompt", "chosen", "rejected"),
+               "seed_unpaired": ("conversations", "completion"), "sharegpt": ("conversations",),
+               "trl": ("prompt", "chosen", "rejected"), "trl_unpaired": ("prompt", "completion"),
                "shp": ("history", "human_ref_A", "human_ref_B"), "se": ("question", "answers"),
                "hh": ("chosen", "rejected")}
 
@@ -325,25 +346,50 @@ def _sources(spec):
     return name, [(f, _read_file(f)) for f in files]
 
 
+def _as_kind(rec, kind):
+    """A parsed record as a record of `kind`: hh for SFT is prompt + chosen; a pair used as unpaired data is two
+    examples, its chosen desirable and its rejected undesirable (TRL's convention)."""
+    if kind == "sft" and "messages" not in rec:
+        return [{"messages": rec["prompt"] + rec["chosen"]}]
+    if kind == "unpaired" and "chosen" in rec:
+        return [{"prompt": rec["prompt"], "completion": rec[side], "desirable": side == "chosen"}
+                for side in ("chosen", "rejected")]
+    return [rec]
+
+
+def _refuse(label, fmt, kind):  # -> DataError when a file of format fmt cannot be data of kind, else None
+    name = FORMAT_NAMES[fmt]
+    if kind in ("sft", "preference") and fmt in UNPAIRED_FORMATS:
+        return DataError(f"{label}: {name} data (one completion per prompt, labelled desirable or not) cannot be "
+                         f"{kind} data: only the losses of unpaired data take it (loss.name=kto)")
+    if kind == "unpaired" and fmt in SFT_FORMATS:
+        return DataError(f"{label}: SFT data ({name}) has no undesirable examples: it cannot be used as unpaired (kto) "
+                         "data; give pairs (each gives a desirable and an undesirable example) or labelled completions")
+    if kind == "preference" and fmt in SFT_FORMATS:
+        return DataError(f"{label}: SFT data ({name}) has no rejected responses: it cannot be used as "
+                         "preference (dpo) data")
+    if kind == "sft" and fmt in ("shp", "se"):
+        return DataError(f"{label}: {name} is preference-only data; for SFT use hh or an SFT file")
+    if kind == "sft" and fmt in ("seed_pref", "trl"):  # hh alone trains SFT on its chosen side, as the original did
+        return DataError(f"{label}: {name} data with loss.name=sft: train it with dpo/ipo, or make an "
+                         f"SFT file of prompt + chosen with: python data.py convert {label} OUT.json --to sft")
+    return None
+
+
 def _load(spec, kind):
     """-> (records, origins [(label, raw index)], n dropped, {label: format}). A file's format is its record 0's (the
     spec's name for huggingface_dataset); kind None keeps each format's own kind."""
-    if kind not in ("sft", "preference", None):
-        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
+    if kind not in (*KINDS, None):
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     forced, sources = _sources(spec)
     records, origins, dropped, formats = [], [], 0, {}
     for label, rows in sources:
         if not rows:
             raise DataError(f"{label}: no records (empty dataset)")
         fmt = formats[label] = forced or (_detect(rows[0]) if isinstance(rows[0], dict) else None)
-        if kind == "preference" and fmt in SFT_FORMATS:
-            raise DataError(f"{label}: SFT data ({FORMAT_NAMES[fmt]}) has no rejected responses: it cannot be used as "
-                            "preference (dpo) data")
-        if kind == "sft" and fmt in ("shp", "se"):
-            raise DataError(f"{label}: {FORMAT_NAMES[fmt]} is preference-only data; for SFT use hh or an SFT file")
-        if kind == "sft" and fmt in ("seed_pref", "trl"):  # hh alone trains SFT on its chosen side, as the original did
-            raise DataError(f"{label}: {FORMAT_NAMES[fmt]} data with loss.name=sft: train it with dpo/ipo, or make an "
-                            f"SFT file of prompt + chosen with: python data.py convert {label} OUT.json --to sft")
+        refused = fmt and _refuse(label, fmt, kind)
+        if refused:
+            raise refused
         for i, row in enumerate(rows):
             try:
                 if not isinstance(row, dict):
@@ -358,8 +404,8 @@ def _load(spec, kind):
             except DataError as e:
                 raise DataError(f"{label}: record {i}: {e}") from None
             dropped += not new
-            # hh used for SFT: the conversation is prompt + chosen.
-            records += [r if kind != "sft" or "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in new]
+            new = [x for r in new for x in _as_kind(r, kind)]
+            records += new
             origins += [(label, i)] * len(new)
     if not records:
         raise DataError(f"{', '.join(formats)}: no usable records (empty dataset; {dropped} dropped)")
@@ -367,9 +413,10 @@ def _load(spec, kind):
 
 
 def load_examples(spec: dict, kind: str) -> list[dict]:
-    """Load and validate one dataset spec {type, path, name, split}; kind 'sft' | 'preference'. Returns
+    """Load and validate one dataset spec {type, path, name, split}; kind 'sft' | 'preference' | 'unpaired'. Returns
     sft: [{"messages": [{"role", "content"}, ...]}]; preference: [{"prompt": [msgs], "chosen": [assistant msgs],
-    "rejected": [assistant msgs]}]. Raises DataError naming file, record index and field."""
+    "rejected": [assistant msgs]}]; unpaired: [{"prompt": [msgs], "completion": [assistant msgs], "desirable": bool}]
+    (a pair file gives two per pair: _as_kind). Raises DataError naming file, record index and field."""
     return _load(spec, kind)[0]
 
 
@@ -473,6 +520,9 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
                   <side>_input_ids = the prompt + response ids; labels -100 on the prompt. That prompt is the
                   rendered one, less its last token(s) when a response's first tokens merge with them (_split);
                   prompt_input_ids (to sample from) is the whole rendered prompt, cut at the front as it is.
+      unpaired:   {"prompt_input_ids", "chosen_input_ids", "chosen_labels", "desirable"}: the completion as a
+                  preference example's chosen side (so collate, sequences_of and the reference log-prob cache take
+                  it as they are); "rejected_*" (the KL sequence) is added by build_datasets (kl_pairs).
     notes: a set that gets "merged" when that happened (for a warning).
     Truncation: when prompt + response exceeds max_length, the prompt (the context before the first labelled token)
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
@@ -491,10 +541,13 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
             return None, truncated
         return {"input_ids": ids, "labels": labels,
                 "prompt_input_ids": prompt[max(0, len(prompt) - max_prompt_length):]}, truncated
-    if kind != "preference":
-        raise ValueError(f"kind must be 'sft' or 'preference', got {kind!r}")
-    full = {side: _labelled(tokenizer, example["prompt"] + example[side], side, len(example["prompt"]), notes)
-            for side in ("chosen", "rejected")}
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    # side -> (field named in errors, response messages)
+    responses = ({"chosen": ("completion", example["completion"])} if kind == "unpaired" else
+                 {side: (side, example[side]) for side in ("chosen", "rejected")})
+    full = {side: _labelled(tokenizer, example["prompt"] + msgs, field, len(example["prompt"]), notes)
+            for side, (field, msgs) in responses.items()}
     # The prompt: the tokens both sides start with (shorter than the rendered prompt when a response merges with it).
     start = min(s for _, _, s in full.values())
     prompt = full["chosen"][0][:start]
@@ -514,6 +567,8 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
     out = {"prompt_input_ids": generation[start - len(prompt):]}
     for side, (ids, lab) in sides.items():
         out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
+    if kind == "unpaired":
+        out["desirable"] = example["desirable"]
     return out, truncated
 
 
@@ -532,12 +587,30 @@ def _held_out(n_eval, n):
                   "evaluation (set n_eval_examples or eval_datasets)")
 
 
+def kl_pairs(examples: list[dict], max_length: int) -> list[dict]:
+    """KTO's KL term needs mismatched pairs: TRL's dataset-level pairing, made once per set (train, eval) in its
+    (seeded, shuffled) order and fixed for the run, which is what lets the reference log-probs of the KL pairs be
+    precomputed and cached like any other sequence. Example i's KL sequence, stored as its "rejected_input_ids" /
+    "rejected_labels" (so that sequence B + i of a collated batch is example i's KL sequence): its own prompt,
+    chosen_input_ids before its first label (labels -100), then the completion of example (i + 1) % n, its
+    chosen_input_ids / chosen_labels from their first label on, cut to max_length at the end (the completion keeps
+    its start). A single example is paired with its own completion. Adds the keys in place; returns examples."""
+    starts = [next(k for k, l in enumerate(ex["chosen_labels"]) if l != -100) for ex in examples]
+    for i, ex in enumerate(examples):
+        j = (i + 1) % len(examples)
+        other, n = examples[j], starts[j]
+        ex["rejected_input_ids"] = (ex["chosen_input_ids"][:starts[i]] + other["chosen_input_ids"][n:])[:max_length]
+        ex["rejected_labels"] = ([-100] * starts[i] + other["chosen_labels"][n:])[:max_length]
+    return examples
+
+
 def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, kind: str, max_length: int,
                    max_prompt_length: int, n_eval_examples: int, seed: int) -> tuple[list[dict], list[dict], dict]:
     """Load every train spec (concatenated) and shuffle with random.Random(seed). Eval: without eval_specs the first
     n_eval_examples shuffled records are held out (fewer, with a warning, when that would take more than half of
     them: _held_out); with eval_specs, eval = their first n_eval_examples records (file order) and train is not
-    reduced; n_eval_examples == 0 -> no eval. Then tokenize everything.
+    reduced; n_eval_examples == 0 -> no eval. Then tokenize everything; unpaired (KTO) data then gets its KL
+    sequences (kl_pairs), train and eval separately.
     Returns (train, eval, stats), stats = {"train", "eval", "truncated", "skipped" (nothing left to learn after
     truncation), "dropped" (raw hh/shp/se records filtered out)} and, only when there are any, "warnings": a list of
     one-line messages for the caller to print. Raises DataError; prints nothing."""
@@ -574,6 +647,8 @@ def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, k
         ev_records, records = records[:n_eval], records[n_eval:]
     stats = {"truncated": 0, "skipped": 0, "dropped": dropped, "merged": 0}
     train, evals = tokenize_all(records), tokenize_all(ev_records)
+    if kind == "unpaired":
+        train, evals = kl_pairs(train, max_length), kl_pairs(evals, max_length)
     if not train:
         raise DataError(f"datasets: no training example left: all {stats['skipped']} were skipped after truncation "
                         f"(max_length={max_length}, max_prompt_length={max_prompt_length})")
@@ -599,7 +674,8 @@ def example_length(example: dict) -> int:
 
 def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of every sequence of a batch, in sequence-id order: SFT one per example; preference the
-    B chosen responses, then the B rejected ones (sequence i < B is the chosen of example i, B + i its rejected)."""
+    B chosen responses, then the B rejected ones (sequence i < B is the chosen of example i, B + i its rejected);
+    unpaired (KTO) examples are laid out the same way: their completions, then their KL sequences (kl_pairs)."""
     prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in examples[0] else ("",)
     return [(ex[f"{p}input_ids"], ex[f"{p}labels"]) for p in prefixes for ex in examples]
 
@@ -653,7 +729,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
-      reference_logps [2B] (in sequence order, like seq_ids): when the examples carry precomputed ones."""
+      reference_logps [2B] (in sequence order, like seq_ids): when the examples carry precomputed ones.
+      desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences)."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
@@ -694,16 +771,25 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
     if all("reference_logps" in ex for ex in examples):  # in sequence order: the B chosen, then the B rejected
         batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in (0, 1) for ex in examples])
+    if "desirable" in examples[0]:
+        batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
     return batch
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
+LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired"}  # --loss / --to -> data kind
+
+
 def _cmd_check(args):
-    kind = {"sft": "sft", "dpo": "preference", None: None}[args.loss]
+    kind = LOSS_KINDS.get(args.loss)
     records, _, dropped, formats = _load({"type": "custom_dataset", "path": args.file}, kind)
     fmt = next(iter(formats.values()))
-    kind = kind or ("sft" if fmt in SFT_FORMATS else "preference")
+    kind = kind or ("sft" if fmt in SFT_FORMATS else "unpaired" if fmt in UNPAIRED_FORMATS else "preference")
     print(f"{args.file}: {len(records)} records ({dropped} dropped), format {FORMAT_NAMES[fmt]}, kind {kind}: ok")
+    if kind == "unpaired":
+        n = sum(r["desirable"] for r in records)
+        how = "" if fmt in UNPAIRED_FORMATS else " (each pair: its chosen desirable, its rejected undesirable)"
+        print(f"desirable {n}, undesirable {len(records) - n}{how}")
     tok_path = args.tokenizer or os.path.join(ROOT, "example", "tokenizer")
     if not (args.tokenizer or os.path.isdir(tok_path)):  # no tokenizer given and no example one: records only
         return
@@ -713,6 +799,7 @@ def _cmd_check(args):
     except (OSError, ValueError) as e:
         raise DataError(f"{tok_path}: cannot load tokenizer: {e}") from None
     columns = ({"sequence": "input_ids"} if kind == "sft" else
+               {"prompt": "prompt_input_ids", "prompt+completion": "chosen_input_ids"} if kind == "unpaired" else
                {"prompt": "prompt_input_ids", "prompt+chosen": "chosen_input_ids", "prompt+rejected": "rejected_input_ids"})
     lengths, n_trunc, n_skip, n_merged = {name: [] for name in columns}, 0, 0, 0
     for i, rec in enumerate(records):
@@ -731,24 +818,36 @@ def _cmd_check(args):
     for name, v in lengths.items():
         v = sorted(v)
         at = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
-        print(f"  {name:16s} p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}")
+        print(f"  {name:17s} p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}")
     print(f"at max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: "
           f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
+
+
+def _seed_row(r):
+    """A normalized record in the seed README's style: messages, or conversations (from/value) with chosen/rejected
+    (preference) or completion/label (unpaired; the same style, which the seed has no example of)."""
+    if "messages" in r:
+        return {"messages": r["messages"]}
+    back = {v: k for k, v in SHAREGPT_ROLES.items()}
+    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
+    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
+    if "completion" in r:
+        return {"conversations": [turn(m) for m in r["prompt"]], "completion": side(r["completion"]),
+                "label": r["desirable"]}
+    return {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
 
 
 def _cmd_convert(args):
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
         raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
-    records = _load({"type": "custom_dataset", "path": args.input}, None if args.to == "sft" else "preference")[0]
+    kind = None if args.to == "sft" else LOSS_KINDS[args.to]  # --to sft: pairs too (prompt + chosen)
+    records, _, _, formats = _load({"type": "custom_dataset", "path": args.input}, kind)
+    if args.to == "sft" and "completion" in records[0]:
+        raise DataError(f"{args.input}: {FORMAT_NAMES[next(iter(formats.values()))]} data cannot be converted to SFT "
+                        "data (convert --to sft takes preference pairs)")
     if args.to == "sft":  # preference -> SFT: the conversation is prompt + chosen
         records = [r if "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in records]
-    # Write the seed README's format: messages, or conversations/chosen/rejected with from/value.
-    back = {v: k for k, v in SHAREGPT_ROLES.items()}
-    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
-    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
-    rows = [{"messages": r["messages"]} if "messages" in r else
-            {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
-            for r in records]
+    rows = [_seed_row(r) for r in records]
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise DataError(f"{args.out}: folder {out_dir} does not exist")
@@ -770,18 +869,19 @@ def _cmd_convert(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="data.py", description="Check or convert SFT / preference datasets.")
+    ap = argparse.ArgumentParser(prog="data.py", description="Check or convert SFT / preference / unpaired datasets.")
     sub = ap.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate every record; with a tokenizer, token-length statistics")
     check.add_argument("file")
-    check.add_argument("--loss", choices=("sft", "dpo"), default=None, help="default: from the file's format")
+    check.add_argument("--loss", choices=tuple(LOSS_KINDS), default=None, help="default: from the file's format")
     check.add_argument("--tokenizer", default=None, help="default: example/tokenizer when it exists")
     check.add_argument("--max-length", type=int, default=512)
     check.add_argument("--max-prompt-length", type=int, default=None, help="default: half of --max-length, as train.py")
-    conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format")
+    conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format, or kto (unpaired: "
+                          "conversations/completion/label, two examples per pair)")
     conv.add_argument("input", metavar="IN")
     conv.add_argument("out", metavar="OUT")
-    conv.add_argument("--to", choices=("sft", "dpo"), required=True)
+    conv.add_argument("--to", choices=tuple(LOSS_KINDS), required=True)
     args = ap.parse_args(argv)
     if getattr(args, "max_prompt_length", 0) is None:
         args.max_prompt_length = args.max_length // 2
