@@ -446,12 +446,13 @@ def nll_loss(chosen_token_logps_sum, num_chosen_tokens):
 @dataclass(frozen=True)
 class Loss:
     fn: Callable                  # the pure loss function above
-    data: str                     # the data kind it trains on (data.py): "sft" conversations | "preference" pairs
+    data: str                     # the data kind it trains on (data.py): "sft" | "preference" pairs | "unpaired"
     reference: bool = False       # needs reference log-probs: a reference model, or log-probs precomputed with one
-    average: bool = False         # scores length-averaged sequence log-probs instead of summed ones
-    nll: str | None = None        # the hyper-parameter weighing an NLL term on the chosen responses, if any
+    average: bool = False         # scores length-averaged sequence log-probs instead of summed ones (always)
     params: dict = field(default_factory=dict)  # its loss.* hyper-parameters and their defaults (its paper's)
     metrics: tuple = ()           # what its fn reports per pair, beyond rewards/*, logps/* and logits/*
+    batch_kl: bool = False        # needs KTO's reference point: the KL estimate of the global batch's mismatched pairs
+    running_mean: bool = False    # shifts its rewards by their running mean (training state, checkpointed)
 
     @property
     def unit(self) -> str:
@@ -459,19 +460,40 @@ class Loss:
         return "tokens" if self.data == "sft" else "examples"
 
 
-LOSSES = {
+B01 = {"beta": 0.1}
+LOSSES = {  # the README's table lists them with their papers
     "sft": Loss(sft_loss, "sft"),
-    "dpo": Loss(dpo_loss, "preference", reference=True, params={"beta": 0.1, "label_smoothing": 0.0}),
-    "ipo": Loss(ipo_loss, "preference", reference=True, params={"beta": 0.1}),
+    "dft": Loss(dft_loss, "sft"),
+    "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}),
+    "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}),
+    "ipo": Loss(ipo_loss, "preference", reference=True, params=B01),
+    "hinge": Loss(hinge_loss, "preference", reference=True, params=B01),
+    "exo_pair": Loss(exo_pair_loss, "preference", reference=True, params={**B01, "label_smoothing": 1e-3}),
+    "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01),
+    "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01),
+    "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01),
+    "apo_down": Loss(apo_down_loss, "preference", reference=True, params=B01),
+    "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}),
+    "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True),
+    "simpo": Loss(simpo_loss, "preference", average=True,
+                  params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}),
+    "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}),
+    "orpo": Loss(orpo_loss, "preference", average=True, params={**B01, "nll_weight": 1.0},
+                 metrics=("log_odds_ratio", "log_odds_chosen")),
+    "kto": Loss(kto_loss, "unpaired", reference=True, batch_kl=True,
+                params={**B01, "desirable_weight": 1.0, "undesirable_weight": 1.0}, metrics=("kl",)),
 }
-MODIFIERS = {"reference_free": False}  # loss.* keys that every reference-based pair loss takes, and their defaults
-NEUTRAL = {"label_smoothing": 0.0, "reference_free": False}  # values that change nothing: allowed on any loss
+# loss.* keys that every pair loss takes (reference_free: those with a reference), and their defaults; they are
+# not arguments of the loss functions but of `micro_batch_loss`
+MODIFIERS = {"nll_weight": 0.0, "length_normalize": False, "reference_free": False}
+NEUTRAL = {"label_smoothing": 0.0, **MODIFIERS}  # values that change nothing: allowed on any loss
 
 
 def parameters_of(name) -> dict:
     """{loss.* key: default} of every key that `loss.name=name` takes: its hyper-parameters and modifiers."""
     spec = LOSSES[name]
-    return {**spec.params, **(MODIFIERS if spec.reference and spec.data == "preference" else {})}
+    modifiers = {k: v for k, v in MODIFIERS.items() if k != "reference_free" or spec.reference}
+    return {**(modifiers if spec.data == "preference" else {}), **spec.params}
 
 
 def needs_reference(loss_cfg) -> bool:
@@ -480,20 +502,23 @@ def needs_reference(loss_cfg) -> bool:
 
 
 def hyperparameters(loss_cfg) -> dict:
-    """The hyper-parameters its loss function takes, from the `loss:` section (nulls already resolved)."""
-    return {k: loss_cfg[k] for k in LOSSES[loss_cfg.name].params}
+    """Its loss function's keyword arguments and the modifiers, from the `loss:` section (nulls already resolved)."""
+    return {k: loss_cfg[k] for k in parameters_of(loss_cfg.name)}
 
 
-def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, norm, mean_logits=None):
+def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, norm, mean_logits=None, extra=None):
     """The loss of one micro-batch, divided by its GLOBAL batch's normaliser, and its metric sums.
 
     Args:
         spec: the table row (``LOSSES[name]``); hp: ``hyperparameters(loss_cfg)``.
         token_logps: [N] the policy's label-token log-probs; seq_ids: [N] their sequences, in [0, n_seqs): for
-            pairs the B chosen responses, then the B rejected ones (data.sequences_of).
+            pairs the B chosen responses, then the B rejected ones (data.sequences_of); for unpaired data the B
+            completions, then their B mismatched KL sequences.
         reference_logps: [n_seqs] summed reference log-probs, or None (no reference: taken as 0).
-        norm: the global batch's counts {"examples", "tokens" (label tokens), "chosen_tokens"}.
+        norm: the global batch's counts {"examples", "tokens" (label tokens), "chosen_tokens", "desirable"}.
         mean_logits: [N] each position's mean logit (detached), for the logits/* metrics.
+        extra: what the trainer computed over the whole global batch: {"kl"} (batch_kl), {"delta"} (running_mean),
+            {"desirable": [B] bool} (unpaired).
 
     Returns (loss: scalar with grad, sums: {metric: scalar}); a metric's value is its sum over the global batch
     divided by ``norm[spec.unit]``.
@@ -501,28 +526,50 @@ def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, no
     if spec.data == "sft":
         loss = spec.fn(token_logps, norm["tokens"])
         return loss, {"loss": loss.detach() * norm["tokens"]}
-    B = n_seqs // 2
+    B, extra = n_seqs // 2, extra or {}
     counts = torch.bincount(seq_ids, minlength=n_seqs).clamp(min=1)
     sums = token_logps.new_zeros(n_seqs).index_add(0, seq_ids, token_logps)
-    policy = sums / counts if spec.average else sums
+    average = spec.average or hp.get("length_normalize", False)
+    policy = sums / counts if average else sums
     reference = None
     if spec.reference:
         reference = torch.zeros_like(policy) if reference_logps is None else reference_logps.to(policy.dtype)
-        reference = reference / counts if spec.average else reference
+        reference = reference / counts if average else reference
+    if spec.data == "unpaired":
+        return _unpaired(spec, hp, policy[:B], reference[:B], extra, norm)
+    kwargs = {k: v for k, v in hp.items() if k not in MODIFIERS}
+    kwargs.update({"delta": extra["delta"]} if spec.running_mean else {})
     ref_c, ref_r = (None, None) if reference is None else (reference[:B], reference[B:])
-    pair_losses, chosen_rewards, rejected_rewards, extra = spec.fn(policy[:B], policy[B:], ref_c, ref_r, **hp)
+    pair_losses, chosen_rewards, rejected_rewards, metrics = spec.fn(policy[:B], policy[B:], ref_c, ref_r, **kwargs)
     loss = pair_losses.sum() / norm["examples"]
     out = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
            "rewards/rejected": rejected_rewards.sum(), "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
            "logps/chosen": policy[:B].detach().sum(), "logps/rejected": policy[B:].detach().sum(),
-           **{k: v.sum() for k, v in extra.items()}}
-    if spec.nll:  # an NLL term on the chosen responses, token-normalised over the global batch
+           **{k: v.sum() for k, v in metrics.items() if k in spec.metrics}}
+    if hp.get("nll_weight"):  # an NLL term on the chosen responses, token-normalised over the global batch
         nll = nll_loss(sums[:B], norm["chosen_tokens"])
-        loss = loss + hp[spec.nll] * nll
+        loss = loss + hp["nll_weight"] * nll
         out["nll_loss"] = nll.detach() * norm["examples"]
-    if mean_logits is not None:  # TRL's logits/*: the mean logit over each side's label positions
+    if mean_logits is not None:  # TRL's logits/*: the mean logit over each side's label positions (global batch)
         chosen = seq_ids < B
+        n_tokens = {"chosen": norm["chosen_tokens"], "rejected": norm["tokens"] - norm["chosen_tokens"]}
         for name, side in (("chosen", chosen), ("rejected", ~chosen)):
-            out[f"logits/{name}"] = mean_logits[side].sum() / side.sum().clamp(min=1) * B
+            out[f"logits/{name}"] = mean_logits[side].sum() / max(n_tokens[name], 1) * norm["examples"]
     return loss, out
+
+
+def _unpaired(spec, hp, policy, reference, extra, norm):
+    """micro_batch_loss for unpaired (KTO) data: rewards/chosen and logps/chosen average over the desirable
+    examples of the global batch, rewards/rejected and logps/rejected over the undesirable ones (TRL's names)."""
+    desirable = extra["desirable"]
+    losses_, rewards, metrics = spec.fn(policy, reference, desirable, extra["kl"], **hp)
+    n, good = norm["examples"], norm["desirable"]
+    scale = {True: n / max(good, 1), False: n / max(n - good, 1)}  # a sum / n is then a mean over that side
+    out = {"loss": losses_.detach().sum(), **{k: v.sum() for k, v in metrics.items() if k in spec.metrics}}
+    for side, name in ((True, "chosen"), (False, "rejected")):
+        mask = desirable == side
+        out[f"rewards/{name}"] = rewards[mask].sum() * scale[side]
+        out[f"logps/{name}"] = policy[mask].detach().sum() * scale[side]
+    out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return losses_.sum() / n, out

@@ -160,6 +160,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
         self.wandb_id, self.stop_signal = None, None
+        self.loss_state = {"reward_mean": 0.0, "reward_count": 1e-24}  # bco_pair's running mean (TRL's start)
         self.flop_shape = models.model_flop_shape(policy)
         self.peak_flops = models.peak_flops(self.device, self.compute_dtype)
         if cfg.compile:  # in place (the module keeps its class, so saving is unchanged); shapes vary: dynamic
@@ -175,20 +176,50 @@ class Trainer:
     def any_process(self, flag: bool) -> bool:
         return self.layout.any_process(flag)
 
-    def batch_loss(self, batch, norm):
-        """Loss of one micro-batch, already divided by the GLOBAL batch's normaliser (`norm`), and metric sums."""
+    def batch_loss(self, batch, norm, stats):
+        """Loss of one micro-batch, already divided by the GLOBAL batch's normaliser (`norm`), and metric sums;
+        `stats`: what the loss needs from the whole global batch (`global_statistics`)."""
         logps, seq_ids, logits = models.token_logps(self.policy, batch)
         reference_logps = self.reference.logps(batch, batch["n_seqs"])
         with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
             mean_logits = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
+        extra = {**stats, **({"desirable": batch["desirable"]} if "desirable" in batch else {})}
         return losses.micro_batch_loss(self.loss, self.hyperparameters, logps, seq_ids, batch["n_seqs"],
-                                       reference_logps, norm, mean_logits)
+                                       reference_logps, norm, mean_logits, extra)
 
     def normalizer(self, examples) -> dict:
-        """What a global batch's loss and metrics are divided by: its examples, label tokens and chosen label tokens
-        (the first of each example's sequences)."""
+        """What a global batch's loss and metrics are divided by: its examples, label tokens, chosen label tokens
+        (the first of each example's sequences) and desirable examples (unpaired data)."""
         counts = [data.label_count(labels) for _, labels in data.sequences_of(examples)]
-        return {"examples": len(examples), "tokens": sum(counts), "chosen_tokens": sum(counts[:len(examples)])}
+        return {"examples": len(examples), "tokens": sum(counts), "chosen_tokens": sum(counts[:len(examples)]),
+                "desirable": sum(bool(ex.get("desirable")) for ex in examples)}
+
+    def global_statistics(self, local) -> dict:
+        """What the loss needs from the whole global batch before its first micro-batch (the same for any split into
+        micro-batches and processes): bco_pair's running reward mean (of the steps before this one), KTO's KL
+        estimate over the batch's mismatched pairs (`batch_kl`)."""
+        stats = {"delta": self.loss_state["reward_mean"]} if self.loss.running_mean else {}
+        if self.loss.batch_kl:
+            stats["kl"] = self.batch_kl(local)
+        return stats
+
+    @torch.no_grad()
+    def batch_kl(self, local) -> float:
+        """KTO's reference point z0 = max(0, mean over the global batch of (policy - reference) log-probs of the
+        mismatched KL sequences), no grad, micro-batch by micro-batch; every process adds its share."""
+        total, micro = 0.0, self.cfg.eval_batch_size
+        for start in range(0, len(local), micro):
+            chunk = local[start:start + micro]
+            views = [{"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"],
+                      "prompt_input_ids": ex["prompt_input_ids"]} for ex in chunk]  # the KL sequences alone
+            batch = self.to_batch(views)
+            with self.autocast():
+                policy = models.batch_logps(self.policy, batch, len(chunk))
+                reference = (torch.tensor([ex["reference_logps"][1] for ex in chunk], device=self.device)
+                             if "reference_logps" in chunk[0] else self.reference.logps(batch, len(chunk)))
+            total += float((policy - reference).sum())
+        sums = self.layout.reduce_sums({"kl": total, "n": len(local)})
+        return float(losses.kto_kl(torch.tensor([sums["kl"] / max(sums["n"], 1)]), torch.zeros(1)))
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -243,13 +274,14 @@ class Trainer:
         self.policy.train()
         norm = self.normalizer(examples)  # of the GLOBAL batch, so every share is weighted right
         local = self.layout.local_share(examples)
+        stats = self.global_statistics(local)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens, flops = {}, 0, 0.0
         for start in range(0, len(local), micro):
             examples_mb = local[start:start + micro]
             batch = self.to_batch(examples_mb)
             with self.autocast():
-                loss, mb_sums = self.batch_loss(batch, norm)
+                loss, mb_sums = self.batch_loss(batch, norm, stats)
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
@@ -269,6 +301,10 @@ class Trainer:
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.loss.running_mean:  # this step's mean reward joins the running mean (used from the next step on)
+                self.loss_state["reward_mean"], self.loss_state["reward_count"] = losses.running_mean_update(
+                    self.loss_state["reward_mean"], self.loss_state["reward_count"],
+                    (sums["rewards/chosen"] + sums["rewards/rejected"]) / (2 * norm["examples"]))
         else:
             tqdm.write(f"warning: step {self.step + 1}: non-finite loss or gradient (loss={sums['loss']}, "
                        f"grad_norm={grad_norm}): step skipped ({self.nonfinite_streak} in a row)")
@@ -295,9 +331,10 @@ class Trainer:
         self.policy.eval()
         sums, size, norm = {}, self.cfg.eval_batch_size, self.normalizer(self.eval_data)
         local = self.layout.local_share(self.eval_data)
+        stats = self.global_statistics(local)  # the eval set as one global batch
         for start in range(0, len(local), size):
             with self.autocast():
-                _, mb_sums = self.batch_loss(self.to_batch(local[start:start + size]), norm)
+                _, mb_sums = self.batch_loss(self.to_batch(local[start:start + size]), norm, stats)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval/{k}": v / norm[self.loss.unit] for k, v in self.layout.reduce_sums(sums).items()}
@@ -418,7 +455,7 @@ class Trainer:
             f.write(config_yaml(self.cfg))
         if self.cfg.save_optimizer:
             state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                     "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak}
+                     "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak, "loss_state": self.loss_state}
             if self.layout.mesh is None:  # sharded runs keep optimizer state and float32 weights in dcp/
                 state["optimizer"] = self.optimizer.state_dict()
                 # the float32 masters under their own names: the export may be rounded (half precision) or renamed
@@ -473,6 +510,7 @@ class Trainer:
             counters = json.load(f)
         self.step, self.examples_seen = counters["step"], counters["examples_seen"]
         self.nonfinite_streak, self.wandb_id = state["nonfinite_streak"], state["wandb_id"]
+        self.loss_state = state.get("loss_state", self.loss_state)  # absent in checkpoints of earlier versions
         set_rng_state(state["rng"])
 
     # ---- the loop ------------------------------------------------------------------------------------------------

@@ -80,9 +80,15 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is refused
-    name: str = "dpo"                       # sft | dpo | ipo (the table in losses.py, and in the README)
-    beta: Optional[float] = num(None, gt=0)  # DPO/IPO temperature: strength of the KL pull towards the reference (dpo, ipo: 0.1)
-    label_smoothing: Optional[float] = num(None, ge=0, lt=0.5)  # cDPO: assumed probability that a preference label is flipped (dpo: 0 = plain DPO)
+    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
+    beta: Optional[float] = num(None, gt=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda)
+    label_smoothing: Optional[float] = num(None, ge=0, lt=0.5)  # dpo/cpo/simpo: cDPO's flipped-label probability (0); robust: noise rate (0.1); exo_pair: eps (1e-3)
+    simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
+    discopop_tau: Optional[float] = num(None, gt=0)  # discopop: temperature of its log-ratio modulation (0.05)
+    desirable_weight: Optional[float] = num(None, gt=0)  # kto: weight of desirable examples (1.0)
+    undesirable_weight: Optional[float] = num(None, gt=0)  # kto: weight of undesirable examples (1.0)
+    nll_weight: Optional[float] = num(None, ge=0)  # any pair loss: + this x NLL of the chosen responses (RPO; 0; cpo, orpo: 1.0)
+    length_normalize: Optional[bool] = None  # any pair loss: length-averaged instead of summed log-probs (false; simpo, orpo always)
     reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
 
 

@@ -65,7 +65,7 @@ def test_null_epochs_with_n_examples():
 @pytest.mark.parametrize("override, needles", [
     ("lrr=1e-5", ["unknown key 'lrr'", "did you mean 'lr'"]),
     ("model.polcy_dtype=float16", ["'model.polcy_dtype'", "did you mean 'policy_dtype'"]),
-    ("loss.name=dpoo", ["loss.name", "sft, dpo, ipo", "did you mean 'dpo'"]),
+    ("loss.name=dpoo", ["loss.name", "sft, dft, dpo, robust, ipo", "did you mean 'dpo'"]),
     ("trainer=FSDP", ["trainer", "BasicTrainer, FSDPTrainer"]),
     ("optimizer=adamw", ["optimizer", "did you mean 'AdamW'"]),
     ("model.policy_dtype=fp16", ["model.policy_dtype", "float32, bfloat16, float16", "did you mean 'float16'"]),
