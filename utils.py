@@ -202,7 +202,7 @@ def _nested_schema(tp):
     return None
 
 
-def choices(word, allowed, limit=16) -> str:
+def choices(word, allowed, limit=24) -> str:
     """'a, b, c' and a did-you-mean for `word`, for one-line errors; a longer list shows the `limit` names closest to
     `word` and how many more there are."""
     allowed = [str(a) for a in allowed]
