@@ -51,3 +51,56 @@ def assert_one_line_error(proc, *needles):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+# ---- helpers shared by the test modules (import them from conftest, never from another test module) ----
+
+TINY = {"sft": os.path.join(ROOT, "example", "tiny-sft.yml"), "dpo": os.path.join(ROOT, "example", "tiny-dpo.yml")}
+TIED = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, " \
+       "num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}"
+
+
+def local_model_overrides(model_dir):
+    return [f"model.name_or_path={model_dir}", "model.from_config=null", "model.tokenizer_name_or_path=null"]
+
+
+def read_jsonl(path):
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def params_of(model):
+    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+
+def build(kind, model_dir, *overrides):
+    """A trainer for the tiny SFT / DPO example on the local model folder, in this process (no eval examples)."""
+    import train
+    import utils
+    cfg = utils.load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
+    return train.build_trainer(cfg)
+
+
+def one_sgd_step(kind, model_dir, *overrides):
+    """One SGD step (lr 1, no warmup, no clipping) on 4 examples: the parameter update, and the step's metrics plus
+    saved_elements (the elements autograd kept for backward)."""
+    trainer = build(kind, model_dir, "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0",
+                    "total_batch_size=4", *overrides)
+    before = params_of(trainer.policy)
+    saved = [0]  # elements autograd keeps for backward: far fewer when activations are recomputed
+
+    def pack(tensor):
+        saved[0] += tensor.numel()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        metrics, *_ = trainer.train_step(next(trainer.global_batches()))
+    metrics["saved_elements"] = saved[0]
+    return {k: v - before[k] for k, v in params_of(trainer.policy).items()}, metrics
+
+
+def close_updates(a, b, rtol=1e-4):
+    """Two parameter updates agree to rtol of the largest change in b."""
+    largest = max(v.abs().max().item() for v in b.values())
+    for k in b:
+        assert (a[k] - b[k]).abs().max().item() <= rtol * largest, k

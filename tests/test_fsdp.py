@@ -1,6 +1,5 @@
 """FSDPTrainer on CPU (gloo, 2 processes): the same weights as BasicTrainer under both launchers, for SFT and DPO;
 the exported checkpoint loads in transformers; the sharded state reloads into one process; one-line errors."""
-import json
 import os
 import signal
 import subprocess
@@ -11,12 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import models
 import trainers
 import utils
-from utils import UserError
-from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
-from test_train import TINY, build, local_model_overrides, params_of
+from conftest import (OFFLINE_ENV, ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of,
+                      read_jsonl, run_cli)
 
 # 3 optimizer steps of 4 examples; SGD with lr=1 makes the update large enough to compare tightly
 COMMON = ["optimizer=SGD", "lr=1.0", "warmup_steps=0", "total_batch_size=4", "n_examples=12", "n_epochs=null",
@@ -26,11 +23,6 @@ RUNS = {  # kind -> extra overrides; DPO also covers gradient accumulation, clip
     "dpo": ["max_grad_norm=1.0", "gradient_accumulation_steps=2", "optimizer_kwargs={momentum: 0.9}"],
 }
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +120,6 @@ def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, 
     assert cos > 0.99
 
 
-def test_block_class_detected_or_named(tiny_model_dir):
-    """In process (the error travels as every UserError does: one line, exit 2, as the CLI test below shows)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert models.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
-    assert models.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
-    with pytest.raises(UserError) as e:
-        models.find_block_class(model, "GPT2Block")
-    message = str(e.value)
-    assert "\n" not in message and "fsdp.block_class='GPT2Block'" in message and "LlamaDecoderLayer" in message
-
-
 def test_batch_not_divisible_by_world_size_is_one_line_error(tmp_path):
     proc = run_cli("train.py", TINY["sft"], "--overrides", "trainer=FSDPTrainer", "total_batch_size=6",
                    "gradient_accumulation_steps=2", f"output_dirs={tmp_path}/r")
@@ -223,7 +204,6 @@ def test_sharded_reference_and_tied_export_in_one_process(tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     import train
-    from test_train import TIED
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(train.free_port())).items():
         monkeypatch.setenv(key, value)

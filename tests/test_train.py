@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import pickle
 
 import pytest
 import torch
@@ -10,31 +9,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
 import utils
-from conftest import ROOT, assert_one_line_error, run_cli
+from conftest import ROOT, TINY, build, local_model_overrides, one_sgd_step, params_of, read_jsonl, run_cli
 
-TINY = {"sft": os.path.join(ROOT, "example", "tiny-sft.yml"), "dpo": os.path.join(ROOT, "example", "tiny-dpo.yml")}
-
-
-def local_model_overrides(model_dir):
-    return [f"model.name_or_path={model_dir}", "model.from_config=null", "model.tokenizer_name_or_path=null"]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def params_of(model):
-    return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-
-def test_tiny_dpo_learns_and_writes_everything(tmp_path):
-    """The example as shipped: held-out reward accuracy >= 0.9, and every output a user looks at."""
+@pytest.fixture(scope="module")
+def tiny_dpo_run(tmp_path_factory):
+    """The example as shipped (WandB offline, eval samples on), run once for the tests below: (run folder, process)."""
+    tmp_path = tmp_path_factory.mktemp("tiny-dpo")
     run = tmp_path / "run"
     proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={run}", "wandb.enabled=true",
                    "sample_during_eval=true", "n_eval_model_samples=2", "max_new_tokens=8",
                    env={"WANDB_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, proc
+
+
+def test_tiny_dpo_learns_and_logs_every_metric(tiny_dpo_run):
+    """The example as shipped: held-out reward accuracy >= 0.9, and every metric a user looks at."""
+    run, _ = tiny_dpo_run
     metrics = read_jsonl(run / "metrics.jsonl")
     evals = [m for m in metrics if "eval/rewards/accuracies" in m]
     assert evals[0]["step"] == 0 and evals[-1]["eval/rewards/accuracies"] >= 0.9, evals
@@ -44,20 +35,37 @@ def test_tiny_dpo_learns_and_writes_everything(tmp_path):
                 "examples_seen"):
         assert key in train_rows[-1], key
     assert train_rows[-1]["loss"] < 0.6931 - 0.1                      # DPO starts at log 2
+
+
+def test_tiny_dpo_tensorboard_has_the_jsonl_values(tiny_dpo_run):
+    run, _ = tiny_dpo_run
+    train_rows = [m for m in read_jsonl(run / "metrics.jsonl") if "loss" in m]
     # TensorBoard events readable, same values as the JSONL
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([m["loss"] for m in train_rows], rel=1e-5)
     assert "eval/rewards/accuracies" in acc.Tags()["scalars"]
+
+
+def test_tiny_dpo_wandb_offline_run_has_the_samples_table(tiny_dpo_run):
+    run, _ = tiny_dpo_run
     assert glob.glob(str(run / "wandb" / "offline-run-*"))             # WandB offline run, with the samples table
     tables = glob.glob(str(run / "wandb" / "offline-run-*" / "files" / "media" / "table" / "samples_*.table.json"))
     assert tables and json.load(open(tables[0]))["columns"] == ["prompt", "policy", "reference"]
+
+
+def test_tiny_dpo_writes_curve_samples_configs_and_progress(tiny_dpo_run):
+    run, proc = tiny_dpo_run
     assert (run / "loss_curve.png").stat().st_size > 1000
     samples = sorted(glob.glob(str(run / "samples" / "*.txt")))
     assert samples and "### reference" in open(samples[-1]).read()
     assert (run / "config.yaml").exists() and (run / "final" / "config.yaml").exists()
     assert "eval/rewards/accuracies" in proc.stderr + proc.stdout         # progress output mentions eval
+
+
+def test_tiny_dpo_checkpoint_loads_in_transformers_and_generates(tiny_dpo_run):
+    run, _ = tiny_dpo_run
     # the checkpoint loads in plain transformers and generates
     model = AutoModelForCausalLM.from_pretrained(run / "final")
     tok = AutoTokenizer.from_pretrained(run / "final")
@@ -67,12 +75,19 @@ def test_tiny_dpo_learns_and_writes_everything(tmp_path):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
-def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_sft_run(tmp_path_factory, tiny_model_dir):
+    """One epoch of the tiny SFT example from the local model folder, checkpoints every 10 steps: its run folder."""
+    run = tmp_path_factory.mktemp("tiny-sft") / "run"
     proc = run_cli("train.py", "example/tiny-sft.yml", "--overrides", f"output_dirs={run}", "n_epochs=1",
                    "sample_during_eval=false", "save_model_step=10", "save_optimizer=true",
                    *local_model_overrides(tiny_model_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_tiny_sft_checkpoints_and_counters(tiny_sft_run):
+    run = tiny_sft_run
     steps = sorted(os.listdir(run))
     assert [s for s in steps if s.startswith("step-")] == ["step-000010", "step-000020"]   # 23 steps in all
     assert (run / "step-000010" / "training_state.pt").exists() and (run / "final" / "training_state.pt").exists()
@@ -80,6 +95,10 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     counters = json.load(open(run / "final" / "trainer_state.json"))
     assert (counters["step"], counters["examples_seen"]) == (23, 368)
     assert counters["files"]["model.safetensors"] == os.path.getsize(run / "final" / "model.safetensors")
+
+
+def test_tiny_sft_from_local_model_changes_weights(tiny_sft_run, tiny_model_dir):
+    run = tiny_sft_run
     before = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
     assert before.keys() == after.keys()
@@ -89,15 +108,15 @@ def test_tiny_sft_from_local_model_changes_weights(tmp_path, tiny_model_dir):
     eval_loss = [m["eval/loss"] for m in metrics if "eval/loss" in m]
     assert train_loss[-1] < train_loss[0] - 1.0 and eval_loss[-1] < eval_loss[0] - 1.0
     assert (run / "loss_curve.png").exists()
-    # the pythia recipe: DPO starts from the SFT run's folder (model.archive), policy and reference alike
+
+
+def test_dpo_starts_from_the_sft_run_folder(tiny_sft_run, tiny_model_dir):
+    """The pythia recipe: DPO starts from the SFT run's folder (model.archive), policy and reference alike."""
+    run = tiny_sft_run
+    after = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
     trainer = build("dpo", tiny_model_dir, f"model.archive={run / 'final'}")
     for k, v in after.items():
         assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.model.state_dict()[k], v)
-
-
-def build(kind, model_dir, *overrides):
-    cfg = utils.load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
-    return train.build_trainer(cfg)
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -134,29 +153,6 @@ def test_sft_has_no_reference_and_n_examples_counts(tiny_model_dir):
     assert trainer.reference.model is None
     assert trainer.total_steps == 3
     assert sum(len(b) for b in trainer.global_batches()) == 40
-
-
-def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5)
-    good = tmp_path / "policy.pt"
-    torch.save({"state": model.state_dict(), "step_idx": 3}, good)  # the original project's archive layout
-    trainer = build("dpo", tiny_model_dir, f"model.archive={good}")
-    for k, v in model.state_dict().items():
-        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.model.state_dict()[k], v)
-
-    class Exploit:
-        def __reduce__(self):
-            return (os.system, (f"touch {tmp_path}/pwned",))
-    evil = tmp_path / "evil.pt"
-    with open(evil, "wb") as f:
-        pickle.dump({"state": Exploit()}, f)
-    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"model.archive={evil}",
-                   f"output_dirs={tmp_path}/run", *local_model_overrides(tiny_model_dir))
-    assert_one_line_error(proc, str(evil), "refused")
-    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
 
 
 SEED_CUSTOM_CONFIG = """\
@@ -205,21 +201,6 @@ def test_seed_custom_config_block_runs_as_written(tmp_path, tiny_model_dir):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     model = AutoModelForCausalLM.from_pretrained(run / "final", dtype="auto")
     assert next(model.parameters()).dtype == torch.float16  # exported in policy_dtype
-
-
-def one_sgd_step(kind, model_dir, *overrides):
-    trainer = build(kind, model_dir, "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0",
-                    "total_batch_size=4", *overrides)
-    before = params_of(trainer.policy)
-    saved = [0]  # elements autograd keeps for backward: far fewer when activations are recomputed
-
-    def pack(tensor):
-        saved[0] += tensor.numel()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        metrics, *_ = trainer.train_step(next(trainer.global_batches()))
-    metrics["saved_elements"] = saved[0]
-    return {k: v - before[k] for k, v in params_of(trainer.policy).items()}, metrics
 
 
 def test_activation_checkpointing_gives_the_same_update(tiny_model_dir):
@@ -282,23 +263,6 @@ def test_reference_free_has_no_reference_model(tiny_model_dir):
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * metrics["logps/chosen"], rel=1e-5)
 
 
-def test_dropout_is_disabled(tmp_path):
-    """A config asking for dropout still trains deterministically: two train-mode forwards agree exactly."""
-    cfg = utils.load_config(TINY["dpo"], ["model.from_config.attention_dropout=0.5", "n_eval_examples=0",
-                                          f"output_dirs={tmp_path}"])
-    trainer = train.build_trainer(cfg)
-    assert trainer.policy.config.attention_dropout == 0.0
-    trainer.policy.train()
-    batch = trainer.to_batch(trainer.train_data[:4])
-    with torch.no_grad():
-        first, second = (trainer.policy(input_ids=batch["input_ids"], use_cache=False).logits for _ in range(2))
-    assert torch.equal(first, second)
-
-
-TIED = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, " \
-       "num_key_value_heads: 2, max_position_embeddings: 256, tie_word_embeddings: true}"
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_reference_equals_the_initial_policy_in_every_dtype(dtype, tmp_path):
     """Before any update, policy and reference compute the same log-probs: rewards exactly 0, loss exactly ln 2.
@@ -314,22 +278,6 @@ def test_reference_equals_the_initial_policy_in_every_dtype(dtype, tmp_path):
     if dtype == "float32":
         half = first_eval("bfloat16")
         assert half["eval/rewards/margins"] != 0 and half["eval/loss"] != metrics["eval/loss"]
-
-
-def test_export_keeps_tied_weights_once(tmp_path):
-    """A bf16 export of a tied-embedding model: the same tensors and bytes as a plain save_pretrained of it."""
-    from safetensors.torch import load_file
-    cfg = utils.load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
-                                          "n_eval_examples=0", f"output_dirs={tmp_path}/run"])
-    trainer = train.build_trainer(cfg)
-    exported = trainer.save("final")
-    plain = tmp_path / "plain"
-    AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
-    ours, theirs = (load_file(os.path.join(p, "model.safetensors")) for p in (exported, plain))
-    assert sorted(ours) == sorted(theirs) and "lm_head.weight" not in ours
-    assert os.path.getsize(os.path.join(exported, "model.safetensors")) == os.path.getsize(plain / "model.safetensors")
-    reloaded = AutoModelForCausalLM.from_pretrained(exported)
-    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
 
 
 def test_samples_show_how_a_reply_ended_and_greedy_is_repeatable(tiny_model_dir, tmp_path):

@@ -1,0 +1,246 @@
+"""models.py: loading (archives, dropout), varlen attention (the SDPA maths, sequences kept apart, the CUDA kernel's
+arguments, what it refuses, tracing without graph breaks, length rounding), the forward to log-probs (packed equals
+padded, logits only at label positions), the FSDP block class, the tied export, and the FLOP count behind the MFU."""
+import os
+import pickle
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import data
+import models
+import train
+import utils
+from utils import UserError
+from conftest import (TIED, TINY, assert_one_line_error, build, close_updates, local_model_overrides, one_sgd_step,
+                      run_cli)
+
+
+# ---- loading: archives, dropout ----
+def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    good = tmp_path / "policy.pt"
+    torch.save({"state": model.state_dict(), "step_idx": 3}, good)  # the original project's archive layout
+    trainer = build("dpo", tiny_model_dir, f"model.archive={good}")
+    for k, v in model.state_dict().items():
+        assert torch.equal(trainer.policy.state_dict()[k], v) and torch.equal(trainer.reference.model.state_dict()[k], v)
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state": Exploit()}, f)
+    proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"model.archive={evil}",
+                   f"output_dirs={tmp_path}/run", *local_model_overrides(tiny_model_dir))
+    assert_one_line_error(proc, str(evil), "refused")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_dropout_is_disabled(tmp_path):
+    """A config asking for dropout still trains deterministically: two train-mode forwards agree exactly."""
+    cfg = utils.load_config(TINY["dpo"], ["model.from_config.attention_dropout=0.5", "n_eval_examples=0",
+                                          f"output_dirs={tmp_path}"])
+    trainer = train.build_trainer(cfg)
+    assert trainer.policy.config.attention_dropout == 0.0
+    trainer.policy.train()
+    batch = trainer.to_batch(trainer.train_data[:4])
+    with torch.no_grad():
+        first, second = (trainer.policy(input_ids=batch["input_ids"], use_cache=False).logits for _ in range(2))
+    assert torch.equal(first, second)
+
+
+# ---- varlen attention ----
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_varlen_attention_is_the_same_maths(kind, tiny_model_dir):
+    """model.attn_implementation=varlen_attn (attention over each segment, no mask): one SGD step, packed and padded,
+    gives the loss and update of the SDPA padded step; generate (no segments: SDPA with the mask) is unchanged."""
+    common = ("total_batch_size=8", "max_length=128")
+    sdpa, m_sdpa = one_sgd_step(kind, tiny_model_dir, *common)
+    for packing in ("false", "true"):
+        varlen, m = one_sgd_step(kind, tiny_model_dir, *common, "model.attn_implementation=varlen_attn", f"packing={packing}")
+        assert m["loss"] == pytest.approx(m_sdpa["loss"], rel=1e-5), packing
+        close_updates(varlen, sdpa)
+    trainers_ = [build(kind, tiny_model_dir, *common, *extra) for extra in ([], ["model.attn_implementation=varlen_attn"])]
+    batch = data.collate(trainers_[0].train_data[:4], trainers_[0].tokenizer.pad_token_id)
+    outputs = [t.policy.generate(batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"], do_sample=False,
+                                 max_new_tokens=8, pad_token_id=t.tokenizer.pad_token_id) for t in trainers_]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
+    """The same packed rows given as one segment per row attend across sequences: the test would see a leak."""
+    trainer = build("dpo", tiny_model_dir, "model.attn_implementation=varlen_attn", "max_length=128")
+    examples = trainer.train_data[:8]
+    n_seqs = len(data.sequences_of(examples))
+    packed = data.collate(examples, trainer.tokenizer.pad_token_id, packing=True, max_length=128)
+    R, T = packed["input_ids"].shape
+    rows = {**packed, "cu_seq_lens": torch.arange(0, R * T + 1, T, dtype=torch.int32), "max_seq_len": T}
+    with torch.no_grad():
+        want = models.batch_logps(trainer.policy, data.collate(examples, trainer.tokenizer.pad_token_id), n_seqs)
+        torch.testing.assert_close(models.batch_logps(trainer.policy, packed, n_seqs), want, rtol=0, atol=1e-5)
+        assert (models.batch_logps(trainer.policy, rows, n_seqs) - want).abs().max() > 1e-3
+
+
+def fake_varlen_attn(new_signature):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn (a CUDA kernel), with the arguments of torch >= 2.11
+    (window_size, scale, enable_gqa) or of torch 2.10 (is_causal only), checking them as the kernel does."""
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+        assert q.shape[1] == k.shape[1] or gqa, "GQA without enable_gqa"
+        assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == max_k == int(cu_q.diff().max())
+        b = cu_q.tolist()
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            *(x[s:e].transpose(0, 1) for x in (q, k, v)), is_causal=causal, scale=scale, enable_gqa=gqa).transpose(0, 1)
+            for s, e in zip(b[:-1], b[1:])])
+    if new_signature:
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False: attend(
+            q, k, v, cu_q, cu_k, max_q, max_k, tuple(window_size) == (-1, 0), scale, enable_gqa)
+    return lambda q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False: attend(
+        q, k, v, cu_q, cu_k, max_q, max_k, is_causal, None, False)
+
+
+@pytest.mark.parametrize("new_signature", [True, False])
+def test_flash_varlen_passes_what_each_torch_version_needs(new_signature, monkeypatch):
+    """models.flash_varlen (the CUDA path of varlen_attn): causal, the model's scale, GQA, for either kernel signature,
+    against attention computed by hand over each segment."""
+    import inspect
+
+    fake = fake_varlen_attn(new_signature)
+    monkeypatch.setattr(models, "varlen_attn", fake)  # a test-only stand-in for the CUDA kernel
+    monkeypatch.setattr(models, "VARLEN_PARAMS", frozenset(inspect.signature(fake).parameters))
+    torch.manual_seed(0)
+    lengths, heads, kv_heads, dim, scale = [3, 5, 1, 7], 4, 2, 8, 0.3
+    q, k, v = torch.randn(sum(lengths), heads, dim), torch.randn(sum(lengths), kv_heads, dim), torch.randn(sum(lengths), kv_heads, dim)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    got = models.flash_varlen(q, k, v, cu, max(lengths), scale)
+    want = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        kk, vv = (x[s:e].repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+        scores = torch.einsum("ihd,jhd->hij", q[s:e], kk) * scale
+        scores = scores.masked_fill(torch.ones(e - s, e - s, dtype=torch.bool).triu(1), float("-inf"))
+        want.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), vv))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
+    with pytest.raises(utils.UserError, match="model.policy_dtype=bfloat16, or use sdpa"):
+        models.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
+    sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
+               "max_window_layers: 0}")
+    cfg = utils.load_config(TINY["sft"], [sliding, "model.attn_implementation=varlen_attn", f"output_dirs={tmp_path}/run"])
+    with pytest.raises(utils.UserError, match="sliding-window attention or softcapping: use sdpa"):
+        train.build_trainer(cfg)
+    assert not os.path.exists(tmp_path / "run")  # refused before the run folder is written
+
+
+def test_flash_varlen_traces_without_graph_breaks():
+    """compile=true on a GPU keeps whole layers in one graph: dynamo traces the kernel call (shapes on the meta
+    device stand in for CUDA tensors; the kernel's fake implementation gives the output shape)."""
+    q, kv = (torch.empty(16, h, 8, device="meta", dtype=torch.bfloat16) for h in (4, 2))
+    cu = torch.empty(3, device="meta", dtype=torch.int32)
+    whole = torch.compile(models.flash_varlen, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
+    assert whole(q, kv, kv, cu, 11, 0.3).shape == (16, 4, 8)
+
+
+def test_batch_lengths_rounded_where_kernels_plan_per_shape(tiny_model_dir):
+    """GPUs with SDPA: lengths rounded to 64 (cuDNN plans per shape); with varlen_attn, or on a CPU, not rounded."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: no GPU is touched
+    sdpa = build("sft", tiny_model_dir).policy
+    varlen = build("sft", tiny_model_dir, "model.attn_implementation=varlen_attn").policy
+    assert [models.length_multiple(d, m) for d, m in ((gpu, sdpa), (gpu, varlen), (cpu, sdpa))] == [64, 1, 1]
+
+
+# ---- forward to log-probs ----
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_packed_log_probs_equal_padded(kind, tiny_model_dir):
+    """Per-sequence log-probs of 8 examples: packed rows (no mask, restarting positions) == one padded row each."""
+    trainer = build(kind, tiny_model_dir, "max_length=128")
+    examples = trainer.train_data[:8]
+    n_seqs = len(data.sequences_of(examples))
+    pad = trainer.tokenizer.pad_token_id
+    padded = data.collate(examples, pad)
+    packed = data.collate(examples, pad, packing=True, max_length=128)
+    assert packed["input_ids"].shape[0] <= n_seqs // 2  # really packed: several sequences share each row
+    with torch.no_grad():
+        want = models.batch_logps(trainer.policy, padded, n_seqs)
+        got = models.batch_logps(trainer.policy, packed, n_seqs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # the control: the same packed rows with a plain causal mask attend across sequences, and the test sees it
+        leaky = {**{k: v for k, v in packed.items() if k != "position_ids"}, "attention_mask": torch.ones_like(packed["input_ids"])}
+        assert (models.batch_logps(trainer.policy, leaky, n_seqs) - want).abs().max() > 1e-3
+
+
+def test_logits_only_at_label_positions_and_no_float32_copy(tiny_model_dir):
+    """bfloat16 DPO step: the vocabulary projection runs only where the next token is a label, and autograd keeps no
+    float32 tensor of vocabulary width (the chunked log-softmax recomputes it in backward)."""
+    trainer = build("dpo", tiny_model_dir, "model.policy_dtype=bfloat16", "total_batch_size=4")
+    examples = next(trainer.global_batches())
+    batch = trainer.to_batch(examples)
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    assert n_labels < 0.7 * batch["input_ids"].numel()
+    vocab = trainer.policy.config.vocab_size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        trainer.train_step(examples)
+    hidden = trainer.policy.config.hidden_size
+    wide = [s for s in saved if s[1] and s[1][-1] == vocab and s[1] != (hidden, vocab)]  # not the head's weight
+    assert wide and all(dtype == torch.bfloat16 and shape[0] == n_labels for dtype, shape in wide), wide
+
+
+# ---- sharding and export ----
+def test_block_class_detected_or_named(tiny_model_dir):
+    """In process (the error travels as every UserError does: one line, exit 2, as test_fsdp.py's CLI tests show)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert models.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
+    assert models.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
+    with pytest.raises(UserError) as e:
+        models.find_block_class(model, "GPT2Block")
+    message = str(e.value)
+    assert "\n" not in message and "fsdp.block_class='GPT2Block'" in message and "LlamaDecoderLayer" in message
+
+
+def test_export_keeps_tied_weights_once(tmp_path):
+    """A bf16 export of a tied-embedding model: the same tensors and bytes as a plain save_pretrained of it."""
+    from safetensors.torch import load_file
+    cfg = utils.load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
+                                          "n_eval_examples=0", f"output_dirs={tmp_path}/run"])
+    trainer = train.build_trainer(cfg)
+    exported = trainer.save("final")
+    plain = tmp_path / "plain"
+    AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
+    ours, theirs = (load_file(os.path.join(p, "model.safetensors")) for p in (exported, plain))
+    assert sorted(ours) == sorted(theirs) and "lm_head.weight" not in ours
+    assert os.path.getsize(os.path.join(exported, "model.safetensors")) == os.path.getsize(plain / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(exported)
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+# ---- FLOPs ----
+def test_model_flops_hand_computed(tiny_model_dir):
+    trainer = build("dpo", tiny_model_dir)
+    V = trainer.policy.config.vocab_size
+    # llama, hidden 32, kv 2 x 8 dims, MLP 64, 2 layers, untied head: per layer q, o 32x32; k, v 32x16; MLP 3 x 32x64;
+    # two norms of 32. Plus the final norm.
+    body = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64 + 2 * 32) + 32
+    assert trainer.flop_shape == (body, V * 32, 2, 32)
+    examples = [{"chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, -100, 5],
+                 "rejected_input_ids": [1, 4], "rejected_labels": [-100, 6]}]
+    # 5 real tokens, 2 labels, sequence lengths 3 and 2
+    forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
+    seqs = data.sequences_of(examples)
+    assert models.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
+    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
+
+
+def test_peak_flops_known_gpus_only(monkeypatch):
+    assert models.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    for name, want in (("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                       ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert models.peak_flops(torch.device("cuda"), torch.bfloat16) == want
+    assert models.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
