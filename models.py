@@ -8,6 +8,7 @@ the forward pass to log-probs, exporting Hugging Face weights, and FLOP accounti
 `FrozenReference` (a frozen copy of the initial policy), `PrecomputedReference` (log-probs computed once, from the
 disk cache) and `NoReference` (losses that need none, or reference_free).
 """
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -196,7 +197,8 @@ def load_policy(cfg, tokenizer):
         kwargs["attn_implementation"] = m.attn_implementation
     if m.attn_implementation == VARLEN_ATTN:
         register_varlen_attention(torch.device(device_type(cfg)), m.policy_dtype)
-    archive_is_folder = bool(m.archive) and os.path.isdir(m.archive)
+    # an adapter folder (adapter_config.json) is not the base: that comes from name_or_path / from_config
+    archive_is_folder = bool(m.archive) and os.path.isdir(m.archive) and not is_adapter_folder(m.archive)
     try:
         if m.name_or_path is None and not archive_is_folder:
             model = model_from_config(m.from_config, tokenizer, kwargs)
@@ -209,7 +211,7 @@ def load_policy(cfg, tokenizer):
             raise
         raise UserError(f"config: model.attn_implementation={m.attn_implementation}: {' '.join(str(e).split())[:300]}"
                         " (or use sdpa)") from e
-    if m.archive and not archive_is_folder:
+    if m.archive and not archive_is_folder and not is_adapter_folder(m.archive):
         load_archive(model, m.archive)
     if m.attn_implementation == VARLEN_ATTN and (any(getattr(mod, "sliding_window", None) for mod in model.modules())
                                                  or getattr(model.config, "attn_logit_softcapping", None)):
@@ -224,6 +226,122 @@ def load_policy(cfg, tokenizer):
     return disable_dropout(model)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (model.lora): a peft adapter on a frozen base; the reference is the same model with its adapter switched off
+# ----------------------------------------------------------------------------------------------------------------
+LORA_MARK = "lora_"  # in the names of peft's adapter weights (lora_A, lora_B, ...)
+
+
+def lora_linear_names(model) -> list:
+    """The distinct last components of the model's nn.Linear module names (q_proj, k_proj, ..., lm_head; and of
+    GPT-2's Conv1D, which peft adapts as linear layers)."""
+    from transformers.pytorch_utils import Conv1D
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
+
+
+def apply_lora(model, lora, policy_dtype, archive=None):
+    """The policy as a peft LoRA model: float32 adapter weights (the only trainable ones) on a frozen base stored in
+    policy_dtype (autocast computes in it anyway). `archive`: an adapter folder whose weights the adapter starts from."""
+    import peft
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    if not isinstance(targets, str):
+        known = lora_linear_names(model)
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            raise UserError(f"config: model.lora.target_modules: {', '.join(map(repr, unknown))} is not a linear layer "
+                            f"of this model; its linear layers are: {', '.join(known)}")
+    config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             task_type="CAUSAL_LM", bias="none")
+    with quiet_peft():
+        model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    for name, param in model.named_parameters():
+        param.data = param.data.to(torch.float32 if LORA_MARK in name else DTYPES[policy_dtype])
+    if archive is not None:
+        load_adapter_weights(model, archive)
+    return model
+
+
+def load_adapter_weights(model, folder):
+    """An adapter folder's weights (adapter_model.safetensors) into the model's adapter, every key and shape matching."""
+    import peft
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"config: model.archive: {folder} has adapter_config.json but no adapter_model.safetensors")
+    try:
+        result = peft.set_peft_model_state_dict(model, load_file(path))
+        missing = [k for k in result.missing_keys if LORA_MARK in k]
+    except RuntimeError as e:  # a shape that differs: another r
+        missing, result = [" ".join(str(e).split())[:200]], None
+    if missing or result.unexpected_keys:
+        raise UserError(f"config: model.archive: the adapter in {folder} does not fit model.lora (another r or other "
+                        f"target_modules?): {', '.join((missing or result.unexpected_keys)[:3])}")
+
+
+def merge_adapter_folder(model, folder):
+    """model.archive is an adapter folder and model.lora is null: the base with that adapter merged into it."""
+    import peft
+    with quiet_peft():
+        return peft.PeftModel.from_pretrained(model, folder).merge_and_unload().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft asks transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per model, not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def is_adapter_folder(path) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def adapter_state(model) -> dict:
+    """The adapter's (float32, trainable) weights under the live model's names: what a LoRA checkpoint resumes."""
+    return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
+
+
+def base_state(model) -> dict:
+    """A LoRA model's frozen base weights under the names the plain model gives them (peft's `base_model.model.`
+    prefix and `.base_layer` dropped, adapter weights left out)."""
+    prefix = "base_model.model."
+    return {k[len(prefix):].replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+            if LORA_MARK not in k}
+
+
+@torch.no_grad()
+def merged_state(model) -> dict:
+    """A LoRA model's weights with the adapter merged (W + B A alpha / r, in float32), under the plain model's names;
+    computed aside, so the training policy is left exactly as it was."""
+    from peft.tuners.lora import LoraLayer
+    state = {k: v.float() for k, v in base_state(model).items()}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter).float()
+    return state
+
+
+class AdapterOffReference:
+    """LoRA's reference: the policy itself with its adapter switched off, i.e. the frozen base (no second copy)."""
+    runs_forward, model = True, None  # no model to sample from: the base is the policy without its adapter
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @torch.no_grad()
+    def logps(self, batch, n_seqs):
+        with self.policy.disable_adapter():
+            return batch_logps(self.policy, batch, n_seqs)
+
+    def fingerprint(self, settings) -> str:
+        """The base weights under their plain names: the same cache file as a full run from the same weights."""
+        return state_digest(base_state(self.policy), settings)
+
+
 def build_models(cfg, tokenizer, layout):
     """(policy, reference) for this run, placed as the layout says: on its device, or sharded over its mesh (every
     transformer block, then the root; fully_shard moves each block to the device as it shards it). The reference is
@@ -231,6 +349,12 @@ def build_models(cfg, tokenizer, layout):
     (float32 weights under the same autocast and the same FSDP mixed precision), so policy and reference agree
     exactly before any update; reference_dtype stores it in half precision instead."""
     policy, reference = load_policy(cfg, tokenizer), None
+    if cfg.model.lora is not None:  # BasicTrainer only (utils._check_lora): one device
+        policy = apply_lora(policy, cfg.model.lora, cfg.model.policy_dtype,
+                            cfg.model.archive if is_adapter_folder(cfg.model.archive) else None).to(layout.device)
+        return policy, AdapterOffReference(policy) if losses.needs_reference(cfg.loss) else NoReference()
+    if is_adapter_folder(cfg.model.archive):
+        policy = merge_adapter_folder(policy, cfg.model.archive)
     if losses.needs_reference(cfg.loss):
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         if cfg.activation_checkpointing:
@@ -508,24 +632,34 @@ def export_state(model, state, dtype):
 # ----------------------------------------------------------------------------------------------------------------
 def model_flop_shape(model):
     """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
-    `model_flops`. The input embedding is a lookup (no FLOPs); a tied output head still multiplies."""
+    `model_flops`, and with LoRA a fifth: the adapter's params (then `body` is the frozen base's). The input
+    embedding is a lookup (no FLOPs); a tied output head still multiplies."""
     embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its full size
-    body = total - embedding.numel() - (head.numel() if head is not embedding else 0)
+    params = dict(model.named_parameters())
+    adapter = sum(p.numel() for n, p in params.items() if LORA_MARK in n)
+    total = sum(p.numel() for p in params.values())  # a sharded DTensor counts its full size
+    body = total - adapter - embedding.numel() - (head.numel() if head is not embedding else 0)
     config = model.config
-    return body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+    shape = body, head.numel(), getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
+    return (*shape, adapter) if adapter else shape
 
 
 def model_flops(flop_shape, seqs, with_reference) -> tuple[int, float]:
     """(real tokens, matmul FLOPs) of the sequences of a micro-batch ([(input_ids, labels)], data.sequences_of):
     policy forward + backward (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params
     x real tokens (the vocabulary projection only at label positions, as computed) + causal attention 2 x layers x
-    hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples)."""
-    body, head, layers, hidden = flop_shape
+    hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples).
+    With LoRA (a fifth entry, the adapter's params) the frozen base computes no weight gradients: its matmuls cost
+    forward + input-gradient = 2x forward, the adapter's and attention's 3x, and the reference (the base, adapter off)
+    1x the base's forward."""
+    body, head, layers, hidden, *lora = flop_shape
     lengths = [len(ids) for ids, _ in seqs]
     n_labels = sum(data.label_count(labels) for _, labels in seqs)
-    forward = 2 * body * sum(lengths) + 2 * head * n_labels + 2 * layers * hidden * sum(n * n for n in lengths)
-    return sum(lengths), float(forward * (4 if with_reference else 3))
+    base = 2 * body * sum(lengths) + 2 * head * n_labels  # weight matmuls
+    attention = 2 * layers * hidden * sum(n * n for n in lengths)
+    adapter = 2 * (lora[0] if lora else 0) * sum(lengths)
+    policy = (2 if lora else 3) * base + 3 * (attention + adapter)
+    return sum(lengths), float(policy + (base + attention if with_reference else 0))
 
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s), from the vendors' datasheets; more specific names first.
@@ -545,8 +679,13 @@ def peak_flops(device, dtype):
 def weights_digest(model, extra) -> str:
     """Fingerprint of a model's weights: names, shapes, dtypes and a strided sample of 65536 values per tensor (any
     training run or other checkpoint changes those), plus `extra` (settings that change the log-probs)."""
+    return state_digest(model.state_dict(), extra)
+
+
+def state_digest(state, extra) -> str:
+    """weights_digest of a state dict."""
     h = hashlib.sha256(repr(extra).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         if isinstance(tensor, DTensor):  # sharded: gathered (collective, the same order on every process)
             tensor = tensor.full_tensor()
         flat = tensor.detach().reshape(-1)

@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 
-from utils import (TrainingError, UserError, abort_now, checkpoint_problem, config_yaml,
+from utils import (TrainingError, UserError, abort_now, check_batch_split, checkpoint_problem, config_yaml,
                    human_bytes, list_checkpoints, load_config, remove_partial_checkpoints, set_seed, write_atomic)
 
 
@@ -62,7 +62,7 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 from models import is_main_process  # noqa: E402
-from trainers import LAYOUTS, Trainer, check_batch_split  # noqa: E402
+from trainers import LAYOUTS, Trainer  # noqa: E402
 
 
 def build_data(cfg, tokenizer):

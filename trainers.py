@@ -31,8 +31,9 @@ from tqdm import tqdm
 import data
 import losses
 import models
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, checkpoint_files, config_yaml, plot_curves,
-                   prune_checkpoints, replace_checkpoint, rng_state, set_rng_state, write_atomic, write_failure)
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, check_batch_split, checkpoint_files, config_yaml,
+                   plot_curves, prune_checkpoints, replace_checkpoint, rng_state, set_rng_state, write_atomic,
+                   write_failure)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ class Trainer:
         n_train = len(self.train_data)  # only the examples this run trains on (n_examples may stop mid-epoch)
         used = range(n_train) if self.n_train_examples >= n_train else self.epoch_order(0)[:self.n_train_examples]
         examples = [self.train_data[i] for i in used] + self.eval_data
-        if not isinstance(self.reference, models.FrozenReference):  # none needed, or precomputed already
+        if not isinstance(self.reference, (models.FrozenReference, models.AdapterOffReference)):  # none, or done
             return
         settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
                     len(self.tokenizer), cfg.max_length, cfg.max_prompt_length)
@@ -428,7 +429,11 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
         save_dtype = models.DTYPES[self.cfg.model.policy_dtype]
-        state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
+        if self.cfg.model.lora is not None:  # the adapter; final/ also the merged model (BasicTrainer: one process)
+            state = models.merged_state(self.policy) if name == "final" else None
+            state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state else None
+        else:
+            state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
         if self.cfg.save_optimizer:  # collective under FSDP; written by every process
             self.layout.save_sharded(self.policy, self.optimizer, os.path.join(tmp, "dcp"))
         if not self.is_main:
@@ -445,11 +450,16 @@ class Trainer:
         return final
 
     def write_checkpoint(self, folder, state):
-        self.policy.save_pretrained(folder, state_dict=state)
-        with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
-            hf_config = json.load(f)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
+        """`state`: the HF model's weights to export (LoRA: the merged weights, final/ only; else None)."""
+        lora = self.cfg.model.lora is not None
+        if lora:  # adapter/: adapter_model.safetensors + adapter_config.json (peft.PeftModel.from_pretrained)
+            self.policy.save_pretrained(os.path.join(folder, "adapter"))
+        if state is not None:
+            (self.policy.get_base_model() if lora else self.policy).save_pretrained(folder, state_dict=state)
+            with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
+                hf_config = json.load(f)
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
         self.tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, "config.yaml"), "w") as f:
             f.write(config_yaml(self.cfg))
@@ -460,7 +470,8 @@ class Trainer:
                 state["optimizer"] = self.optimizer.state_dict()
                 # the float32 masters under their own names: the export may be rounded (half precision) or renamed
                 # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
-                state["master_weights"] = self.policy.state_dict()
+                # (LoRA: the adapter's float32 weights; the frozen base is rebuilt from the config)
+                state["master_weights"] = models.adapter_state(self.policy) if lora else self.policy.state_dict()
             torch.save(state, os.path.join(folder, "training_state.pt"))
         for root, _, files in os.walk(folder):  # on disk before the rename makes the checkpoint visible
             for file in files:
@@ -473,7 +484,8 @@ class Trainer:
     def load_weights(self, folder, master_weights):
         """The float32 masters into the policy, every key accounted for (strict): a checkpoint of another
         architecture is one line naming the first key that differs."""
-        live = self.policy.state_dict()
+        lora = self.cfg.model.lora is not None
+        live = models.adapter_state(self.policy) if lora else self.policy.state_dict()
         for key, value in master_weights.items():
             if key in live and live[key].shape != value.shape:
                 raise UserError(f"resume: {folder} does not match the model: '{key}' is {list(value.shape)} in the "
@@ -483,7 +495,7 @@ class Trainer:
             what = (f"missing {sorted(missing)[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
                 (f"unexpected {sorted(unexpected)[:3]}" if unexpected else "")
             raise UserError(f"resume: {folder} does not match the model: {what} (was the architecture changed?)")
-        self.policy.load_state_dict(master_weights, strict=True)
+        self.policy.load_state_dict(master_weights, strict=not lora)
 
     def load_checkpoint(self, folder):
         """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
@@ -618,13 +630,6 @@ def exclude_from_bar(bar, seconds) -> float:
         bar.start_t += seconds
         bar.last_print_t += seconds
     return seconds
-
-
-def check_batch_split(cfg, world_size):
-    per_step = cfg.gradient_accumulation_steps * world_size
-    if cfg.total_batch_size % per_step:
-        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by gradient_accumulation_steps "
-                        f"x world size = {cfg.gradient_accumulation_steps} x {world_size} = {per_step}")
 
 
 def load_sharded_state(trainer, checkpoint_dir):

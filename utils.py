@@ -66,6 +66,14 @@ class DatasetConfig:
 
 
 @dataclass
+class LoraConfig:  # model.lora: train a low-rank adapter on a frozen base instead of every weight (BasicTrainer only)
+    r: int = num(8, ge=1)                   # rank of each adapter (A: r x in, B: out x r)
+    alpha: float = num(16, gt=0)            # scaling: the adapter's update is multiplied by alpha / r
+    dropout: float = num(0.0, ge=0, lt=1)   # dropout on the adapter's input; > 0 makes policy log-probs noisy
+    target_modules: Any = "all-linear"      # all-linear (every nn.Linear but the output head) or a list of names, e.g. [q_proj, v_proj]
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None      # hub id or local folder of the policy; null builds one from `from_config`
     tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
@@ -76,6 +84,7 @@ class ModelConfig:
     fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
     trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
     attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
+    lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; README "LoRA")
 
 
 @dataclass
@@ -253,9 +262,7 @@ def _validate(cfg):
     if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
         raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
     _check_ranges(cfg, Config)
-    if cfg.total_batch_size % cfg.gradient_accumulation_steps:
-        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
-                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}")
+    check_batch_split(cfg, 1)  # again for the number of processes, once it is known
     if cfg.n_epochs is None and cfg.n_examples is None:
         raise UserError("config: set n_epochs or n_examples (both are null)")
     if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
@@ -266,11 +273,28 @@ def _validate(cfg):
         from transformers import AttentionInterface  # the registry, only for a value outside the usual ones
         allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
         _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
+    _check_lora(cfg)
     _check_loss(cfg.loss)
     import torch  # last: a config with a mistake elsewhere fails before torch is imported
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
     _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+
+
+def _check_lora(cfg):
+    """What LoRA does not combine with (yet); its module names are checked against the model (models.apply_lora)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return
+    if cfg.trainer != "BasicTrainer":
+        raise UserError("config: model.lora is supported with trainer=BasicTrainer only (FSDP with LoRA: not yet)")
+    if cfg.model.reference_dtype not in (None, "float32"):
+        raise UserError(f"config: model.reference_dtype={cfg.model.reference_dtype} does not apply with model.lora: the "
+                        "reference is the frozen base itself (its weights are stored in policy_dtype); leave it null")
+    names = lora.target_modules
+    if not (names == "all-linear" or isinstance(names, ListConfig) and names and all(isinstance(n, str) for n in names)):
+        raise UserError(f"config: model.lora.target_modules must be all-linear or a list of module names such as "
+                        f"[q_proj, v_proj], got {names!r}")
 
 
 def _check_loss(loss_cfg):
@@ -289,6 +313,14 @@ def _check_loss(loss_cfg):
         elif value != losses.NEUTRAL.get(f.name, object()):
             raise UserError(f"config: loss.{f.name}={value} is not used by loss.name={loss_cfg.name}, which takes "
                             f"{', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'}")
+
+
+def check_batch_split(cfg, world_size):
+    """The one rule: a global batch splits evenly into micro-batches x processes."""
+    per_step = cfg.gradient_accumulation_steps * world_size
+    if cfg.total_batch_size % per_step:
+        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
+                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x world size {world_size} = {per_step}")
 
 
 def _check_wandb_login(cfg):

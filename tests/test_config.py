@@ -115,7 +115,7 @@ def numeric_fields(schema=utils.Config, prefix=""):
     """(dotted key, dataclass field) of every int/float field of the schema, nested configs included."""
     for f in dataclasses.fields(schema):
         sub = utils._nested_schema(f.type)
-        if sub is not None and dataclasses.is_dataclass(f.type):
+        if sub is not None and getattr(f.type, "__origin__", None) is not list:  # nested, or Optional (model.lora)
             yield from numeric_fields(sub, f"{prefix}{f.name}.")
         elif sub is not None:  # a list of configs (datasets): none of its fields is numeric, or this test must learn it
             assert not list(numeric_fields(sub)), f"{f.name}: numeric fields in a list of configs"
