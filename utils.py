@@ -320,7 +320,8 @@ def check_batch_split(cfg, world_size):
     per_step = cfg.gradient_accumulation_steps * world_size
     if cfg.total_batch_size % per_step:
         raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
-                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x world size {world_size} = {per_step}")
+                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x world size {world_size} "
+                        f"({cfg.gradient_accumulation_steps} x {world_size} = {per_step})")
 
 
 def _check_wandb_login(cfg):
