@@ -188,8 +188,9 @@ def model_from_config(arch, tokenizer, kwargs):
         raise UserError(f"config: model.from_config: {detail if len(detail) <= 400 else detail[:400] + ' ...'}") from e
 
 
-def load_policy(cfg, tokenizer):
-    """The trainable model, float32 master weights (autocast supplies the compute dtype), on the CPU."""
+def load_policy(cfg, tokenizer, meta=False):
+    """The trainable model, float32 master weights (autocast supplies the compute dtype), on the CPU. meta=True: the
+    same model without its weights (on the meta device: no memory, nothing read), for `fill_from_main_process`."""
     from transformers import AutoConfig, AutoModelForCausalLM
     m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code}
@@ -201,17 +202,22 @@ def load_policy(cfg, tokenizer):
     archive_is_folder = bool(m.archive) and os.path.isdir(m.archive) and not is_adapter_folder(m.archive)
     try:
         if m.name_or_path is None and not archive_is_folder:
-            model = model_from_config(m.from_config, tokenizer, kwargs)
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                model = model_from_config(m.from_config, tokenizer, kwargs)
         else:
             source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
             config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
-            model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+            if meta:
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+            else:
+                model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
     except ImportError as e:  # flash_attention_2 / _3 without their package
         if not m.attn_implementation:
             raise
         raise UserError(f"config: model.attn_implementation={m.attn_implementation}: {' '.join(str(e).split())[:300]}"
                         " (or use sdpa)") from e
-    if m.archive and not archive_is_folder and not is_adapter_folder(m.archive):
+    if m.archive and not archive_is_folder and not is_adapter_folder(m.archive) and not meta:
         load_archive(model, m.archive)
     if m.attn_implementation == VARLEN_ATTN and (any(getattr(mod, "sliding_window", None) for mod in model.modules())
                                                  or getattr(model.config, "attn_logit_softcapping", None)):
@@ -251,6 +257,7 @@ def apply_lora(model, lora, policy_dtype, archive=None):
         if unknown:
             raise UserError(f"config: model.lora.target_modules: {', '.join(map(repr, unknown))} is not a linear layer "
                             f"of this model; its linear layers are: {', '.join(known)}")
+        refuse_tied_head_adapter(model, targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                              task_type="CAUSAL_LM", bias="none")
     with quiet_peft():
@@ -260,6 +267,20 @@ def apply_lora(model, lora, policy_dtype, archive=None):
     if archive is not None:
         load_adapter_weights(model, archive)
     return model
+
+
+def refuse_tied_head_adapter(model, targets):
+    """An adapter on the output head of a model whose head IS its input embedding (tie_word_embeddings) would adapt
+    the head alone: the merged model (head + B A, embedding unchanged) has no tied form, and the export ties them
+    again (export_state). ("all-linear" never includes the head: peft leaves the output layer out.)"""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return
+    name = next(n for n, m in model.named_modules() if m is head).rsplit(".", 1)[-1]
+    if name in targets:
+        raise UserError(f"config: model.lora.target_modules names {name}, but this model ties {name} to its input "
+                        f"embedding (tie_word_embeddings: true): an adapter on {name} alone would untie them and the "
+                        f"merged model could not be exported with tied weights; leave {name} out of target_modules")
 
 
 def load_adapter_weights(model, folder):
@@ -303,26 +324,31 @@ def adapter_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
 
 
-def base_state(model) -> dict:
-    """A LoRA model's frozen base weights under the names the plain model gives them (peft's `base_model.model.`
-    prefix and `.base_layer` dropped, adapter weights left out)."""
+def base_state(state) -> dict:
+    """A LoRA model's state dict -> its frozen base weights under the names the plain model gives them (peft's
+    `base_model.model.` prefix and `.base_layer` dropped, adapter weights left out)."""
     prefix = "base_model.model."
-    return {k[len(prefix):].replace(".base_layer.", "."): v for k, v in model.state_dict().items()
-            if LORA_MARK not in k}
+    return {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if LORA_MARK not in k}
 
 
 @torch.no_grad()
-def merged_state(model) -> dict:
-    """A LoRA model's weights with the adapter merged (W + B A alpha / r, in float32), under the plain model's names;
-    computed aside, so the training policy is left exactly as it was."""
+def merged_state(model, state) -> dict:
+    """The weights of LoRA model `model` with its adapter merged (W + B A alpha / r, in float32), under the plain
+    model's names, from `state`: the model's full state dict (`layout.full_state_dict`: gathered under FSDP; {} off
+    the main process gives {}). Computed aside, so the training policy is left exactly as it was."""
     from peft.tuners.lora import LoraLayer
-    state = {k: v.float() for k, v in base_state(model).items()}
+    if not state:
+        return {}
+    merged = {k: v.float() for k, v in base_state(state).items()}
     for name, module in model.base_model.model.named_modules():
-        if isinstance(module, LoraLayer) and module.active_adapters:
+        if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter).float()
-    return state
+                    a, b = (state[f"base_model.model.{name}.lora_{x}.{adapter}.weight"].float() for x in "AB")
+                    delta = b @ a * module.scaling[adapter]
+                    delta = delta.T if module.fan_in_fan_out else delta  # GPT-2's Conv1D stores [in, out]
+                    merged[f"{name}.weight"] = merged[f"{name}.weight"] + delta  # a new tensor: the policy's stays
+    return merged
 
 
 class AdapterOffReference:
@@ -339,34 +365,77 @@ class AdapterOffReference:
 
     def fingerprint(self, settings) -> str:
         """The base weights under their plain names: the same cache file as a full run from the same weights."""
-        return state_digest(base_state(self.policy), settings)
+        return state_digest(base_state(self.policy.state_dict()), settings)
+
+
+def initial_policy(cfg, tokenizer, base_dtype, meta=False):
+    """The policy before its first step: the model (load_policy), as a LoRA model (model.lora), or with an adapter
+    folder given as model.archive merged in. meta=True: its structure only (load_policy)."""
+    policy = load_policy(cfg, tokenizer, meta)
+    adapter = cfg.model.archive if is_adapter_folder(cfg.model.archive) and not meta else None
+    if cfg.model.lora is not None:
+        return apply_lora(policy, cfg.model.lora, base_dtype, adapter)
+    return merge_adapter_folder(policy, adapter) if adapter else policy
 
 
 def build_models(cfg, tokenizer, layout):
-    """(policy, reference) for this run, placed as the layout says: on its device, or sharded over its mesh (every
-    transformer block, then the root; fully_shard moves each block to the device as it shards it). The reference is
-    a frozen copy of the initial policy when the loss needs one (losses.LOSSES). By default it IS the initial policy
-    (float32 weights under the same autocast and the same FSDP mixed precision), so policy and reference agree
-    exactly before any update; reference_dtype stores it in half precision instead."""
-    policy, reference = load_policy(cfg, tokenizer), None
-    if cfg.model.lora is not None:  # BasicTrainer only (utils._check_lora): one device
-        policy = apply_lora(policy, cfg.model.lora, cfg.model.policy_dtype,
-                            cfg.model.archive if is_adapter_folder(cfg.model.archive) else None).to(layout.device)
-        return policy, AdapterOffReference(policy) if losses.needs_reference(cfg.loss) else NoReference()
-    if is_adapter_folder(cfg.model.archive):
-        policy = merge_adapter_folder(policy, cfg.model.archive)
-    if losses.needs_reference(cfg.loss):
+    """(policy, reference) for this run, placed as the layout says: on its device, or sharded over its mesh. The
+    reference is a frozen copy of the initial policy when the loss needs one (losses.LOSSES). By default it IS the
+    initial policy (float32 weights under the same autocast and the same FSDP mixed precision), so policy and
+    reference agree exactly before any update; reference_dtype stores it in half precision instead. With LoRA the
+    reference is the policy with its adapter off (no copy).
+
+    Sharded (FSDPTrainer), no process ever holds more than one full copy: every process builds both models on the
+    meta device (no memory), shards them, and fills its shards from the ONE copy that the main process reads
+    (`fill_from_main_process`); policy and reference come from that same read."""
+    sharded, lora = layout.mesh is not None, cfg.model.lora is not None
+    # FSDP2 gathers one dtype per block: sharded, a LoRA base stays float32 (1/world of it on each process)
+    base_dtype = "float32" if sharded else cfg.model.policy_dtype
+    source = initial_policy(cfg, tokenizer, base_dtype) if sharded and layout.rank == 0 else None  # read first: the
+    policy = initial_policy(cfg, tokenizer, base_dtype, meta=sharded)  # same random numbers as one device
+    reference = None
+    if losses.needs_reference(cfg.loss) and not lora:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         if cfg.activation_checkpointing:
             reference.activation_checkpointing_disable()  # forward-only: nothing to recompute
         reference.to(DTYPES[cfg.model.reference_dtype or "float32"])
-    if layout.mesh is None:
+    if not sharded:
         policy.to(layout.device)
         reference = reference.to(layout.device) if reference is not None else None
-        return policy, FrozenReference(reference) if reference is not None else NoReference()
+    else:
+        shard_policy_and_reference(cfg, layout, policy, reference)
+        for model in (policy, reference) if reference is not None else (policy,):
+            fill_from_main_process(model, source, layout.device, cfg.fsdp.cpu_offload)
+        del source
+    if lora and losses.needs_reference(cfg.loss):
+        return policy, AdapterOffReference(policy)
+    return policy, FrozenReference(reference) if reference is not None else NoReference()
+
+
+def fill_from_main_process(model, source, device, offload):
+    """Fill `model` (built on the meta device, sharded or not) with the weights of `source`, the main process's full
+    model (None on the others), broadcast tensor by tensor: each process keeps its shards (set_model_state_dict
+    with broadcast_from_rank0), and no other process ever holds a full copy. Non-persistent buffers (rotary
+    inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device="cpu" if offload else device)
+    set_model_state_dict(model, source.state_dict() if source is not None else {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload))
+    buffers = dict(source.named_buffers(remove_duplicate=False)) if source is not None else {}
+    for prefix, module in model.named_modules():
+        for name in sorted(module._non_persistent_buffers_set):  # the same order on every process
+            key, empty = f"{prefix}.{name}" if prefix else name, module._buffers[name]
+            value = buffers[key].to(empty.device, empty.dtype) if source is not None else torch.empty_like(empty)
+            dist.broadcast(value, src=0)
+            module._buffers[name] = value
+
+
+def shard_policy_and_reference(cfg, layout, policy, reference):
+    """fully_shard both over the layout's mesh (the reference only with fsdp.shard_reference, else a replica on each
+    device). Gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards."""
     block = find_block_class(policy, cfg.fsdp.block_class)
     mp_dtype = DTYPES[cfg.model.fsdp_policy_mp or cfg.model.policy_dtype]
-    # gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards
     mixed = MixedPrecisionPolicy(param_dtype=None if mp_dtype == torch.float32 else mp_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy()
     shard_model(policy, block, layout.mesh, mixed, offload)
@@ -379,9 +448,7 @@ def build_models(cfg, tokenizer, layout):
     if reference is not None and cfg.fsdp.shard_reference:
         half = cfg.model.reference_dtype in ("bfloat16", "float16")  # else exactly the policy's compute
         shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload)
-    elif reference is not None:
-        reference.to(layout.device)  # a full replica on every device: no communication in its forward
-    return policy, FrozenReference(reference) if reference is not None else NoReference()
+    # else: a full replica on every device (filled there by fill_from_main_process): no communication in its forward
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -610,6 +677,21 @@ def shard_model(model, block_class, mesh, mixed, offload):
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+
+
+def checkpoint_names(model, state):
+    """`state` (the live model's names; full tensors or shards) as save_pretrained writes it: tied weights once,
+    names as in the model's published checkpoints (transformers' own reverse conversion, e.g. GPT-NeoX's). None
+    where that conversion changes tensors and not only names (MoE experts fused on load), which shards cannot do."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    conversions = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model, add_legacy=False)
+    if any(isinstance(c, WeightConverter) for c in conversions):
+        return None
+    with warnings.catch_warnings():  # transformers reads a DTensor's storage through the deprecated TypedStorage
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
 
 
 def export_state(model, state, dtype):

@@ -17,23 +17,26 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import data
 import losses
 import models
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, check_batch_split, checkpoint_files, config_yaml,
-                   plot_curves, prune_checkpoints, replace_checkpoint, rng_state, set_rng_state, write_atomic,
-                   write_failure)
+from utils import (MetricsWriter, TrainingError, UserError, abort_now, check_batch_split, check_replicate,
+                   checkpoint_files, config_yaml, plot_curves, prune_checkpoints, replace_checkpoint, rng_state,
+                   set_rng_state, write_atomic, write_failure)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,23 +69,33 @@ class OneDevice:
         """Clip the global gradient norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
-    def full_state_dict(self, model):
-        """The model's complete weights, on the main process."""
-        return model.state_dict()
+    def full_state_dict(self, model, frozen=True):
+        """The model's complete weights, on the main process (frozen=False: its trainable ones, a LoRA adapter)."""
+        state = model.state_dict()
+        return state if frozen else {k: v for k, v in state.items() if models.LORA_MARK in k}
 
-    def save_sharded(self, model, optimizer, path):
-        """Each process's shard of model and optimizer state (FSDPRanks); one device keeps them in training_state.pt."""
+    def save_sharded(self, model, optimizer, path, background=False):
+        """Each process's shard of model and optimizer state (FSDPRanks); one device keeps them in training_state.pt.
+        Returns what FSDPRanks returns, a future: here None, nothing to wait for."""
+
+    def export_shards(self, model, folder, dtype) -> bool:
+        """Hugging Face weights written by every process (FSDPRanks); one device exports through save_pretrained."""
+        return False
 
 
 class FSDPRanks:
-    """One process per device of a 1-D mesh (trainer: FSDPTrainer), ranks from the environment (torchrun, or
-    train.py's own launcher). Each keeps 1/world_size of the policy's weights, gradients and optimizer state and trains
-    on its own share of every global batch; gradients are summed over processes, so the update is exactly
-    OneDevice's on the whole batch."""
+    """One process per device (trainer: FSDPTrainer), ranks from the environment (torchrun, or train.py's own
+    launcher). Each keeps 1/world_size of the policy's weights, gradients and optimizer state and trains on its own
+    share of every global batch; gradients are summed over processes, so the update is exactly OneDevice's on the
+    whole batch. With fsdp.replicate = R > 1 (HSDP) the mesh is 2-D, R replicas x world_size/R shards: ranks
+    r*S .. r*S+S-1 (one node under torchrun) share one copy, each replica keeps a full copy sharded S ways;
+    gradients are reduce-scattered (summed) within a replica, then all-reduced (summed) across replicas, so only
+    1/S of them cross between nodes, once per step."""
 
     def __init__(self, cfg):
         self.rank, self.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         check_batch_split(cfg, self.world_size)
+        check_replicate(cfg, self.world_size)
         self.device = models.pick_device(cfg)
         if cfg.fsdp.cpu_offload and self.device.type != "cuda":
             raise UserError("config: fsdp.cpu_offload=true needs CUDA devices (on CPU the weights are in CPU memory already)")
@@ -90,7 +103,11 @@ class FSDPRanks:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=timedelta(minutes=cfg.fsdp.timeout_minutes))
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        replicate = cfg.fsdp.replicate
+        self.checkpoint_group = None  # for fsdp.async_checkpoint (save_sharded)
+        self.mesh = (init_device_mesh(self.device.type, (self.world_size,)) if replicate == 1 else
+                     init_device_mesh(self.device.type, (replicate, self.world_size // replicate),
+                                      mesh_dim_names=("replicate", "shard")))  # fully_shard: HSDP on a 2-D mesh
 
     def local_share(self, examples):
         """A disjoint strided share: rank r takes examples r, r + world_size, ... of the global batch."""
@@ -122,16 +139,56 @@ class FSDPRanks:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
 
-    def full_state_dict(self, model):
-        """Gathered on rank 0 (in CPU memory, so a model larger than one GPU still exports); {} elsewhere."""
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def full_state_dict(self, model, frozen=True):
+        """Gathered on rank 0 (in CPU memory, so a model larger than one GPU still exports); {} elsewhere.
+        frozen=False: only the trainable weights (a LoRA adapter), not the frozen base."""
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=not frozen))
 
-    def save_sharded(self, model, optimizer, path):
-        """torch.distributed.checkpoint: every process writes its own shards; a later run may use another world size."""
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=path)
+    def export_shards(self, model, folder, dtype) -> bool:
+        """The model's weights as Hugging Face safetensors files (+ model.safetensors.index.json) in `folder`, in
+        `dtype`, without a gather: every process writes its own shards (DCP's Hugging Face writer), which rank 0 then
+        consolidates tensor by tensor into the files from_pretrained reads; no process holds the whole model.
+        False (nothing written) for a model whose checkpoint format transformers converts tensor by tensor (MoE
+        experts): that export is gathered on rank 0."""
+        state = models.checkpoint_names(model, get_model_state_dict(model))
+        if state is None:
+            return False
+        state = {k: v.to(dtype) for k, v in state.items()}
+        files, size, mapping = 1, 0, {}
+        for key, value in state.items():  # files of up to 5 GB, in order, like save_pretrained's shards
+            nbytes = value.numel() * value.element_size()
+            if size and size + nbytes > 5 * 2**30:
+                files, size = files + 1, 0
+            mapping[key], size = files, size + nbytes
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(folder, fqn_to_index_mapping=mapping,
+                                                                save_distributed=True, enable_consolidation=True))
+        if self.rank == 0:
+            shutil.rmtree(os.path.join(folder, "sharded"))  # the per-process files, now consolidated
+        return True
+
+    def save_sharded(self, model, optimizer, path, background=False):
+        """torch.distributed.checkpoint: every process writes its own shards; a later run may use another world size.
+        Trained weights only: a LoRA run's frozen base is rebuilt from the config, not saved at every step.
+        Returns a future, done when this process's files are written. background=True (fsdp.async_checkpoint):
+        the state is copied (staged) now and written by a background thread while training goes on; its
+        collectives use a process group of their own, so they never interleave with training's."""
+        state = {"model": get_model_state_dict(model, options=TRAINED_ONLY),
+                 "optimizer": get_optimizer_state_dict(model, optimizer, options=TRAINED_ONLY)}
+        if background:
+            if self.checkpoint_group is None:
+                self.checkpoint_group = dist.new_group(backend="gloo")  # CPU collectives, also next to nccl
+            return dcp.async_save(state, checkpoint_id=path, process_group=self.checkpoint_group)
+        done = Future()
+        try:
+            dcp.save(state, checkpoint_id=path)
+            done.set_result(None)
+        except Exception as e:  # disk full, ...: reported with the rest of the save (Trainer.finish_save)
+            done.set_exception(e)
+        return done
 
 
+TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)  # what sharded checkpoints hold (all weights, unless LoRA)
 LAYOUTS = {"BasicTrainer": OneDevice, "FSDPTrainer": FSDPRanks}  # config `trainer:` -> layout
 
 
@@ -160,7 +217,7 @@ class Trainer:
         # fp16 needs loss scaling against underflow; bf16 and fp32 do not (enabled=False makes it a no-op)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
-        self.wandb_id, self.stop_signal = None, None
+        self.wandb_id, self.stop_signal, self.pending_save = None, None, None
         self.loss_state = {"reward_mean": 0.0, "reward_count": 1e-24}  # bco_pair's running mean (TRL's start)
         self.flop_shape = models.model_flop_shape(policy)
         self.peak_flops = models.peak_flops(self.device, self.compute_dtype)
@@ -277,8 +334,10 @@ class Trainer:
         local = self.layout.local_share(examples)
         stats = self.global_statistics(local)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
-        sums, tokens, flops = {}, 0, 0.0
-        for start in range(0, len(local), micro):
+        sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(local), micro)
+        for start in starts:
+            if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
+                self.policy.set_requires_all_reduce(start == starts[-1])  # micro-batch (no-op on a 1-D mesh)
             examples_mb = local[start:start + micro]
             batch = self.to_batch(examples_mb)
             with self.autocast():
@@ -422,40 +481,95 @@ class Trainer:
         """An HF folder (model in policy_dtype, tokenizer, config.yaml, trainer_state.json) plus, with save_optimizer,
         training_state.pt (and dcp/ when sharded): everything `load_checkpoint` needs to continue exactly. Written to
         `<name>.tmp`, flushed and renamed, so a crash never leaves a half-written checkpoint under `name`; a failed
-        save leaves the earlier checkpoints as they were."""
+        save leaves the earlier checkpoints as they were. With fsdp.async_checkpoint a step checkpoint's dcp/ is
+        written in the background: the folder is completed and renamed once every process has written it
+        (`finish_save`, polled after each step)."""
+        self.finish_save()  # one checkpoint in flight at a time
         final = os.path.join(self.run_dir, name)
         tmp = final + ".tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
         save_dtype = models.DTYPES[self.cfg.model.policy_dtype]
-        if self.cfg.model.lora is not None:  # the adapter; final/ also the merged model (BasicTrainer: one process)
-            state = models.merged_state(self.policy) if name == "final" else None
-            state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state else None
+        adapter = None
+        if self.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
+            full = self.layout.full_state_dict(self.policy, frozen=name == "final")  # collective
+            adapter = {k: v for k, v in full.items() if models.LORA_MARK in k}
+            state = models.merged_state(self.policy, full) if name == "final" else None
+            state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state is not None else None
+        elif self.layout.export_shards(self.policy, tmp, save_dtype):  # written by every process: nothing gathered
+            state = None
         else:
             state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
+        writing = None
         if self.cfg.save_optimizer:  # collective under FSDP; written by every process
-            self.layout.save_sharded(self.policy, self.optimizer, os.path.join(tmp, "dcp"))
-        if not self.is_main:
-            return final
+            writing = self.layout.save_sharded(self.policy, self.optimizer, os.path.join(tmp, "dcp"),
+                                               background=self.cfg.fsdp.async_checkpoint and name != "final")
+        if self.is_main:
+            try:
+                self.write_checkpoint(tmp, state, adapter)
+            except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise TrainingError(f"could not save checkpoint {final}: {write_failure(e, self.run_dir)} (earlier "
+                                    "checkpoints are kept)") from e
+        self.pending_save = writing, tmp, final, {"step": self.step, "examples_seen": self.examples_seen}
+        if writing is None or not self.cfg.fsdp.async_checkpoint or name == "final":
+            self.finish_save()
+        return final
+
+    def finish_save(self, wait=True):
+        """Complete the checkpoint `save` started, once every process has written its files: trainer_state.json
+        (the mark of a complete folder, with every file's size), then the rename. wait=False: only if every process
+        is done already (else it is tried again after the next step). A failed write on any process fails the save
+        on all of them, with the earlier checkpoints kept."""
+        if self.pending_save is None:
+            return
+        writing, tmp, final, counters = self.pending_save
+        if not wait and self.any_process(writing is not None and not writing.done()):
+            return
+        self.pending_save, error = None, None
         try:
-            self.write_checkpoint(tmp, state)
+            if writing is not None:
+                writing.result()
+        except Exception as e:
+            error = e
+        if self.any_process(error is not None):  # also the barrier: every process's files are on disk
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"could not save checkpoint {final}: "
+                                f"{write_failure(error, self.run_dir) if error else 'another process failed to write it'}"
+                                " (earlier checkpoints are kept)") from error
+        if not self.is_main:
+            return
+        try:
+            for root, _, files in os.walk(tmp):  # on disk before the rename makes the checkpoint visible
+                for file in files:
+                    with open(os.path.join(root, file), "rb") as f:
+                        os.fsync(f.fileno())
+            # written last: marks the folder complete; the file sizes let a resume tell a truncated file from a good one
+            write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps({**counters, "files": checkpoint_files(tmp)}))
             replace_checkpoint(tmp, final)
-        except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
+        except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise TrainingError(f"could not save checkpoint {final}: {write_failure(e, self.run_dir)} (earlier "
                                 "checkpoints are kept)") from e
         if self.cfg.save_total_limit:
             prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
-        return final
 
-    def write_checkpoint(self, folder, state):
-        """`state`: the HF model's weights to export (LoRA: the merged weights, final/ only; else None)."""
+    def write_checkpoint(self, folder, state, adapter=None):
+        """Everything but the sharded state and the completion mark (`finish_save`). `state`: the HF model's weights
+        to export (LoRA: the merged weights, final/ only; None when export_shards wrote them or, for LoRA step
+        checkpoints, there are none); `adapter`: LoRA's full adapter weights (under FSDP gathered from the shards)."""
         lora = self.cfg.model.lora is not None
         if lora:  # adapter/: adapter_model.safetensors + adapter_config.json (peft.PeftModel.from_pretrained)
-            self.policy.save_pretrained(os.path.join(folder, "adapter"))
+            self.policy.save_pretrained(os.path.join(folder, "adapter"), state_dict=adapter, save_embedding_layers=False)
         if state is not None:
             (self.policy.get_base_model() if lora else self.policy).save_pretrained(folder, state_dict=state)
+        elif not lora:  # the weights were written by every process (export_shards): the rest of save_pretrained
+            self.policy.config.save_pretrained(folder)
+            if self.policy.generation_config is not None:
+                self.policy.generation_config.save_pretrained(folder)
+        if state is not None or not lora:
             with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
                 hf_config = json.load(f)
             with open(os.path.join(folder, "config.json"), "w") as f:
@@ -473,13 +587,6 @@ class Trainer:
                 # (LoRA: the adapter's float32 weights; the frozen base is rebuilt from the config)
                 state["master_weights"] = models.adapter_state(self.policy) if lora else self.policy.state_dict()
             torch.save(state, os.path.join(folder, "training_state.pt"))
-        for root, _, files in os.walk(folder):  # on disk before the rename makes the checkpoint visible
-            for file in files:
-                with open(os.path.join(root, file), "rb") as f:
-                    os.fsync(f.fileno())
-        # written last: marks the folder complete; the file sizes let a resume tell a truncated file from a good one
-        write_atomic(os.path.join(folder, "trainer_state.json"), json.dumps(
-            {"step": self.step, "examples_seen": self.examples_seen, "files": checkpoint_files(folder)}))
 
     def load_weights(self, folder, master_weights):
         """The float32 masters into the policy, every key accounted for (strict): a checkpoint of another
@@ -565,11 +672,13 @@ class Trainer:
                     stop = self.any_process(self.stop_signal is not None)
                     if not cfg.debug and self.step < self.total_steps and (periodic or stop):
                         self.save(f"step-{self.step:06d}")
+                    self.finish_save(wait=False)  # a checkpoint written in the background: complete it once written
                     # evaluation and saving are not training: neither the tokens/s nor the bar's rate and ETA count them
                     window_start += exclude_from_bar(bar, time.perf_counter() - paused)
                     if stop:
                         self.stop_signal = self.stop_signal or signal.SIGTERM
                         break
+            self.finish_save()
             writer.close()
             if self.is_main:
                 plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"))
@@ -638,11 +747,12 @@ def load_sharded_state(trainer, checkpoint_dir):
     path = os.path.join(checkpoint_dir, "dcp")
     if not os.path.isdir(path):
         raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
-    state = {"model": get_model_state_dict(trainer.policy),
-             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer)}
+    state = {"model": get_model_state_dict(trainer.policy, options=TRAINED_ONLY),
+             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=TRAINED_ONLY)}
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (OneDevice) reads it all
-    set_model_state_dict(trainer.policy, state["model"])
-    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"])
+    # not strict: the frozen base (LoRA) is not in it; every trained key is (dcp.load fails on one the files lack)
+    set_model_state_dict(trainer.policy, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=TRAINED_ONLY)
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
         return json.load(f)
 

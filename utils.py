@@ -66,7 +66,7 @@ class DatasetConfig:
 
 
 @dataclass
-class LoraConfig:  # model.lora: train a low-rank adapter on a frozen base instead of every weight (BasicTrainer only)
+class LoraConfig:  # model.lora: train a low-rank adapter on a frozen base instead of every weight
     r: int = num(8, ge=1)                   # rank of each adapter (A: r x in, B: out x r)
     alpha: float = num(16, gt=0)            # scaling: the adapter's update is multiplied by alpha / r
     dropout: float = num(0.0, ge=0, lt=1)   # dropout on the adapter's input; > 0 makes policy log-probs noisy
@@ -116,6 +116,8 @@ class FSDPConfig:
     cpu_offload: bool = False               # keep sharded params, grads and optimizer state in CPU memory (CUDA only; slower)
     shard_reference: bool = True            # shard the DPO reference like the policy (less memory) or replicate it (less traffic)
     timeout_minutes: int = num(30, ge=1)    # a collective that waits longer (dead rank or node) fails and stops every rank
+    async_checkpoint: bool = False          # write step checkpoints' sharded state (dcp/) in the background while training goes on
+    replicate: int = num(1, ge=1)           # HSDP: replicas (the number of nodes) x shards = world size; 1 = plain FSDP
 
 
 @dataclass
@@ -279,6 +281,7 @@ def _validate(cfg):
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
     _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+    _check_fsdp(cfg, torch.cuda.is_available())
 
 
 def _check_lora(cfg):
@@ -286,8 +289,6 @@ def _check_lora(cfg):
     lora = cfg.model.lora
     if lora is None:
         return
-    if cfg.trainer != "BasicTrainer":
-        raise UserError("config: model.lora is supported with trainer=BasicTrainer only (FSDP with LoRA: not yet)")
     if cfg.model.reference_dtype not in (None, "float32"):
         raise UserError(f"config: model.reference_dtype={cfg.model.reference_dtype} does not apply with model.lora: the "
                         "reference is the frozen base itself (its weights are stored in policy_dtype); leave it null")
@@ -322,6 +323,27 @@ def check_batch_split(cfg, world_size):
         raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
                         f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x world size {world_size} "
                         f"({cfg.gradient_accumulation_steps} x {world_size} = {per_step})")
+
+
+def check_replicate(cfg, world_size):
+    """fsdp.replicate (HSDP) splits the world into replicas x shards: it must divide the number of processes."""
+    replicate = cfg.fsdp.replicate
+    if replicate > world_size or world_size % replicate:
+        how = "is larger than" if replicate > world_size else "does not divide"
+        raise UserError(f"config: fsdp.replicate={replicate} {how} the world size {world_size} (replicas x shards = "
+                        f"processes; set it to the number of nodes, or 1 for plain FSDP)")
+
+
+def _check_fsdp(cfg, cuda_available):
+    """fsdp.replicate against the world size where the config alone tells it: WORLD_SIZE under torchrun (and in the
+    own launcher's workers), fsdp.world_size for the own launcher's CPU workers (before any is started). The own
+    launcher on GPUs starts one worker per GPU: each checks it there (trainers.FSDPRanks)."""
+    if cfg.trainer != "FSDPTrainer" or cfg.fsdp.replicate == 1:
+        return
+    if "WORLD_SIZE" in os.environ:
+        check_replicate(cfg, int(os.environ["WORLD_SIZE"]))
+    elif (cfg.device or ("cuda" if cuda_available else "cpu")).split(":")[0] == "cpu":  # as models.device_type
+        check_replicate(cfg, cfg.fsdp.world_size)
 
 
 def _check_wandb_login(cfg):

@@ -170,9 +170,11 @@ def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
 def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     """Plain-python FSDP run (packed, reference log-probs precomputed), SIGTERM to the launcher after the step-2
     checkpoint: the workers finish the step, save (HF export + dcp/ shards) and exit 143; resume=auto (reference
-    log-probs now from the cache) then ends bit-identical to an uninterrupted FSDP run."""
+    log-probs now from the cache) then ends bit-identical to an uninterrupted FSDP run. Step checkpoints are written
+    in the background (fsdp.async_checkpoint): each is complete (trainer_state.json, every file's size) when it
+    appears under its name."""
     extra = ["n_examples=24", "save_model_step=2", "optimizer=AdamW", "lr=1e-3", "sample_during_eval=false",
-             "trainer=FSDPTrainer", "packing=true", "precompute_reference_logps=true",
+             "trainer=FSDPTrainer", "packing=true", "precompute_reference_logps=true", "fsdp.async_checkpoint=true",
              f"reference_cache_dir={tmp_path / 'cache'}", *local_model_overrides(tiny_model_dir)]
     base = ["train.py", TINY["dpo"], "--overrides", *COMMON, *extra]
     assert run_cli(*base, f"output_dirs={tmp_path / 'whole'}").returncode == 0
@@ -188,6 +190,7 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "resume=auto" in out
     assert os.path.isdir(run_dir / "step-000002" / "dcp")
+    assert utils.checkpoint_problem(str(run_dir / "step-000002")) is None  # every file there, at its recorded size
     resumed = run_cli(*base, f"output_dirs={run_dir}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "reference log-probs: 24 from the cache, 0 computed" in resumed.stdout
@@ -198,9 +201,15 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert strip(read_jsonl(run_dir / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
 
 
-def test_sharded_reference_and_tied_export_in_one_process(tmp_path, monkeypatch):
-    """FSDPTrainer (world size 1, bf16 mixed precision, tied embeddings): the sharded reference computes exactly what
-    the initial policy does (step-0 rewards 0), and the gathered export keeps the tie (one tensor, as save_pretrained)."""
+NEOX = "{model_type: gpt_neox, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4}"
+
+
+@pytest.mark.parametrize("arch", [TIED, NEOX], ids=["llama-tied", "gpt_neox"])
+def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, monkeypatch):
+    """FSDPTrainer (world size 1, bf16 mixed precision; built on the meta device and filled from one read): the
+    sharded reference computes exactly what the initial policy does (step-0 rewards 0); the export, written shard by
+    shard (no gather), holds the same tensors under the same names as a plain save_pretrained (a tie kept once,
+    GPT-NeoX's names) and loads in transformers; nothing of the per-process files is left."""
     from safetensors.torch import load_file
 
     import train
@@ -208,15 +217,87 @@ def test_sharded_reference_and_tied_export_in_one_process(tmp_path, monkeypatch)
                            MASTER_PORT=str(train.free_port())).items():
         monkeypatch.setenv(key, value)
     cfg = utils.load_config(TINY["dpo"], ["trainer=FSDPTrainer", "model.policy_dtype=bfloat16", "model.reference_dtype=null",
-                                          f"model.from_config={TIED}", "n_eval_examples=8", f"output_dirs={tmp_path}/run"])
+                                          f"model.from_config={arch}", "n_eval_examples=8", f"output_dirs={tmp_path}/run"])
     try:
         trainer = train.build_trainer(cfg)
         metrics = trainer.evaluate()
         exported = trainer.save("final")
+        live = {k: v.to(torch.bfloat16) for k, v in trainer.layout.full_state_dict(trainer.policy).items()}
     finally:
         torch.distributed.destroy_process_group()
     assert metrics["eval/rewards/margins"] == 0 and metrics["eval/rewards/chosen"] == 0
+    files = sorted(f for f in os.listdir(exported) if f.endswith(".safetensors"))
+    assert files == ["model-00001-of-00001.safetensors"] and not os.path.exists(os.path.join(exported, "sharded"))
+    assert os.path.isfile(os.path.join(exported, "model.safetensors.index.json"))
+    written = load_file(os.path.join(exported, files[0]))
     plain = tmp_path / "plain"
-    AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
-    assert sorted(load_file(os.path.join(exported, "model.safetensors"))) == sorted(load_file(plain / "model.safetensors"))
-    assert os.path.getsize(os.path.join(exported, "model.safetensors")) == os.path.getsize(plain / "model.safetensors")
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.bfloat16)
+    reloaded.save_pretrained(plain)
+    want = load_file(plain / "model.safetensors")
+    assert sorted(written) == sorted(want) and all(torch.equal(written[k], want[k]) for k in want)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in live.items())
+
+
+LORA = ["model.lora={r: 4, alpha: 8}", "model.reference_dtype=null"]  # on every linear layer but the head
+
+
+def test_fsdp_lora_matches_basic_trainer(tiny_model_dir, tmp_path):
+    """LoRA under FSDPTrainer (2 processes; the base sharded and frozen, the adapter trained; reference = adapter off):
+    the adapter after 3 SGD steps equals BasicTrainer's to 1e-5 of the update; the base is untouched; final/ holds
+    the adapter (gathered, loadable by peft) and the merged model (loadable by transformers) equal to BasicTrainer's;
+    the sharded training state (the adapter only) reloads into one process."""
+    from peft import PeftModel
+
+    import models
+    extra = [*RUNS["dpo"], *LORA]
+    proc = fsdp_run("python", "dpo", tiny_model_dir, tmp_path / "run", *LORA, f"reference_cache_dir={tmp_path}/c")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    basic = build("dpo", tiny_model_dir, *COMMON, *extra)
+    initial = {k: v.clone() for k, v in models.adapter_state(basic.policy).items()}
+    base = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    for examples in basic.global_batches():
+        basic.train_step(examples)
+    want = models.adapter_state(basic.policy)
+    final = tmp_path / "run" / "final"
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final / "adapter")
+    got = models.adapter_state(loaded)
+    assert got.keys() == want.keys() and len(want) == 2 * 7 * 2  # A and B of 7 linear layers in 2 blocks
+    largest = max((want[k] - initial[k]).abs().max().item() for k in want)
+    assert largest > 0 and max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5 * largest
+    merged = params_of(AutoModelForCausalLM.from_pretrained(final))
+    expected = models.merged_state(basic.policy, basic.policy.state_dict())
+    assert merged.keys() == base.keys()
+    assert max((merged[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5 * largest
+    assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapter is merged in
+    fresh = build("dpo", tiny_model_dir, *COMMON, *extra)
+    assert trainers.load_sharded_state(fresh, str(final))["step"] == 3
+    assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in models.adapter_state(fresh.policy).items())
+    for k, v in models.adapter_state(fresh.policy).items():
+        assert (v - want[k]).abs().max().item() <= 1e-5 * largest, k
+    assert models.base_state(fresh.policy.state_dict()).keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in models.base_state(fresh.policy.state_dict()).items())
+
+
+def test_async_checkpoint_holds_the_state_of_its_step(tiny_model_dir, tmp_path, monkeypatch):
+    """fsdp.async_checkpoint (world size 1, in process): save() returns while dcp/ is written in the background; the
+    folder appears only when complete; what it holds is the state at the save, not after the steps taken since."""
+    from train import free_port
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        trainer = build("dpo", tiny_model_dir, *COMMON, *RUNS["dpo"], "trainer=FSDPTrainer", "fsdp.async_checkpoint=true",
+                        f"output_dirs={tmp_path}/run")
+        batches = trainer.global_batches()
+        trainer.train_step(next(batches))
+        at_save = {k: v.clone() for k, v in trainer.layout.full_state_dict(trainer.policy).items()}
+        path = trainer.save("step-000001")
+        assert trainer.pending_save is not None and trainer.pending_save[0] is not None  # in flight (or just done)
+        trainer.train_step(next(batches))  # training goes on meanwhile
+        trainer.finish_save()
+        assert trainer.pending_save is None and utils.checkpoint_problem(path) is None
+        fresh = build("dpo", tiny_model_dir, *COMMON, *RUNS["dpo"])
+        assert trainers.load_sharded_state(fresh, path)["step"] == 1
+    finally:
+        torch.distributed.destroy_process_group()
+    assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in at_save.items())

@@ -321,10 +321,10 @@ SIGTERM_IN_FINAL_SAVE = """
 import os, signal, sys
 import train, trainers
 write = trainers.Trainer.write_checkpoint
-def write_and_get_a_signal(self, folder, state):
+def write_and_get_a_signal(self, folder, *args):
     if folder.endswith("final.tmp"):
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, in the middle of the final save
-    write(self, folder, state)
+    write(self, folder, *args)
 trainers.Trainer.write_checkpoint = write_and_get_a_signal
 sys.exit(train.cli(["example/tiny-sft.yml", "--overrides", "output_dirs=" + sys.argv[1], "n_eval_examples=0",
                     "n_examples=8", "n_epochs=null", "total_batch_size=4"]))
