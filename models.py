@@ -11,7 +11,6 @@ disk cache) and `NoReference` (losses that need none, or reference_free).
 import contextlib
 import copy
 import hashlib
-import inspect
 import os
 import pickle
 import re
@@ -25,10 +24,10 @@ from torch.distributed.tensor import DTensor
 
 import data
 import losses
+from attention import VARLEN_ATTN, register_varlen_attention
 from utils import DTYPE_NAMES, UserError, check_hub_reachable, choices
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
-VARLEN_ATTN = "varlen_attn"  # model.attn_implementation: batches as segments, no mask (varlen_attention)
 
 
 def is_main_process() -> bool:
@@ -449,82 +448,6 @@ def shard_policy_and_reference(cfg, layout, policy, reference):
         half = cfg.model.reference_dtype in ("bfloat16", "float16")  # else exactly the policy's compute
         shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload)
     # else: a full replica on every device (filled there by fill_from_main_process): no communication in its forward
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention: varlen_attn, segments of a flattened batch through PyTorch's FlashAttention varlen kernel
-# ----------------------------------------------------------------------------------------------------------------
-try:  # PyTorch's own FlashAttention varlen kernel (torch >= 2.10, CUDA), and the arguments this version takes
-    from torch.nn.attention.varlen import varlen_attn
-    VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
-except ImportError:
-    varlen_attn, VARLEN_PARAMS = None, frozenset()
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                     max_length_q=None, **kwargs):
-    """Causal attention within each segment of a flattened batch: the transformers attention function behind
-    `model.attn_implementation: varlen_attn` (registered by `build_policy`).
-
-    query [B, H, T, D], key / value [B, Hkv, T, D]; cu_seq_lens_q [S + 1] int32: where each of the S segments of
-    the B*T tokens starts (data.collate: every sequence, and the padding at each row's end), max_length_q the
-    longest. Returns ([B, T, H, D], None). On CUDA in bfloat16/float16 it is PyTorch's FlashAttention varlen kernel
-    (torch.nn.attention.varlen): no [T, T] mask, no FLOPs across sequences or on padding, no per-shape planning.
-    Elsewhere (CPU, float32) it is SDPA over each segment in turn: the same maths, slowly. Without segments
-    (generate) it is transformers' SDPA with the mask transformers built.
-    """
-    if cu_seq_lens_q is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    B, H, T, D = query.shape  # plain causal attention: build_policy refused sliding windows and softcapping
-    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-    if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
-        out = flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling)
-    else:
-        out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling)
-    return out.reshape(B, T, H, D), None
-
-
-@torch.compiler.disable  # a loop over data-dependent lengths: compiled, it would be re-traced for every batch
-def segment_sdpa(q, k, v, cu_seq_lens, scale):
-    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [N, H, D], k / v [N, Hkv, D]."""
-    bounds = cu_seq_lens.tolist()
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])])
-
-
-def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
-    """PyTorch's varlen_attn, causal; q [N, H, D], k / v [N, Hkv, D] -> [N, H, D]. Its signature grew from torch 2.10
-    (is_causal) to 2.11+ (window_size, scale, enable_gqa): this passes what the installed version takes."""
-    extra = {"window_size": (-1, 0)} if "window_size" in VARLEN_PARAMS else {"is_causal": True}
-    if "scale" in VARLEN_PARAMS:
-        extra["scale"] = scale
-    elif scale is not None:  # the kernel scales by D**-0.5: fold the model's own scale into q
-        q = q * (scale * q.shape[-1] ** 0.5)
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in VARLEN_PARAMS:
-            extra["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **extra)
-
-
-def register_varlen_attention(device, policy_dtype="bfloat16"):
-    """Make `varlen_attn` a transformers attention implementation (its documented AttentionInterface); its mask,
-    used only when there are no segments (generate), is SDPA's."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    if device.type == "cuda" and varlen_attn is None:
-        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} needs torch >= 2.10 on a GPU (this is "
-                        f"torch {torch.__version__}): upgrade torch or use sdpa")
-    if device.type == "cuda" and policy_dtype == "float32":
-        raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} runs its GPU kernel in bfloat16 or float16: "
-                        "set model.policy_dtype=bfloat16, or use sdpa for float32")
-    AttentionInterface.register(VARLEN_ATTN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -50,13 +50,14 @@ def check_packing_on_gpu(device="cuda"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import attention
     import data
     import models
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=32000)
     model = AutoModelForCausalLM.from_config(config).to(device).eval()
-    models.register_varlen_attention(torch.device(device))
+    attention.register_varlen_attention(torch.device(device))
     varlen = AutoModelForCausalLM.from_config(config, attn_implementation="varlen_attn").to(device).eval()
     varlen.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(0)
