@@ -3,7 +3,7 @@ the forward pass to log-probs, exporting Hugging Face weights, and FLOP accounti
 
     models.build_models(cfg, tokenizer, layout) -> (policy, reference)
 
-`layout` (trainers.OneDevice or trainers.FSDPRanks) exists before any model is built: it says where the weights go
+`layout` (layouts.OneDevice or layouts.FSDPRanks) exists before any model is built: it says where the weights go
 (one device, or shards over its device mesh). The reference is an object with one small interface, in three kinds:
 `FrozenReference` (a frozen copy of the initial policy), `PrecomputedReference` (log-probs computed once, from the
 disk cache) and `NoReference` (losses that need none, or reference_free).

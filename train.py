@@ -61,8 +61,9 @@ import torch.multiprocessing as mp  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+from layouts import LAYOUTS  # noqa: E402
 from models import is_main_process  # noqa: E402
-from trainers import LAYOUTS, Trainer  # noqa: E402
+from trainers import Trainer  # noqa: E402
 
 
 def build_data(cfg, tokenizer):

@@ -337,7 +337,7 @@ def check_replicate(cfg, world_size):
 def _check_fsdp(cfg, cuda_available):
     """fsdp.replicate against the world size where the config alone tells it: WORLD_SIZE under torchrun (and in the
     own launcher's workers), fsdp.world_size for the own launcher's CPU workers (before any is started). The own
-    launcher on GPUs starts one worker per GPU: each checks it there (trainers.FSDPRanks)."""
+    launcher on GPUs starts one worker per GPU: each checks it there (layouts.FSDPRanks)."""
     if cfg.trainer != "FSDPTrainer" or cfg.fsdp.replicate == 1:
         return
     if "WORLD_SIZE" in os.environ:

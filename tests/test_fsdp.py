@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import layouts
 import trainers
 import utils
 from conftest import (OFFLINE_ENV, ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of,
@@ -104,7 +105,7 @@ def test_bf16_mixed_precision_policy_in_one_process(tiny_model_dir, basic_runs, 
     try:
         trainer = build("sft", tiny_model_dir, *COMMON, *RUNS["sft"], "trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16",
                         "activation_checkpointing=true")
-        assert isinstance(trainer.layout, trainers.FSDPRanks)
+        assert isinstance(trainer.layout, layouts.FSDPRanks)
         assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
         metrics, *_ = trainer.train_step(next(trainer.global_batches()))
         mixed = {k: v.float() for k, v in trainer.layout.full_state_dict(trainer.policy).items()}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import layouts
 import trainers
 import utils
 from conftest import TINY, assert_one_line_error, build, local_model_overrides, params_of, read_jsonl, run_cli
@@ -72,12 +73,12 @@ def test_replicate_not_dividing_the_world_size_is_one_line_error(tmp_path):
 
 def test_replicate_checked_against_torchrun_world_size(monkeypatch):
     """Under torchrun the world size is WORLD_SIZE (fsdp.world_size does not apply): checked from the config in every
-    rank, and again by the layout itself (trainers.FSDPRanks: the own launcher on GPUs, one worker per GPU)."""
+    rank, and again by the layout itself (layouts.FSDPRanks: the own launcher on GPUs, one worker per GPU)."""
     cfg = utils.load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])  # passes
     for key, value in {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
         utils.load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
-        trainers.FSDPRanks(cfg)  # before any process group is started
+        layouts.FSDPRanks(cfg)  # before any process group is started
     assert not torch.distributed.is_initialized()
