@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+import adapters
 import models
 from utils import UserError, check_batch_split, check_replicate
 
@@ -50,7 +51,7 @@ class OneDevice:
     def full_state_dict(self, model, frozen=True):
         """The model's complete weights, on the main process (frozen=False: its trainable ones, a LoRA adapter)."""
         state = model.state_dict()
-        return state if frozen else {k: v for k, v in state.items() if models.LORA_MARK in k}
+        return state if frozen else {k: v for k, v in state.items() if adapters.LORA_MARK in k}
 
     def save_sharded(self, model, optimizer, path, background=False):
         """Each process's shard of model and optimizer state (FSDPRanks); one device keeps them in training_state.pt.

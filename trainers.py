@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
+import adapters
 import data
 import losses
 import models
@@ -335,8 +336,8 @@ class Trainer:
         adapter = None
         if self.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
             full = self.layout.full_state_dict(self.policy, frozen=name == "final")  # collective
-            adapter = {k: v for k, v in full.items() if models.LORA_MARK in k}
-            state = models.merged_state(self.policy, full) if name == "final" else None
+            adapter = {k: v for k, v in full.items() if adapters.LORA_MARK in k}
+            state = adapters.merged_state(self.policy, full) if name == "final" else None
             state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state is not None else None
         elif self.layout.export_shards(self.policy, tmp, save_dtype):  # written by every process: nothing gathered
             state = None
@@ -426,14 +427,14 @@ class Trainer:
                 # the float32 masters under their own names: the export may be rounded (half precision) or renamed
                 # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
                 # (LoRA: the adapter's float32 weights; the frozen base is rebuilt from the config)
-                state["master_weights"] = models.adapter_state(self.policy) if lora else self.policy.state_dict()
+                state["master_weights"] = adapters.adapter_state(self.policy) if lora else self.policy.state_dict()
             torch.save(state, os.path.join(folder, "training_state.pt"))
 
     def load_weights(self, folder, master_weights):
         """The float32 masters into the policy, every key accounted for (strict): a checkpoint of another
         architecture is one line naming the first key that differs."""
         lora = self.cfg.model.lora is not None
-        live = models.adapter_state(self.policy) if lora else self.policy.state_dict()
+        live = adapters.adapter_state(self.policy) if lora else self.policy.state_dict()
         for key, value in master_weights.items():
             if key in live and live[key].shape != value.shape:
                 raise UserError(f"resume: {folder} does not match the model: '{key}' is {list(value.shape)} in the "

@@ -285,7 +285,7 @@ def _validate(cfg):
 
 
 def _check_lora(cfg):
-    """What LoRA does not combine with (yet); its module names are checked against the model (models.apply_lora)."""
+    """What LoRA does not combine with; its module names are checked against the model (adapters.apply_lora)."""
     lora = cfg.model.lora
     if lora is None:
         return

@@ -249,34 +249,34 @@ def test_fsdp_lora_matches_basic_trainer(tiny_model_dir, tmp_path):
     the sharded training state (the adapter only) reloads into one process."""
     from peft import PeftModel
 
-    import models
+    import adapters
     extra = [*RUNS["dpo"], *LORA]
     proc = fsdp_run("python", "dpo", tiny_model_dir, tmp_path / "run", *LORA, f"reference_cache_dir={tmp_path}/c")
     assert proc.returncode == 0, proc.stderr[-3000:]
     basic = build("dpo", tiny_model_dir, *COMMON, *extra)
-    initial = {k: v.clone() for k, v in models.adapter_state(basic.policy).items()}
+    initial = {k: v.clone() for k, v in adapters.adapter_state(basic.policy).items()}
     base = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     for examples in basic.global_batches():
         basic.train_step(examples)
-    want = models.adapter_state(basic.policy)
+    want = adapters.adapter_state(basic.policy)
     final = tmp_path / "run" / "final"
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final / "adapter")
-    got = models.adapter_state(loaded)
+    got = adapters.adapter_state(loaded)
     assert got.keys() == want.keys() and len(want) == 2 * 7 * 2  # A and B of 7 linear layers in 2 blocks
     largest = max((want[k] - initial[k]).abs().max().item() for k in want)
     assert largest > 0 and max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5 * largest
     merged = params_of(AutoModelForCausalLM.from_pretrained(final))
-    expected = models.merged_state(basic.policy, basic.policy.state_dict())
+    expected = adapters.merged_state(basic.policy, basic.policy.state_dict())
     assert merged.keys() == base.keys()
     assert max((merged[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5 * largest
     assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapter is merged in
     fresh = build("dpo", tiny_model_dir, *COMMON, *extra)
     assert trainers.load_sharded_state(fresh, str(final))["step"] == 3
-    assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in models.adapter_state(fresh.policy).items())
-    for k, v in models.adapter_state(fresh.policy).items():
+    assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in adapters.adapter_state(fresh.policy).items())
+    for k, v in adapters.adapter_state(fresh.policy).items():
         assert (v - want[k]).abs().max().item() <= 1e-5 * largest, k
-    assert models.base_state(fresh.policy.state_dict()).keys() == base.keys()
-    assert all(torch.equal(v, base[k]) for k, v in models.base_state(fresh.policy.state_dict()).items())
+    assert adapters.base_state(fresh.policy.state_dict()).keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in adapters.base_state(fresh.policy.state_dict()).items())
 
 
 def test_async_checkpoint_holds_the_state_of_its_step(tiny_model_dir, tmp_path, monkeypatch):

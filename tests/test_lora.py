@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import adapters
 import models
 import train
 import utils
@@ -54,9 +55,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tiny_model_dir, m
     assert isinstance(trainer.reference, models.AdapterOffReference) and trainer.reference.model is None
     trainable = {id(p) for n, p in trainer.policy.named_parameters() if p.requires_grad}
     assert trainable == {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert all(models.LORA_MARK in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
+    assert all(adapters.LORA_MARK in n for n, p in trainer.policy.named_parameters() if p.requires_grad)
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
-    base, adapter = clone(models.base_state(trainer.policy.state_dict())), clone(models.adapter_state(trainer.policy))
+    base, adapter = clone(adapters.base_state(trainer.policy.state_dict())), clone(adapters.adapter_state(trainer.policy))
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     assert base.keys() == plain.state_dict().keys()  # the plain model's own names
     batch, n_seqs = some_batch(trainer)
@@ -66,9 +67,9 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tiny_model_dir, m
     batches = trainer.global_batches()
     for _ in range(3):
         trainer.train_step(next(batches))
-    after = models.base_state(trainer.policy.state_dict())
+    after = adapters.base_state(trainer.policy.state_dict())
     assert all(torch.equal(base[k], after[k]) for k in base)
-    moved = models.adapter_state(trainer.policy)
+    moved = adapters.adapter_state(trainer.policy)
     assert all(not torch.equal(adapter[k], moved[k]) for k in adapter if "lora_B" in k)
     torch.testing.assert_close(trainer.reference.logps(batch, n_seqs), want, rtol=0, atol=1e-6)
     with torch.no_grad():  # and the policy itself is no longer the base
@@ -77,12 +78,12 @@ def test_only_the_adapter_trains_and_the_reference_is_the_base(tiny_model_dir, m
 
 def test_half_precision_base_and_float32_adapter(tiny_model_dir):
     trainer = build("dpo", tiny_model_dir, *LORA, *FAST, "model.policy_dtype=bfloat16")
-    dtypes = {models.LORA_MARK in n: p.dtype for n, p in trainer.policy.named_parameters()}
+    dtypes = {adapters.LORA_MARK in n: p.dtype for n, p in trainer.policy.named_parameters()}
     assert dtypes == {True: torch.float32, False: torch.bfloat16}
-    adapter = clone(models.adapter_state(trainer.policy))
+    adapter = clone(adapters.adapter_state(trainer.policy))
     metrics, *_ = trainer.train_step(next(trainer.global_batches()))  # autocast computes in bfloat16
     assert metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # step 1: the adapter is 0, policy == reference
-    moved = models.adapter_state(trainer.policy)
+    moved = adapters.adapter_state(trainer.policy)
     assert all(moved[k].dtype == torch.float32 for k in moved) and any(not torch.equal(adapter[k], moved[k]) for k in moved)
 
 
@@ -95,7 +96,7 @@ def test_checkpoints_hold_the_adapter_and_final_the_merged_model(lora_run, tiny_
             "model.safetensors", "config.json"} <= set(os.listdir(final))
     assert {"adapter_model.safetensors", "adapter_config.json"} <= set(os.listdir(final / "adapter"))
     masters = torch.load(final / "training_state.pt", weights_only=True)["master_weights"]
-    assert masters and all(models.LORA_MARK in k and v.dtype == torch.float32 for k, v in masters.items())
+    assert masters and all(adapters.LORA_MARK in k and v.dtype == torch.float32 for k, v in masters.items())
     merged = AutoModelForCausalLM.from_pretrained(final).eval()  # the adapter/ subfolder does not confuse it
     adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final / "adapter")
     trainer = build("dpo", tiny_model_dir, *FAST)  # data and collation only
@@ -113,7 +114,7 @@ def test_tied_embedding_model_exports_the_merged_model(tmp_path):
     layer.)"""
     trainer = train.build_trainer(utils.load_config(TINY_LORA, [f"model.from_config={TIED}", "n_eval_examples=0",
                                                                 *FAST, f"output_dirs={tmp_path}"]))
-    assert not any("lm_head" in n for n in models.adapter_state(trainer.policy))
+    assert not any("lm_head" in n for n in adapters.adapter_state(trainer.policy))
     trainer.train_step(next(trainer.global_batches()))
     before = clone(trainer.policy.state_dict())
     trainer.save("final")
@@ -132,7 +133,7 @@ def test_adapter_folder_as_archive(lora_run, tiny_model_dir):
     folder = str(lora_run / "final" / "adapter")
     saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
     continued = build("dpo", tiny_model_dir, *LORA, *FAST, f"model.archive={folder}")
-    live = {k.replace(".default", ""): v for k, v in models.adapter_state(continued.policy).items()}
+    live = {k.replace(".default", ""): v for k, v in adapters.adapter_state(continued.policy).items()}
     assert live.keys() == saved.keys() and all(torch.equal(live[k], saved[k]) for k in saved)
     with pytest.raises(UserError, match="does not fit model.lora"):
         build("dpo", tiny_model_dir, *LORA, *FAST, f"model.archive={folder}", "model.lora.r=4")
@@ -229,7 +230,7 @@ def test_activation_checkpointing_gives_the_same_adapter_update(tiny_model_dir):
     assert trainer.policy.get_base_model().is_activation_checkpointing
     assert m2["saved_elements"] < 0.8 * m1["saved_elements"]  # activations really were recomputed
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-6)
-    adapter = [k for k in plain if models.LORA_MARK in k]
+    adapter = [k for k in plain if adapters.LORA_MARK in k]
     assert any("lora_A" in k for k in adapter) and all(plain[k].abs().max() > 0 for k in adapter)
     assert all(not checkpointed[k].any() for k in checkpointed if k not in adapter)  # the base did not move
     assert max((checkpointed[k] - plain[k]).abs().max().item() for k in plain) <= 1e-6
@@ -252,17 +253,17 @@ def test_float16_base_with_grad_scaling_trains_only_the_float32_adapter(tiny_mod
     """policy_dtype=float16 on the CPU: the base is stored in float16, the adapter in float32, the GradScaler is on;
     3 steps have finite losses and none is skipped, the base stays bit-identical and the adapter moves."""
     trainer = build("dpo", tiny_model_dir, *LORA, *FAST, "total_batch_size=4", "model.policy_dtype=float16")
-    dtypes = {models.LORA_MARK in n: p.dtype for n, p in trainer.policy.named_parameters()}
+    dtypes = {adapters.LORA_MARK in n: p.dtype for n, p in trainer.policy.named_parameters()}
     assert dtypes == {True: torch.float32, False: torch.float16} and trainer.scaler.is_enabled()
-    base, adapter = clone(models.base_state(trainer.policy.state_dict())), clone(models.adapter_state(trainer.policy))
+    base, adapter = clone(adapters.base_state(trainer.policy.state_dict())), clone(adapters.adapter_state(trainer.policy))
     batches = trainer.global_batches()
     losses = [trainer.train_step(next(batches))[0]["loss"] for _ in range(3)]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3) and all(torch.isfinite(torch.tensor(losses)))
     assert losses[2] < losses[0]
     assert trainer.scaler.get_scale() == 2.0 ** 16  # a skipped step (inf gradient) would have halved it
-    after = models.base_state(trainer.policy.state_dict())
+    after = adapters.base_state(trainer.policy.state_dict())
     assert all(after[k].dtype == torch.float16 and torch.equal(base[k], after[k]) for k in base)
-    moved = models.adapter_state(trainer.policy)
+    moved = adapters.adapter_state(trainer.policy)
     assert all(moved[k].dtype == torch.float32 and not torch.equal(adapter[k], moved[k]) for k in adapter)
 
 
@@ -287,8 +288,8 @@ def test_lm_head_adapter_on_an_untied_model_is_in_the_merged_export(tmp_path):
     trainer.save("final")
     assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     saved = load_file(tmp_path / "final" / "adapter" / "adapter_model.safetensors")
-    assert all(models.LORA_MARK in k for k in saved) and any("lm_head" in k for k in saved)
-    merged, base = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval(), models.base_state(before)
+    assert all(adapters.LORA_MARK in k for k in saved) and any("lm_head" in k for k in saved)
+    merged, base = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval(), adapters.base_state(before)
     assert (merged.lm_head.weight - base["lm_head.weight"]).abs().max() > 1e-4
     assert torch.equal(merged.model.embed_tokens.weight, base["model.embed_tokens.weight"])
     batch, n_seqs = some_batch(trainer)
