@@ -71,16 +71,22 @@ NEOX = dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hid
             max_position_embeddings=256, rotary_pct=0.5)
 
 
-@pytest.mark.parametrize("source", ["gpt_neox", "tied_llama", "tied_llama_from_config"])
+@pytest.mark.parametrize("source", ["gpt_neox", "tied_llama", "tied_llama_from_config", "llama_archive_pt"])
 def test_meta_built_sharded_models_equal_full_load(source, tmp_path, monkeypatch):
     """FSDPTrainer (world size 1, in this process: meta models, sharded, filled from rank 0's read) against
     BasicTrainer (the full load): the same parameters, the same buffers, non-persistent ones included (rotary
     inv_freq: in no state dict, broadcast separately), and log-probs equal to 1e-6 for policy and reference. A
     GPT-NeoX folder (its head is saved as embed_out), a tied-embedding Llama folder, and the same Llama from
-    model.from_config (rank 0's random init must draw the numbers one device draws)."""
+    model.from_config (rank 0's random init must draw the numbers one device draws), and a model.archive .pt state
+    dict over a Llama folder (read by rank 0 only)."""
     if source == "tied_llama_from_config":
         overrides = [f"model.from_config={TIED}", "n_eval_examples=0"]
         make = lambda *extra: train.build_trainer(utils.load_config(TINY["dpo"], [*overrides, *extra]))  # noqa: E731
+    elif source == "llama_archive_pt":
+        folder = save(tmp_path / "llama", TINY_ARCH)
+        state = {k: v + 0.5 for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
+        torch.save({"state": state}, tmp_path / "policy.pt")
+        make = lambda *extra: build("dpo", folder, f"model.archive={tmp_path / 'policy.pt'}", *extra)  # noqa: E731
     else:
         folder = save(tmp_path / source, NEOX if source == "gpt_neox" else dict(TINY_ARCH, tie_word_embeddings=True))
         make = lambda *extra: build("dpo", folder, *extra)  # noqa: E731
@@ -100,6 +106,8 @@ def test_meta_built_sharded_models_equal_full_load(source, tmp_path, monkeypatch
     finally:
         torch.distributed.destroy_process_group()
     expected = params_of(basic.policy)
+    if source == "llama_archive_pt":
+        assert all(torch.equal(expected[k], v) for k, v in state.items())  # the archive's weights, not the folder's
     assert full.keys() == expected.keys() and all(torch.equal(full[k], expected[k]) for k in expected)
     assert all(torch.equal(full_reference[k], expected[k]) for k in expected)
     for fsdp_model, plain in ((sharded.policy, basic.policy), (sharded.reference.model, basic.reference.model)):
