@@ -61,6 +61,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
+from formats import DataError  # noqa: E402
 from layouts import LAYOUTS  # noqa: E402
 from models import is_main_process  # noqa: E402
 from trainers import Trainer  # noqa: E402
@@ -232,10 +233,10 @@ def explain(error) -> tuple[str, int]:
     if isinstance(error, torch.OutOfMemoryError):
         return ("out of GPU memory: lower the micro-batch (raise gradient_accumulation_steps), set "
                 "activation_checkpointing=true, lower max_length, or shard with trainer=FSDPTrainer", 1)
-    return str(error), 2 if isinstance(error, (UserError, data.DataError)) else 1
+    return str(error), 2 if isinstance(error, (UserError, DataError)) else 1
 
 
-STOPPING_ERRORS = (UserError, data.DataError, TrainingError, torch.OutOfMemoryError)
+STOPPING_ERRORS = (UserError, DataError, TrainingError, torch.OutOfMemoryError)
 
 
 def free_port() -> int:

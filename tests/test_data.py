@@ -8,7 +8,8 @@ import torch
 from conftest import ROOT, TOKENIZER, assert_one_line_error, run_cli
 
 import data
-from data import DataError
+import formats
+from formats import DataError
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -282,7 +283,7 @@ def test_preference_truncation(example_tok):
 # Formats
 # --------------------------------------------------------------------------------------------------------------
 def load(name, kind, **spec):
-    return data.load_examples({"type": "custom_dataset", "path": os.path.join(FIX, name), **spec}, kind)
+    return formats.load_examples({"type": "custom_dataset", "path": os.path.join(FIX, name), **spec}, kind)
 
 
 def test_sft_formats():
@@ -322,7 +323,7 @@ def pair(q, c, r, prompt=None):
 
 def test_hh_parser():
     spec = {"type": "huggingface_dataset", "name": "hh", "path": os.path.join(FIX, "hh_raw.jsonl")}
-    records, _, dropped, _ = data._load(spec, "preference")
+    records, _, dropped, _ = formats.load_records(spec, "preference")
     assert dropped == 1  # empty final response
     assert records == [
         pair("What color is the sky on a clear day?", "It is blue.", "Purple, always."),
@@ -330,23 +331,23 @@ def test_hh_parser():
                                              {"role": "assistant", "content": "An apple."},
                                              {"role": "user", "content": "Another one?"}])]
     assert load("hh_raw.jsonl", "preference") == records  # auto-detected as a custom file too
-    sft = data.load_examples(spec, "sft")
+    sft = formats.load_examples(spec, "sft")
     assert sft[1] == {"messages": records[1]["prompt"] + [{"role": "assistant", "content": "A pear."}]}
 
 
 def test_shp_parser():
     spec = {"type": "huggingface_dataset", "name": "shp", "path": os.path.join(FIX, "shp_raw.jsonl")}
-    records, _, dropped, _ = data._load(spec, "preference")
+    records, _, dropped, _ = formats.load_records(spec, "preference")
     assert dropped == 1  # score ratio 10/8 < 2
     assert records == [pair("How long should I boil an egg?", "About nine minutes for a firm yolk.", "Until it explodes."),
                        pair("Is cast iron hard to clean?", "No, hot water and a brush do it.", "Yes, impossible.")]
     with pytest.raises(DataError, match="preference-only"):
-        data.load_examples(spec, "sft")
+        formats.load_examples(spec, "sft")
 
 
 def test_se_parser_and_folder_split(tmp_path):
     spec = {"type": "huggingface_dataset", "name": "se", "path": os.path.join(FIX, "se_raw.jsonl")}
-    records, _, dropped, _ = data._load(spec, "preference")
+    records, _, dropped, _ = formats.load_records(spec, "preference")
     q = "How do I reverse a list in Python?"
     assert records == [pair(q, "Use reversed(xs) or xs[::-1].", "You cannot."),
                        pair(q, "Use reversed(xs) or xs[::-1].", "Write a loop.")]
@@ -357,7 +358,7 @@ def test_se_parser_and_folder_split(tmp_path):
         first = f.readline()
     (tmp_path / "sub" / "train.jsonl").write_text(first)
     (tmp_path / "sub" / "test.jsonl").write_text("not json")
-    assert data.load_examples({**spec, "path": str(tmp_path)}, "preference") == records
+    assert formats.load_examples({**spec, "path": str(tmp_path)}, "preference") == records
 
 
 def test_parquet_via_datasets(tmp_path):
@@ -365,7 +366,7 @@ def test_parquet_via_datasets(tmp_path):
     rows = [json.loads(l) for l in open(os.path.join(FIX, "dpo_trl.jsonl"))][:1]
     path = str(tmp_path / "d.parquet")
     datasets.Dataset.from_list(rows).to_parquet(path)
-    assert data.load_examples({"type": "custom_dataset", "path": path}, "preference") == \
+    assert formats.load_examples({"type": "custom_dataset", "path": path}, "preference") == \
         load("dpo_trl.jsonl", "preference")[:1]
 
 
@@ -380,8 +381,8 @@ def test_hh_raw_folder_layout_gz(tmp_path):
         with gzip.open(tmp_path / subset / "test.jsonl.gz", "wb") as f:
             f.writelines(lines[:1])
     spec = {"type": "huggingface_dataset", "name": "hh", "path": str(tmp_path)}
-    assert len(data.load_examples(spec, "preference")) == 4
-    assert data.load_examples({**spec, "split": "test"}, "preference") == [load("hh_raw.jsonl", "preference")[0]] * 2
+    assert len(formats.load_examples(spec, "preference")) == 4
+    assert formats.load_examples({**spec, "split": "test"}, "preference") == [load("hh_raw.jsonl", "preference")[0]] * 2
 
 
 def test_hub_id_offline_is_data_error():
@@ -389,9 +390,9 @@ def test_hub_id_offline_is_data_error():
     within seconds (a probe, not the library's minute of retries)."""
     for spec in ({"type": "custom_dataset", "path": "someone/somedata"}, {"type": "huggingface_dataset", "name": "hh"}):
         with pytest.raises(DataError, match=r"\[train\]: cannot load: .*HF_HUB_OFFLINE=1 is set"):
-            data.load_examples(spec, "preference")
-    script = ("import data, time; t = time.time()\ntry: data.load_examples({'type': 'huggingface_dataset', 'name': 'hh'}, "
-              "'preference')\nexcept data.DataError as e: print(round(time.time() - t), e)")
+            formats.load_examples(spec, "preference")
+    script = ("import formats, time; t = time.time()\ntry: formats.load_examples({'type': 'huggingface_dataset', 'name': 'hh'}, "
+              "'preference')\nexcept formats.DataError as e: print(round(time.time() - t), e)")
     env = {k: "" for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
     proc = run_cli("-c", script, env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=60)  # a closed port
     seconds, message = proc.stdout.split(" ", 1)
@@ -442,7 +443,7 @@ def test_bad_records_name_file_record_and_field(tmp_path, good, bad, needle):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([good, good, good, bad]))
     with pytest.raises(DataError) as e:
-        data.load_examples({"type": "custom_dataset", "path": str(path)}, "sft" if "messages" in good else "preference")
+        formats.load_examples({"type": "custom_dataset", "path": str(path)}, "sft" if "messages" in good else "preference")
     assert str(e.value).startswith(f"{path}: record 3: ") and needle in str(e.value), str(e.value)
 
 
@@ -467,9 +468,9 @@ def test_bad_files(tmp_path):
     with pytest.raises(DataError, match="obj.json: expected a JSON list of records"):
         load(str(tmp_path / "obj.json"), "sft")
     with pytest.raises(DataError, match="unknown type"):
-        data.load_examples({"type": "csv", "path": "x"}, "sft")
+        formats.load_examples({"type": "csv", "path": "x"}, "sft")
     with pytest.raises(DataError, match="needs name: hh | shp | se"):
-        data.load_examples({"type": "huggingface_dataset", "name": "imdb"}, "sft")
+        formats.load_examples({"type": "huggingface_dataset", "name": "imdb"}, "sft")
 
 
 def message(fn):
@@ -521,7 +522,7 @@ def test_format_detection_needs_the_signature_keys(tmp_path):
     import datasets
     path = str(tmp_path / "odd.parquet")
     datasets.Dataset.from_list([{"question_text": "q", "answer": "a"}]).to_parquet(path)
-    msg = message(lambda: data.load_examples({"type": "custom_dataset", "path": path}, "preference"))
+    msg = message(lambda: formats.load_examples({"type": "custom_dataset", "path": path}, "preference"))
     assert msg.startswith(f"{path}: record 0: unrecognized format (keys ['answer', 'question_text']); expected the "
                           "keys of one of: messages (SFT): messages; ")
     assert "stack-exchange-preferences: question, answers; Anthropic HH: chosen, rejected" in msg
@@ -531,7 +532,7 @@ def test_format_detection_needs_the_signature_keys(tmp_path):
     share = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     (tmp_path / "m.json").write_text(json.dumps([share, GOOD_PREF]))
     assert "record 1: format conversations/chosen/rejected (preference) but record 0 is conversations (ShareGPT SFT)" \
-        in message(lambda: data._load({"type": "custom_dataset", "path": str(tmp_path / "m.json")}, None))
+        in message(lambda: formats.load_records({"type": "custom_dataset", "path": str(tmp_path / "m.json")}, None))
     (tmp_path / "p.json").write_text(json.dumps([GOOD_PREF, {"conversations": share["conversations"][:1]}]))
     assert message(lambda: load(str(tmp_path / "p.json"), "preference")).endswith("record 1: field 'chosen': missing")
 
@@ -547,7 +548,7 @@ def test_conversation_starting_with_assistant_names_file_record_field(tmp_path, 
         f"{path}: record 1: field 'conversations[0]': the conversation starts with an assistant message; put a user " \
         "(or system) message before it"
     system_first = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi."}]}
-    out, _ = data.tokenize_example(data.PARSERS["messages"](system_first)[0], example_tok, "sft", 64, 32)
+    out, _ = data.tokenize_example(formats.PARSERS["messages"](system_first)[0], example_tok, "sft", 64, 32)
     assert [example_tok.decode(r) for r in runs(out["labels"])] == ["Hi.<|im_end|>"]
 
 

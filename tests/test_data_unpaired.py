@@ -7,7 +7,8 @@ import pytest
 from conftest import ROOT, TOKENIZER, assert_one_line_error, run_cli
 
 import data
-from data import DataError
+import formats
+from formats import DataError
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 
@@ -50,7 +51,7 @@ def write(path, rows):
 
 
 def load(path, kind="unpaired"):
-    return data.load_examples({"type": "custom_dataset", "path": path}, kind)
+    return formats.load_examples({"type": "custom_dataset", "path": path}, kind)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -64,8 +65,8 @@ def test_trl_and_seed_unpaired_formats(tmp_path):
     assert seed == [ex([user("Hi"), bot("Hello."), user("Is 7 larger than 5?")], "Yes.", True),
                     {"prompt": [{"role": "system", "content": "Be kind."}, user("Spell cat.")],
                      "completion": [bot("D-O-G."), bot("Dog.")], "desirable": False}]
-    assert data._detect(TRL_ROWS[0]) == "trl_unpaired" and data._detect(SEED_ROWS[0]) == "seed_unpaired"
-    assert "unpaired" in data.KINDS
+    assert formats._detect(TRL_ROWS[0]) == "trl_unpaired" and formats._detect(SEED_ROWS[0]) == "seed_unpaired"
+    assert "unpaired" in formats.KINDS
 
 
 @pytest.mark.parametrize("kind", ["sft", "preference"])
@@ -124,8 +125,8 @@ def test_pair_files_as_unpaired_two_examples_per_pair():
         spec = {"type": "custom_dataset", "path": os.path.join(FIX, name)}
         if name.endswith("_raw.jsonl"):
             spec = {**spec, "type": "huggingface_dataset", "name": name.split("_")[0]}
-        pairs = data.load_examples(spec, "preference")
-        assert data.load_examples(spec, "unpaired") == [
+        pairs = formats.load_examples(spec, "preference")
+        assert formats.load_examples(spec, "unpaired") == [
             {"prompt": p["prompt"], "completion": p[side], "desirable": side == "chosen"}
             for p in pairs for side in ("chosen", "rejected")], name
     q = [user("Is 7 larger than 5?")]
