@@ -24,10 +24,15 @@ TINY_ARCH = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_h
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved HF model + tokenizer folder (random weights), standing in for a hub model such as pythia."""
+    return save_model_folder(tmp_path_factory.mktemp("tiny-model"), TINY_ARCH)
+
+
+def save_model_folder(path, arch):
+    """A model of architecture `arch` (a from_config dict with its model_type; seed 0) and the example tokenizer,
+    saved as a Hugging Face folder at `path`; returns the path."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    path = tmp_path_factory.mktemp("tiny-model")
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    arch = dict(TINY_ARCH)
+    arch = dict(arch)
     config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -82,11 +87,17 @@ def build(kind, model_dir, *overrides):
     return train.build_trainer(cfg)
 
 
+SGD_STEP = ("optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0", "total_batch_size=4")  # one_sgd_step's settings
+
+
 def one_sgd_step(kind, model_dir, *overrides):
     """One SGD step (lr 1, no warmup, no clipping) on 4 examples: the parameter update, and the step's metrics plus
     saved_elements (the elements autograd kept for backward)."""
-    trainer = build(kind, model_dir, "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0",
-                    "total_batch_size=4", *overrides)
+    return sgd_update(build(kind, model_dir, *SGD_STEP, *overrides))
+
+
+def sgd_update(trainer):
+    """The parameter update of the trainer's next step, and the step's metrics plus saved_elements."""
     before = params_of(trainer.policy)
     saved = [0]  # elements autograd keeps for backward: far fewer when activations are recomputed
 

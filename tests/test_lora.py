@@ -14,8 +14,8 @@ import adapters
 import models
 import train
 import utils
-from conftest import (ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of, read_jsonl,
-                      run_cli)
+from conftest import (ROOT, SGD_STEP, TIED, TINY, assert_one_line_error, build, local_model_overrides, read_jsonl,
+                      run_cli, sgd_update)
 from utils import UserError
 
 TINY_LORA = os.path.join(ROOT, "example", "tiny-lora-dpo.yml")
@@ -202,23 +202,13 @@ def lora_sgd_step(model_dir, *overrides):
     """One SGD step (lr 1, no clipping) of a LoRA DPO run whose lora_B start random, not 0 (so that lora_A gets a
     gradient too): the parameter update, the step's metrics plus saved_elements (autograd's saved tensors), and the
     trainer."""
-    trainer = build("dpo", model_dir, *LORA, "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0",
-                    "total_batch_size=4", *overrides)
+    trainer = build("dpo", model_dir, *LORA, *SGD_STEP, *overrides)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in trainer.policy.named_parameters():
             if "lora_B" in name:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    before = params_of(trainer.policy)
-    saved = [0]
-
-    def pack(tensor):
-        saved[0] += tensor.numel()
-        return tensor
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        metrics, *_ = trainer.train_step(next(trainer.global_batches()))
-    metrics["saved_elements"] = saved[0]
-    return {k: v - before[k] for k, v in params_of(trainer.policy).items()}, metrics, trainer
+    return (*sgd_update(trainer), trainer)
 
 
 def test_activation_checkpointing_gives_the_same_adapter_update(tiny_model_dir):

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import models
 import train
 import utils
-from conftest import ROOT, TIED, TINY, TINY_ARCH, TOKENIZER, build, params_of
+from conftest import ROOT, TIED, TINY, TINY_ARCH, build, params_of, save_model_folder
 
 MB = 2 ** 20  # (MiB)
 
@@ -57,16 +57,6 @@ def test_peak_host_memory_per_rank(tmp_path):
                 assert bound < n_models * full, report  # what the old path held on every rank: this test would fail
 
 
-def save(path, arch):
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    arch = dict(arch)
-    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), **arch)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 NEOX = dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256, rotary_pct=0.5)
 
@@ -83,12 +73,12 @@ def test_meta_built_sharded_models_equal_full_load(source, tmp_path, monkeypatch
         overrides = [f"model.from_config={TIED}", "n_eval_examples=0"]
         make = lambda *extra: train.build_trainer(utils.load_config(TINY["dpo"], [*overrides, *extra]))  # noqa: E731
     elif source == "llama_archive_pt":
-        folder = save(tmp_path / "llama", TINY_ARCH)
+        folder = save_model_folder(tmp_path / "llama", TINY_ARCH)
         state = {k: v + 0.5 for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}
         torch.save({"state": state}, tmp_path / "policy.pt")
         make = lambda *extra: build("dpo", folder, f"model.archive={tmp_path / 'policy.pt'}", *extra)  # noqa: E731
     else:
-        folder = save(tmp_path / source, NEOX if source == "gpt_neox" else dict(TINY_ARCH, tie_word_embeddings=True))
+        folder = save_model_folder(tmp_path / source, NEOX if source == "gpt_neox" else dict(TINY_ARCH, tie_word_embeddings=True))
         make = lambda *extra: build("dpo", folder, *extra)  # noqa: E731
     basic = make()
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
