@@ -246,13 +246,16 @@ def test_fsdp_lora_matches_basic_trainer(tiny_model_dir, tmp_path):
     """LoRA under FSDPTrainer (2 processes; the base sharded and frozen, the adapter trained; reference = adapter off):
     the adapter after 3 SGD steps equals BasicTrainer's to 1e-5 of the update; the base is untouched; final/ holds
     the adapter (gathered, loadable by peft) and the merged model (loadable by transformers) equal to BasicTrainer's;
-    the sharded training state (the adapter only) reloads into one process."""
+    the sharded training state (the adapter only) reloads into one process. The reference log-probs are precomputed
+    there (adapter off, sharded), BasicTrainer's come online in every step."""
     from peft import PeftModel
 
     import adapters
     extra = [*RUNS["dpo"], *LORA]
-    proc = fsdp_run("python", "dpo", tiny_model_dir, tmp_path / "run", *LORA, f"reference_cache_dir={tmp_path}/c")
+    proc = fsdp_run("python", "dpo", tiny_model_dir, tmp_path / "run", *LORA, f"reference_cache_dir={tmp_path}/c",
+                    "precompute_reference_logps=true")  # the base's log-probs, adapter off, computed sharded
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reference log-probs: 0 from the cache, 12 computed" in proc.stdout
     basic = build("dpo", tiny_model_dir, *COMMON, *extra)
     initial = {k: v.clone() for k, v in adapters.adapter_state(basic.policy).items()}
     base = params_of(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
