@@ -295,8 +295,9 @@ def example_length(example: dict) -> int:
 def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of every sequence of a batch, in sequence-id order: SFT one per example; preference the
     B chosen responses, then the B rejected ones (sequence i < B is the chosen of example i, B + i its rejected);
-    unpaired (KTO) examples are laid out the same way: their completions, then their KL sequences (kl_pairs)."""
-    prefixes = ("chosen_", "rejected_") if "chosen_input_ids" in examples[0] else ("",)
+    unpaired (KTO) examples are laid out the same way: their completions, then their KL sequences (kl_pairs), or
+    their completions alone when the examples hold no KL sequences (the loss's micro-batches: Trainer.scored)."""
+    prefixes = [p for p in ("chosen_", "rejected_") if f"{p}input_ids" in examples[0]] or [""]
     return [(ex[f"{p}input_ids"], ex[f"{p}labels"]) for p in prefixes for ex in examples]
 
 
@@ -349,7 +350,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
-      reference_logps [2B] (in sequence order, like seq_ids): when the examples carry precomputed ones.
+      reference_logps [n_seqs] (in sequence order, like seq_ids): when the examples carry precomputed ones.
       desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences)."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
@@ -390,7 +391,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
     batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
     if all("reference_logps" in ex for ex in examples):  # in sequence order: the B chosen, then the B rejected
-        batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in (0, 1) for ex in examples])
+        sides = range(len(seqs) // len(examples))  # (unpaired data without its KL sequences: the chosen only)
+        batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in sides for ex in examples])
     if "desirable" in examples[0]:
         batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
     return batch

@@ -513,7 +513,7 @@ def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, no
         spec: the table row (``LOSSES[name]``); hp: ``hyperparameters(loss_cfg)``.
         token_logps: [N] the policy's label-token log-probs; seq_ids: [N] their sequences, in [0, n_seqs): for
             pairs the B chosen responses, then the B rejected ones (data.sequences_of); for unpaired data the B
-            completions, then their B mismatched KL sequences.
+            completions (then, if present, their B mismatched KL sequences, which the loss does not use).
         reference_logps: [n_seqs] summed reference log-probs, or None (no reference: taken as 0).
         norm: the global batch's counts {"examples", "tokens" (label tokens), "chosen_tokens", "desirable"}.
         mean_logits: [N] each position's mean logit (detached), for the logits/* metrics.
@@ -526,7 +526,8 @@ def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, no
     if spec.data == "sft":
         loss = spec.fn(token_logps, norm["tokens"])
         return loss, {"loss": loss.detach() * norm["tokens"]}
-    B, extra = n_seqs // 2, extra or {}
+    extra = extra or {}
+    B = len(extra["desirable"]) if spec.data == "unpaired" else n_seqs // 2
     counts = torch.bincount(seq_ids, minlength=n_seqs).clamp(min=1)
     sums = token_logps.new_zeros(n_seqs).index_add(0, seq_ids, token_logps)
     average = spec.average or hp.get("length_normalize", False)

@@ -531,21 +531,21 @@ def model_flop_shape(model):
     return (*shape, adapter) if adapter else shape
 
 
-def model_flops(flop_shape, seqs, with_reference) -> tuple[int, float]:
+def model_flops(flop_shape, seqs, with_reference, backward=True) -> tuple[int, float]:
     """(real tokens, matmul FLOPs) of the sequences of a micro-batch ([(input_ids, labels)], data.sequences_of):
     policy forward + backward (3x forward), plus the reference forward when it runs in the step. Forward: 2 x params
     x real tokens (the vocabulary projection only at label positions, as computed) + causal attention 2 x layers x
     hidden x len^2 per sequence. Padding counts for nothing; no device sync (lengths come from the examples).
     With LoRA (a fifth entry, the adapter's params) the frozen base computes no weight gradients: its matmuls cost
     forward + input-gradient = 2x forward, the adapter's and attention's 3x, and the reference (the base, adapter off)
-    1x the base's forward."""
+    1x the base's forward. backward=False: the policy's forward alone (no-grad passes, e.g. KTO's KL sequences)."""
     body, head, layers, hidden, *lora = flop_shape
     lengths = [len(ids) for ids, _ in seqs]
     n_labels = sum(data.label_count(labels) for _, labels in seqs)
     base = 2 * body * sum(lengths) + 2 * head * n_labels  # weight matmuls
     attention = 2 * layers * hidden * sum(n * n for n in lengths)
     adapter = 2 * (lora[0] if lora else 0) * sum(lengths)
-    policy = (2 if lora else 3) * base + 3 * (attention + adapter)
+    policy = (2 if lora else 3) * base + 3 * (attention + adapter) if backward else base + attention + adapter
     return sum(lengths), float(policy + (base + attention if with_reference else 0))
 
 

@@ -87,6 +87,14 @@ class Trainer:
         return losses.micro_batch_loss(self.loss, self.hyperparameters, logps, seq_ids, batch["n_seqs"],
                                        reference_logps, norm, mean_logits, extra)
 
+    def scored(self, examples):
+        """What a micro-batch's loss scores: every sequence of the examples, but for a loss with a batch KL (KTO)
+        only the completions: their mismatched KL sequences are scored once per global batch, without grad
+        (`batch_kl`), so they are neither forwarded nor back-propagated in the loss's micro-batches."""
+        if not self.loss.batch_kl:
+            return examples
+        return [{k: v for k, v in ex.items() if not k.startswith("rejected_")} for ex in examples]
+
     def normalizer(self, examples) -> dict:
         """What a global batch's loss and metrics are divided by: its examples, label tokens, chosen label tokens
         (the first of each example's sequences) and desirable examples (unpaired data)."""
@@ -177,10 +185,13 @@ class Trainer:
         stats = self.global_statistics(local)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(local), micro)
+        if self.loss.batch_kl:  # the KL sequences' no-grad forward passes (batch_kl) count too, their tokens not
+            kl_seqs = [(ex["rejected_input_ids"], ex["rejected_labels"]) for ex in local]
+            flops = models.model_flops(self.flop_shape, kl_seqs, self.reference.runs_forward, backward=False)[1]
         for start in starts:
             if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
                 self.policy.set_requires_all_reduce(start == starts[-1])  # micro-batch (no-op on a 1-D mesh)
-            examples_mb = local[start:start + micro]
+            examples_mb = self.scored(local[start:start + micro])
             batch = self.to_batch(examples_mb)
             with self.autocast():
                 loss, mb_sums = self.batch_loss(batch, norm, stats)
@@ -236,7 +247,7 @@ class Trainer:
         stats = self.global_statistics(local)  # the eval set as one global batch
         for start in range(0, len(local), size):
             with self.autocast():
-                _, mb_sums = self.batch_loss(self.to_batch(local[start:start + size]), norm, stats)
+                _, mb_sums = self.batch_loss(self.to_batch(self.scored(local[start:start + size])), norm, stats)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval/{k}": v / norm[self.loss.unit] for k, v in self.layout.reduce_sums(sums).items()}

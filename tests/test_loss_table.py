@@ -169,3 +169,25 @@ def test_fsdp_matches_one_device(name, tmp_path):
     one = params_of(trainer.policy)
     close_updates({k: v - initial[k] for k, v in sharded.items()}, {k: v - initial[k] for k, v in one.items()},
                   rtol=1e-5)
+
+
+def test_kto_micro_batches_forward_the_completions_only(tmp_path):
+    """A KTO micro-batch forwards and back-propagates only its completions (Trainer.scored): its mismatched KL
+    sequences are scored once per global batch without grad (batch_kl). The loss, its metrics and the gradient equal
+    those of the micro-batch that also carries the KL sequences, to float32 rounding."""
+    trainer = tiny("kto", tmp_path, "n_eval_examples=0")
+    examples = next(trainer.global_batches())
+    norm, stats = trainer.normalizer(examples), trainer.global_statistics(examples)
+    results = []
+    for batch in (trainer.to_batch(examples), trainer.to_batch(trainer.scored(examples))):
+        trainer.policy.zero_grad(set_to_none=True)
+        loss, sums = trainer.batch_loss(batch, norm, stats)
+        loss.backward()
+        results.append((batch["n_seqs"], loss.item(), sums, [p.grad.clone() for p in trainer.policy.parameters()]))
+    (n_full, loss_full, sums_full, grads_full), (n_scored, loss_scored, sums_scored, grads_scored) = results
+    assert (n_full, n_scored) == (2 * len(examples), len(examples))
+    assert loss_scored == pytest.approx(loss_full, rel=1e-6)
+    for k, v in sums_full.items():
+        assert sums_scored[k].item() == pytest.approx(v.item(), rel=1e-5, abs=1e-6), k
+    largest = max(g.abs().max().item() for g in grads_full)
+    assert largest > 0 and max((a - b).abs().max().item() for a, b in zip(grads_scored, grads_full)) <= 1e-5 * largest

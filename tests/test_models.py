@@ -140,6 +140,7 @@ def test_model_flops_hand_computed(tiny_model_dir):
     seqs = data.sequences_of(examples)
     assert models.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
     assert models.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
+    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True, backward=False) == (5, 2 * forward)  # no grad
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
