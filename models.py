@@ -307,7 +307,8 @@ def fill_from_main_process(model, source, device, offload):
     for prefix, module in model.named_modules():
         for name in sorted(module._non_persistent_buffers_set):  # the same order on every process
             key, empty = f"{prefix}.{name}" if prefix else name, module._buffers[name]
-            value = buffers[key].to(empty.device, empty.dtype) if source is not None else torch.empty_like(empty)
+            # on the compute device also with cpu_offload (only the sharded parameters live in CPU memory then)
+            value = buffers[key].to(device, empty.dtype) if source is not None else torch.empty_like(empty, device=device)
             dist.broadcast(value, src=0)
             module._buffers[name] = value
 
