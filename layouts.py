@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
@@ -162,7 +163,7 @@ class FSDPRanks:
         try:
             dcp.save(state, checkpoint_id=path)
             done.set_result(None)
-        except Exception as e:  # disk full, ...: reported with the rest of the save (Trainer.finish_save)
+        except (Exception, CheckpointException) as e:  # disk full, ...: reported with the rest of the save
             done.set_exception(e)
         return done
 

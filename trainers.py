@@ -18,6 +18,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -118,9 +119,7 @@ class Trainer:
         total, micro = 0.0, self.cfg.eval_batch_size
         for start in range(0, len(local), micro):
             chunk = local[start:start + micro]
-            views = [{"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"],
-                      "prompt_input_ids": ex["prompt_input_ids"]} for ex in chunk]  # the KL sequences alone
-            batch = self.to_batch(views)
+            batch = self.to_batch(kl_views(chunk))
             with self.autocast():
                 policy = models.batch_logps(self.policy, batch, len(chunk))
                 reference = (torch.tensor([ex["reference_logps"][1] for ex in chunk], device=self.device)
@@ -186,7 +185,7 @@ class Trainer:
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
         sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(local), micro)
         if self.loss.batch_kl:  # the KL sequences' no-grad forward passes (batch_kl) count too, their tokens not
-            kl_seqs = [(ex["rejected_input_ids"], ex["rejected_labels"]) for ex in local]
+            kl_seqs = data.sequences_of(kl_views(local))
             flops = models.model_flops(self.flop_shape, kl_seqs, self.reference.runs_forward, backward=False)[1]
         for start in starts:
             if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
@@ -350,7 +349,7 @@ class Trainer:
             adapter = {k: v for k, v in full.items() if adapters.LORA_MARK in k}
             state = adapters.merged_state(self.policy, full) if name == "final" else None
             state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state is not None else None
-        elif self.layout.export_shards(self.policy, tmp, save_dtype):  # written by every process: nothing gathered
+        elif self.exported_shards(tmp, final, save_dtype):  # written by every process: nothing gathered
             state = None
         else:
             state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
@@ -362,9 +361,7 @@ class Trainer:
             try:
                 self.write_checkpoint(tmp, state, adapter)
             except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise TrainingError(f"could not save checkpoint {final}: {write_failure(e, self.run_dir)} (earlier "
-                                    "checkpoints are kept)") from e
+                raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
         self.pending_save = writing, tmp, final, {"step": self.step, "examples_seen": self.examples_seen}
         if writing is None or not self.cfg.fsdp.async_checkpoint or name == "final":
             self.finish_save()
@@ -384,14 +381,11 @@ class Trainer:
         try:
             if writing is not None:
                 writing.result()
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             error = e
         if self.any_process(error is not None):  # also the barrier: every process's files are on disk
-            if self.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not save checkpoint {final}: "
-                                f"{write_failure(error, self.run_dir) if error else 'another process failed to write it'}"
-                                " (earlier checkpoints are kept)") from error
+            why = write_failure(error, self.run_dir) if error else "another process failed to write it"
+            raise self.save_failed(tmp, final, why) from error
         if not self.is_main:
             return
         try:
@@ -403,11 +397,22 @@ class Trainer:
             write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps({**counters, "files": checkpoint_files(tmp)}))
             replace_checkpoint(tmp, final)
         except Exception as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"could not save checkpoint {final}: {write_failure(e, self.run_dir)} (earlier "
-                                "checkpoints are kept)") from e
+            raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
         if self.cfg.save_total_limit:
             prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
+
+    def exported_shards(self, tmp, final, dtype) -> bool:
+        """layout.export_shards into `tmp`, its failure (disk full, ...) a failed save like any other."""
+        try:
+            return self.layout.export_shards(self.policy, tmp, dtype)
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
+
+    def save_failed(self, tmp, final, why) -> TrainingError:
+        """A failed save: the half-written folder goes (main process), the earlier checkpoints stay."""
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return TrainingError(f"could not save checkpoint {final}: {why} (earlier checkpoints are kept)")
 
     def write_checkpoint(self, folder, state, adapter=None):
         """Everything but the sharded state and the completion mark (`finish_save`). `state`: the HF model's weights
@@ -574,6 +579,12 @@ class Trainer:
             tqdm.write(f"step {self.step}: {summary}")
         if self.cfg.sample_during_eval:
             self.sample(writer)
+
+
+def kl_views(examples):
+    """Unpaired (KTO) examples' mismatched KL sequences alone, as single-sequence examples (for data.collate)."""
+    return [{"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"],
+             "prompt_input_ids": ex["prompt_input_ids"]} for ex in examples]
 
 
 def sample_text(tokenizer, ids, max_new_tokens) -> str:

@@ -305,3 +305,42 @@ def test_async_checkpoint_holds_the_state_of_its_step(tiny_model_dir, tmp_path, 
     finally:
         torch.distributed.destroy_process_group()
     assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in at_save.items())
+
+
+@pytest.mark.parametrize("what", ["export", "dcp", "dcp-async"])
+def test_a_failed_sharded_write_fails_the_save_and_keeps_the_earlier_checkpoint(what, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """A disk full while every process writes: the HF export's shards, or dcp/ (synchronously, or in the background
+    with fsdp.async_checkpoint). DCP reports it as a CheckpointException (a BaseException); the save fails with one
+    line naming the OS's reason, the half-written folder is gone and the earlier checkpoint is untouched (world size
+    1, in process)."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter, HuggingFaceStorageWriter
+
+    from train import free_port
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        trainer = build("sft", tiny_model_dir, *COMMON, "trainer=FSDPTrainer",
+                        f"fsdp.async_checkpoint={what == 'dcp-async'}", f"output_dirs={tmp_path}/run")
+        batches = trainer.global_batches()
+        trainer.train_step(next(batches))
+        good = trainer.save("step-000001")
+        trainer.finish_save()
+        before = utils.checkpoint_files(good)
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writer = HuggingFaceStorageWriter if what == "export" else FileSystemWriter  # the HF writer has its own
+        monkeypatch.setattr(writer, "write_data", disk_full)  # a test-only fault injection
+        trainer.train_step(next(batches))
+        with pytest.raises(utils.TrainingError) as failed:
+            trainer.save("step-000002")
+            trainer.finish_save()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert "could not save checkpoint" in str(failed.value) and "No space left on device" in str(failed.value)
+    assert "earlier checkpoints are kept" in str(failed.value) and "\n" not in str(failed.value)
+    assert sorted(os.listdir(tmp_path / "run")) == ["step-000001"] and utils.checkpoint_files(good) == before

@@ -150,3 +150,24 @@ def test_peak_flops_known_gpus_only(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert models.peak_flops(torch.device("cuda"), torch.bfloat16) == want
     assert models.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
+
+
+def test_checkpoint_names_revert_renames_and_refuse_tensor_conversions():
+    """models.checkpoint_names (the sharded export's names): a tie kept once; GPT-NeoX's head under its published
+    name; None (gather instead) for a model whose published format transformers converts tensor by tensor (Mixtral's
+    experts, fused on load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    built = {}
+    for name, extra in (("llama", dict(tie_word_embeddings=True)), ("gpt_neox", {}),
+                        ("mixtral", dict(num_local_experts=2, num_experts_per_tok=1))):
+        built[name] = AutoModelForCausalLM.from_config(AutoConfig.for_model(name, **small, **extra))
+    tied = dict(built["llama"].named_parameters(remove_duplicate=False))  # both names, as a sharded state dict has
+    assert tied["lm_head.weight"] is tied["model.embed_tokens.weight"]
+    n_tied = len(tied)
+    names = models.checkpoint_names(built["llama"], tied)
+    assert len(names) == n_tied - 1 and ("lm_head.weight" in names) != ("model.embed_tokens.weight" in names)
+    neox = models.checkpoint_names(built["gpt_neox"], built["gpt_neox"].state_dict())
+    assert "embed_out.weight" in neox and "lm_head.weight" not in neox
+    assert models.checkpoint_names(built["mixtral"], built["mixtral"].state_dict()) is None
