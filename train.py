@@ -18,7 +18,8 @@ import sys
 import tempfile
 
 from utils import (TrainingError, UserError, abort_now, check_batch_split, checkpoint_problem, config_yaml,
-                   human_bytes, list_checkpoints, load_config, remove_partial_checkpoints, set_seed, write_atomic)
+                   first_failure, human_bytes, list_checkpoints, load_config, remove_partial_checkpoints, set_seed,
+                   write_atomic)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +58,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402 (after the config check above)
 import torch.multiprocessing as mp  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
@@ -119,11 +121,13 @@ def load_newest(trainer, candidates):
         try:
             trainer.load_checkpoint(path)
             return path
-        except Exception as e:  # whatever torch.load / safetensors raise for a damaged file
+        except (Exception, CheckpointException) as e:  # whatever torch.load / safetensors / DCP raise for damage
+            e = first_failure(e) if isinstance(e, CheckpointException) else e
+            detail = " ".join(str(e).split())[:200]  # torch's messages run over many lines
             if trainer.cfg.resume != "auto" or isinstance(e, UserError) and "does not match" in str(e):
-                raise e if isinstance(e, UserError) else UserError(f"resume: cannot read {path}: {e}") from e
+                raise e if isinstance(e, UserError) else UserError(f"resume: cannot read {path}: {detail}") from e
             if trainer.is_main:
-                print(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): skipped",
+                print(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {detail}): skipped",
                       file=sys.stderr)
     if candidates:
         raise UserError(f"resume: none of the {len(candidates)} checkpoints in {run_dir_of(trainer.cfg)} can be read; "

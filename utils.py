@@ -567,13 +567,18 @@ def human_bytes(n) -> str:
     return f"{int(n)} bytes"
 
 
+def first_failure(error):
+    """A torch.distributed.checkpoint failure (CheckpointException: every failed rank's error and traceback) as its
+    first rank's error; any other error as it is."""
+    failures = getattr(error, "failures", None)
+    return next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else error
+
+
 def write_failure(error, folder) -> str:
     """What went wrong in a failed write, in a few words: the OS's reason, or (torch's zip writer raises a
     RuntimeError of several lines) "write failed", with the space left when the disk is (nearly) full. A
-    torch.distributed.checkpoint failure (CheckpointException: every failed rank's error) speaks by its first one."""
-    failures = getattr(error, "failures", None)
-    if isinstance(failures, dict) and failures:
-        error = next(iter(failures.values()))[0]
+    torch.distributed.checkpoint failure speaks by its first rank's error (first_failure)."""
+    error = first_failure(error)
     reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:200]
     if not isinstance(error, OSError):
         reason = f"write failed ({type(error).__name__})"

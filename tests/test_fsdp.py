@@ -344,3 +344,29 @@ def test_a_failed_sharded_write_fails_the_save_and_keeps_the_earlier_checkpoint(
     assert "could not save checkpoint" in str(failed.value) and "No space left on device" in str(failed.value)
     assert "earlier checkpoints are kept" in str(failed.value) and "\n" not in str(failed.value)
     assert sorted(os.listdir(tmp_path / "run")) == ["step-000001"] and utils.checkpoint_files(good) == before
+
+
+def test_a_damaged_sharded_state_is_one_line_or_skipped(tiny_model_dir, tmp_path, monkeypatch):
+    """dcp/ damaged in a way its file sizes do not show (the bytes overwritten): DCP's CheckpointException becomes a
+    one-line resume error naming the checkpoint; with resume=auto the checkpoint is skipped for an earlier one."""
+    import train
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(train.free_port())).items():
+        monkeypatch.setenv(key, value)
+    try:
+        trainer = build("sft", tiny_model_dir, *COMMON, "trainer=FSDPTrainer", f"output_dirs={tmp_path}/run")
+        batches = trainer.global_batches()
+        for step in (1, 2):
+            trainer.train_step(next(batches))
+            trainer.save(f"step-00000{step}")
+        shard = tmp_path / "run" / "step-000002" / "dcp" / "__0_0.distcp"
+        shard.write_bytes(b"\0" * shard.stat().st_size)  # same size: checkpoint_problem cannot tell
+        assert utils.checkpoint_problem(str(shard.parent.parent)) is None
+        with pytest.raises(utils.UserError) as refused:
+            train.load_newest(trainer, [str(shard.parent.parent)])
+        trainer.cfg.resume = "auto"
+        earlier = train.load_newest(trainer, [str(shard.parent.parent), str(tmp_path / "run" / "step-000001")])
+    finally:
+        torch.distributed.destroy_process_group()
+    assert str(refused.value).startswith(f"resume: cannot read {shard.parent.parent}") and "\n" not in str(refused.value)
+    assert earlier.endswith("step-000001") and trainer.step == 1
