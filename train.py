@@ -17,9 +17,8 @@ import socket
 import sys
 import tempfile
 
-from utils import (TrainingError, UserError, abort_now, check_batch_split, checkpoint_problem, config_yaml,
-                   first_failure, human_bytes, list_checkpoints, load_config, remove_partial_checkpoints, set_seed,
-                   write_atomic)
+from utils import (TrainingError, UserError, abort_now, check_batch_split, config_yaml, human_bytes, load_config,
+                   set_seed, write_atomic)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,6 +59,7 @@ import torch  # noqa: E402 (after the config check above)
 import torch.multiprocessing as mp  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
@@ -99,8 +99,8 @@ def resolve_resume(cfg) -> list:
         return []
     if cfg.resume == "auto":
         found = []
-        for _, path in reversed(list_checkpoints(run_dir, resumable=True)):
-            problem = checkpoint_problem(path)
+        for _, path in reversed(checkpoints.list_checkpoints(run_dir, resumable=True)):
+            problem = checkpoints.checkpoint_problem(path)
             if problem and is_main_process():
                 print(f"warning: checkpoint {path} is damaged ({problem}): skipped", file=sys.stderr)
             found += [] if problem else [path]
@@ -108,7 +108,7 @@ def resolve_resume(cfg) -> list:
     if not os.path.isfile(os.path.join(cfg.resume, "trainer_state.json")):
         raise UserError(f"config: resume: '{cfg.resume}' is not a complete checkpoint folder (no trainer_state.json); "
                         "use resume=auto or a step-N / final folder of a run")
-    problem = checkpoint_problem(cfg.resume)
+    problem = checkpoints.checkpoint_problem(cfg.resume)
     if problem:
         raise UserError(f"resume: checkpoint {cfg.resume} is damaged ({problem}): resume from an earlier one")
     return [cfg.resume]
@@ -119,10 +119,10 @@ def load_newest(trainer, candidates):
     its file sizes do not show) is skipped with a warning. Returns the path, or None for a fresh start."""
     for i, path in enumerate(candidates):
         try:
-            trainer.load_checkpoint(path)
+            checkpoints.load(trainer, path)
             return path
         except (Exception, CheckpointException) as e:  # whatever torch.load / safetensors / DCP raise for damage
-            e = first_failure(e) if isinstance(e, CheckpointException) else e
+            e = checkpoints.first_failure(e) if isinstance(e, CheckpointException) else e
             detail = " ".join(str(e).split())[:200]  # torch's messages run over many lines
             if trainer.cfg.resume != "auto" or isinstance(e, UserError) and "does not match" in str(e):
                 raise e if isinstance(e, UserError) else UserError(f"resume: cannot read {path}: {detail}") from e
@@ -179,7 +179,7 @@ def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
                 if name != ".lock":
                     path = os.path.join(run_dir, name)
                     shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        remove_partial_checkpoints(run_dir)
+        checkpoints.remove_partial_checkpoints(run_dir)
         write_atomic(os.path.join(run_dir, "config.yaml"), config_yaml(cfg))
     except OSError as e:
         raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror or e}") from e

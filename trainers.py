@@ -1,14 +1,14 @@
 """The trainer: one explicit training loop (`Trainer.train`, `Trainer.train_step`) over a process layout
 (layouts.py: `OneDevice` for trainer: BasicTrainer, `FSDPRanks` for FSDPTrainer), made before any model. The loss of a
 micro-batch comes from losses.micro_batch_loss, as the loss table declares; the reference is a models.*Reference.
-Data order, gradient accumulation, clipping, logging, evaluation and checkpoints are the same for every loss.
+Data order, gradient accumulation, clipping, logging (`MetricsWriter`, the loss-curve plot), evaluation and
+checkpoints (checkpoints.py) are the same for every loss.
 """
 import contextlib
 import gc
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -16,23 +16,15 @@ import time
 import warnings
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-import adapters
+import checkpoints
 import data
 import losses
 import models
-from layouts import TRAINED_ONLY
-from utils import (MetricsWriter, TrainingError, UserError, abort_now, checkpoint_files, config_yaml, plot_curves,
-                   prune_checkpoints, replace_checkpoint, rng_state, set_rng_state, write_atomic, write_failure)
-
-
+from utils import TrainingError, UserError, abort_now, write_atomic
 
 
 class Trainer:
@@ -328,168 +320,6 @@ class Trainer:
         gathered = self.layout.all_gather(torch.cat(out))  # [world, per_process, 2]; process r holds examples r, r + world, ...
         return gathered.transpose(0, 1).reshape(-1, 2)[:len(examples)].cpu()
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------------
-    def save(self, name):
-        """An HF folder (model in policy_dtype, tokenizer, config.yaml, trainer_state.json) plus, with save_optimizer,
-        training_state.pt (and dcp/ when sharded): everything `load_checkpoint` needs to continue exactly. Written to
-        `<name>.tmp`, flushed and renamed, so a crash never leaves a half-written checkpoint under `name`; a failed
-        save leaves the earlier checkpoints as they were. With fsdp.async_checkpoint a step checkpoint's dcp/ is
-        written in the background: the folder is completed and renamed once every process has written it
-        (`finish_save`, polled after each step)."""
-        self.finish_save()  # one checkpoint in flight at a time
-        final = os.path.join(self.run_dir, name)
-        tmp = final + ".tmp"
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.any_process(False)  # a barrier: nobody writes into tmp before it is clean
-        save_dtype = models.DTYPES[self.cfg.model.policy_dtype]
-        adapter = None
-        if self.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
-            full = self.layout.full_state_dict(self.policy, frozen=name == "final")  # collective
-            adapter = {k: v for k, v in full.items() if adapters.LORA_MARK in k}
-            state = adapters.merged_state(self.policy, full) if name == "final" else None
-            state = models.export_state(self.policy.get_base_model(), state, save_dtype) if state is not None else None
-        elif self.exported_shards(tmp, final, save_dtype):  # written by every process: nothing gathered
-            state = None
-        else:
-            state = models.export_state(self.policy, self.layout.full_state_dict(self.policy), save_dtype)  # collective
-        writing = None
-        if self.cfg.save_optimizer:  # collective under FSDP; written by every process
-            writing = self.layout.save_sharded(self.policy, self.optimizer, os.path.join(tmp, "dcp"),
-                                               background=self.cfg.fsdp.async_checkpoint and name != "final")
-        if self.is_main:
-            try:
-                self.write_checkpoint(tmp, state, adapter)
-            except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
-                raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
-        self.pending_save = writing, tmp, final, {"step": self.step, "examples_seen": self.examples_seen}
-        if writing is None or not self.cfg.fsdp.async_checkpoint or name == "final":
-            self.finish_save()
-        return final
-
-    def finish_save(self, wait=True):
-        """Complete the checkpoint `save` started, once every process has written its files: trainer_state.json
-        (the mark of a complete folder, with every file's size), then the rename. wait=False: only if every process
-        is done already (else it is tried again after the next step). A failed write on any process fails the save
-        on all of them, with the earlier checkpoints kept."""
-        if self.pending_save is None:
-            return
-        writing, tmp, final, counters = self.pending_save
-        if not wait and self.any_process(writing is not None and not writing.done()):
-            return
-        self.pending_save, error = None, None
-        try:
-            if writing is not None:
-                writing.result()
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            error = e
-        if self.any_process(error is not None):  # also the barrier: every process's files are on disk
-            why = write_failure(error, self.run_dir) if error else "another process failed to write it"
-            raise self.save_failed(tmp, final, why) from error
-        if not self.is_main:
-            return
-        try:
-            for root, _, files in os.walk(tmp):  # on disk before the rename makes the checkpoint visible
-                for file in files:
-                    with open(os.path.join(root, file), "rb") as f:
-                        os.fsync(f.fileno())
-            # written last: marks the folder complete; the file sizes let a resume tell a truncated file from a good one
-            write_atomic(os.path.join(tmp, "trainer_state.json"), json.dumps({**counters, "files": checkpoint_files(tmp)}))
-            replace_checkpoint(tmp, final)
-        except Exception as e:
-            raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
-        if self.cfg.save_total_limit:
-            prune_checkpoints(self.run_dir, self.cfg.save_total_limit)
-
-    def exported_shards(self, tmp, final, dtype) -> bool:
-        """layout.export_shards into `tmp`, its failure (disk full, ...) a failed save like any other."""
-        try:
-            return self.layout.export_shards(self.policy, tmp, dtype)
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise self.save_failed(tmp, final, write_failure(e, self.run_dir)) from e
-
-    def save_failed(self, tmp, final, why) -> TrainingError:
-        """A failed save: the half-written folder goes (main process), the earlier checkpoints stay."""
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return TrainingError(f"could not save checkpoint {final}: {why} (earlier checkpoints are kept)")
-
-    def write_checkpoint(self, folder, state, adapter=None):
-        """Everything but the sharded state and the completion mark (`finish_save`). `state`: the HF model's weights
-        to export (LoRA: the merged weights, final/ only; None when export_shards wrote them or, for LoRA step
-        checkpoints, there are none); `adapter`: LoRA's full adapter weights (under FSDP gathered from the shards)."""
-        lora = self.cfg.model.lora is not None
-        if lora:  # adapter/: adapter_model.safetensors + adapter_config.json (peft.PeftModel.from_pretrained)
-            self.policy.save_pretrained(os.path.join(folder, "adapter"), state_dict=adapter, save_embedding_layers=False)
-        if state is not None:
-            (self.policy.get_base_model() if lora else self.policy).save_pretrained(folder, state_dict=state)
-        elif not lora:  # the weights were written by every process (export_shards): the rest of save_pretrained
-            self.policy.config.save_pretrained(folder)
-            if self.policy.generation_config is not None:
-                self.policy.generation_config.save_pretrained(folder)
-        if state is not None or not lora:
-            with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype
-                hf_config = json.load(f)
-            with open(os.path.join(folder, "config.json"), "w") as f:
-                json.dump({**hf_config, "dtype": self.cfg.model.policy_dtype}, f, indent=2)
-        self.tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, "config.yaml"), "w") as f:
-            f.write(config_yaml(self.cfg))
-        if self.cfg.save_optimizer:
-            state = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                     "wandb_id": self.wandb_id, "nonfinite_streak": self.nonfinite_streak, "loss_state": self.loss_state}
-            if self.layout.mesh is None:  # sharded runs keep optimizer state and float32 weights in dcp/
-                state["optimizer"] = self.optimizer.state_dict()
-                # the float32 masters under their own names: the export may be rounded (half precision) or renamed
-                # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
-                # (LoRA: the adapter's float32 weights; the frozen base is rebuilt from the config)
-                state["master_weights"] = adapters.adapter_state(self.policy) if lora else self.policy.state_dict()
-            torch.save(state, os.path.join(folder, "training_state.pt"))
-
-    def load_weights(self, folder, master_weights):
-        """The float32 masters into the policy, every key accounted for (strict): a checkpoint of another
-        architecture is one line naming the first key that differs."""
-        lora = self.cfg.model.lora is not None
-        live = adapters.adapter_state(self.policy) if lora else self.policy.state_dict()
-        for key, value in master_weights.items():
-            if key in live and live[key].shape != value.shape:
-                raise UserError(f"resume: {folder} does not match the model: '{key}' is {list(value.shape)} in the "
-                                f"checkpoint but {list(live[key].shape)} in the model (was the architecture changed?)")
-        missing, unexpected = set(live) - set(master_weights), set(master_weights) - set(live)
-        if missing or unexpected:
-            what = (f"missing {sorted(missing)[:3]}" if missing else "") + (" " if missing and unexpected else "") + \
-                (f"unexpected {sorted(unexpected)[:3]}" if unexpected else "")
-            raise UserError(f"resume: {folder} does not match the model: {what} (was the architecture changed?)")
-        self.policy.load_state_dict(master_weights, strict=not lora)
-
-    def load_checkpoint(self, folder):
-        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, scaler, counters, RNG."""
-        path = os.path.join(folder, "training_state.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"resume: {folder} holds no training state (saved with save_optimizer=false): it can start "
-                            "a new run as model.archive, but cannot be resumed")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if "optimizer" not in state:  # written by a sharded run: weights and optimizer from dcp/, any world size
-            load_sharded_state(self, folder)
-        else:
-            if state.get("master_weights") is None:  # written before the masters were always kept: the export
-                from transformers import AutoModelForCausalLM  # through transformers, which knows its key names
-                state["master_weights"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-            self.load_weights(folder, state["master_weights"])
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise UserError(f"resume: {folder}: its optimizer state does not fit this run (optimizer or "
-                                f"architecture changed?): {e}") from e
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        with open(os.path.join(folder, "trainer_state.json")) as f:
-            counters = json.load(f)
-        self.step, self.examples_seen = counters["step"], counters["examples_seen"]
-        self.nonfinite_streak, self.wandb_id = state["nonfinite_streak"], state["wandb_id"]
-        self.loss_state = state.get("loss_state", self.loss_state)  # absent in checkpoints of earlier versions
-        set_rng_state(state["rng"])
-
     # ---- the loop ------------------------------------------------------------------------------------------------
     def train(self):
         """Train to the end, or until SIGTERM/SIGINT: then finish the step, save, and return 'interrupted'."""
@@ -529,21 +359,21 @@ class Trainer:
                     periodic = cfg.save_model_step and self.step % cfg.save_model_step == 0
                     stop = self.any_process(self.stop_signal is not None)
                     if not cfg.debug and self.step < self.total_steps and (periodic or stop):
-                        self.save(f"step-{self.step:06d}")
-                    self.finish_save(wait=False)  # a checkpoint written in the background: complete it once written
+                        checkpoints.save(self, f"step-{self.step:06d}")
+                    checkpoints.finish_save(self, wait=False)  # a checkpoint written in the background: complete it once written
                     # evaluation and saving are not training: neither the tokens/s nor the bar's rate and ETA count them
                     window_start += exclude_from_bar(bar, time.perf_counter() - paused)
                     if stop:
                         self.stop_signal = self.stop_signal or signal.SIGTERM
                         break
-            self.finish_save()
+            checkpoints.finish_save(self)
             writer.close()
             if self.is_main:
                 plot_curves(writer.history, os.path.join(self.run_dir, "loss_curve.png"))
             if self.step < self.total_steps:
                 return "interrupted"
             if not cfg.debug:
-                path = self.save("final")
+                path = checkpoints.save(self, "final")
                 if self.is_main:
                     print(f"saved final checkpoint to {path}")
         return "finished"
@@ -605,22 +435,6 @@ def exclude_from_bar(bar, seconds) -> float:
     return seconds
 
 
-def load_sharded_state(trainer, checkpoint_dir):
-    """Restore policy and optimizer from `<checkpoint_dir>/dcp` (written by a sharded run's save) into `trainer`, sharded
-    or not and at any world size (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
-    path = os.path.join(checkpoint_dir, "dcp")
-    if not os.path.isdir(path):
-        raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
-    state = {"model": get_model_state_dict(trainer.policy, options=TRAINED_ONLY),
-             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=TRAINED_ONLY)}
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (OneDevice) reads it all
-    # not strict: the frozen base (LoRA) is not in it; every trained key is (dcp.load fails on one the files lack)
-    set_model_state_dict(trainer.policy, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=TRAINED_ONLY)
-    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
-        return json.load(f)
-
-
 def build_optimizer(model, name, lr, weight_decay, extra):
     """Any torch.optim class by name. Weight decay only on matrices (not on biases and norm gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -644,3 +458,84 @@ def build_scheduler(optimizer, kind, warmup_steps, total_steps):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+# ---- metrics: JSONL always, TensorBoard and WandB when asked for ---------------------------------------------------
+class MetricsWriter:
+    """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
+
+    def __init__(self, run_dir, cfg, enabled=True, resume_step=None, wandb_id=None):
+        """enabled=False (processes other than the main one): keeps the history, writes nothing.
+        resume_step: continue a run from its checkpoint at that step: what was logged after it is dropped (JSONL
+        rewritten, TensorBoard purged, the WandB run resumed by id), so the curves carry no duplicates."""
+        path = os.path.join(run_dir, "metrics.jsonl")
+        self.history = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                self.history = [r for r in map(json.loads, f) if r["step"] <= resume_step]
+        self.jsonl = None
+        if enabled:
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
+            self.jsonl = open(path, "a")
+        self.tb = None
+        if cfg.report_to_tensorboard and enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            purge = 0 if resume_step is None else resume_step + 1  # drop events of an earlier, unfinished attempt
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
+        self.wandb = None
+        if cfg.wandb.enabled and not cfg.debug and enabled:
+            import wandb
+            self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
+                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id,
+                                    resume="allow" if wandb_id else None)
+        self.wandb_id = self.wandb.id if self.wandb is not None else wandb_id
+
+    def log(self, metrics: dict, step: int):
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(record)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        for key, value in metrics.items():
+            if self.tb is not None:
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, rows, step):
+        """rows: list of dicts {prompt, policy, reference?}. To WandB as a table (the text file is the trainer's)."""
+        if self.wandb is not None and rows:
+            import wandb
+            columns = list(rows[0])
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_curves(history, path):
+    """PNG of train/eval loss (and reward accuracy, for losses that define rewards) against the optimizer step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rewards = any("rewards/accuracies" in r or "eval/rewards/accuracies" in r for r in history)
+    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if rewards else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for prefix, style in (("", "-"), ("eval/", "o-")):
+            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=("eval" if prefix else "train"), markersize=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,18 +1,16 @@
-"""Config schema and loading, user-facing errors, seeding, checkpoint folders, FLOP accounting, the reference log-prob
-cache, and the metrics writers (JSONL / TensorBoard / WandB).
+"""Config schema and loading, user-facing errors, seeding and RNG state, atomic writes (checkpoint folders:
+checkpoints.py; metrics: trainers.MetricsWriter).
 
 The schema below is the single source of truth for every config key: its type, its default and (in the comment
 beside it) what it means. `example/full-config.yml` repeats it as a commented YAML file; a test keeps the two equal.
 """
 import dataclasses
 import difflib
-import json
 import math
 import netrc
 import operator
 import os
 import random
-import shutil
 import socket
 import sys
 import threading
@@ -91,7 +89,7 @@ class ModelConfig:
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is refused
     name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
     beta: Optional[float] = num(None, gt=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda)
-    label_smoothing: Optional[float] = num(None, ge=0, lt=0.5)  # dpo/cpo/simpo: cDPO's flipped-label probability (0); robust: noise rate (0.1); exo_pair: eps (1e-3)
+    label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)
     simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
     discopop_tau: Optional[float] = num(None, gt=0)  # discopop: temperature of its log-ratio modulation (0.05)
     desirable_weight: Optional[float] = num(None, gt=0)  # kto: weight of desirable examples (1.0)
@@ -235,12 +233,20 @@ def _check_ranges(node, schema_cls, prefix=""):
             for i, item in enumerate(value) if isinstance(value, ListConfig) else [(None, value)]:
                 _check_ranges(item, sub, f"{name}[{i}]." if i is not None else f"{name}.")
         bounds = f.metadata.get("range")
-        if bounds and value is not None and not (math.isfinite(value) and
-                                                 all(RANGE_OPS[op][1](value, b) for op, b in bounds.items())):
-            allowed = ("" if math.isfinite(value) else "finite and ") + " and ".join(
-                f"{RANGE_OPS[op][0]} {b}" for op, b in bounds.items())
+        if bounds and value is not None and not in_range(value, bounds):
             null = " (or null)" if type(None) in getattr(f.type, "__args__", ()) else ""
-            raise UserError(f"config: {name} must be {allowed}{null}, got {value}")
+            raise UserError(f"config: {name} must be {range_text(value, bounds)}{null}, got {value}")
+
+
+def in_range(value, bounds) -> bool:
+    """value within `bounds` ({op: bound}, as `num` declares them), and finite."""
+    return math.isfinite(value) and all(RANGE_OPS[op][1](value, b) for op, b in bounds.items())
+
+
+def range_text(value, bounds) -> str:
+    """">= 0 and < 0.5": what `bounds` allow, for the message that refuses `value`."""
+    return ("" if math.isfinite(value) else "finite and ") + " and ".join(f"{RANGE_OPS[op][0]} {b}"
+                                                                          for op, b in bounds.items())
 
 
 def _validate(cfg):
@@ -300,8 +306,9 @@ def _check_lora(cfg):
 
 def _check_loss(loss_cfg):
     """loss.name and its loss.* keys, as the loss table (losses.LOSSES) declares them: a null hyper-parameter takes
-    the loss's own default (written into the config, so the saved config says what ran); a key the loss does not
-    use is refused unless it is null or its neutral value (losses.NEUTRAL)."""
+    the loss's own default (written into the config, so the saved config says what ran) and is checked against the
+    loss's own range where it has one; a key the loss does not use is refused unless it is null or its neutral value
+    (losses.NEUTRAL)."""
     import losses  # imports torch: after every check that does not need it
     _check_choice("loss.name", loss_cfg.name, list(losses.LOSSES))
     uses = losses.parameters_of(loss_cfg.name)
@@ -310,7 +317,11 @@ def _check_loss(loss_cfg):
         if f.name == "name" or value is None and f.name not in uses:
             continue
         if f.name in uses:
-            loss_cfg[f.name] = uses[f.name] if value is None else value
+            loss_cfg[f.name] = value = uses[f.name] if value is None else value
+            bounds = losses.LOSSES[loss_cfg.name].ranges.get(f.name)  # narrower for this loss than the schema's
+            if bounds and not in_range(value, bounds):
+                raise UserError(f"config: loss.{f.name} must be {range_text(value, bounds)} for "
+                                f"loss.name={loss_cfg.name}, got {value}")
         elif value != losses.NEUTRAL.get(f.name, object()):
             raise UserError(f"config: loss.{f.name}={value} is not used by loss.name={loss_cfg.name}, which takes "
                             f"{', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'}")
@@ -493,187 +504,9 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint folders: <run>/step-000100, <run>/final; written as <name>.tmp and renamed when complete
-# ----------------------------------------------------------------------------------------------------------------
-def list_checkpoints(run_dir, resumable=False) -> list:
-    """Complete checkpoints in the run folder as (step, path), oldest first; resumable=True: only those that hold
-    the optimizer/RNG state. Half-written ones (`*.tmp`) are never listed."""
-    found = []
-    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        path = os.path.join(run_dir, name)
-        state = os.path.join(path, "trainer_state.json")
-        if name.endswith((".tmp", ".old")) or not os.path.isfile(state):
-            continue
-        if resumable and not os.path.isfile(os.path.join(path, "training_state.pt")):
-            continue
-        try:
-            with open(state) as f:
-                found.append((json.load(f)["step"], name == "final", path))
-        except (ValueError, KeyError, OSError):  # unreadable: not a complete checkpoint
-            continue
-    return [(step, path) for step, _, path in sorted(found)]
-
-
-def checkpoint_files(folder) -> dict:
-    """{relative path: size in bytes} of every file in a checkpoint folder (recorded in trainer_state.json)."""
-    return {os.path.relpath(os.path.join(root, f), folder): os.path.getsize(os.path.join(root, f))
-            for root, _, files in os.walk(folder) for f in files}
-
-
-def checkpoint_problem(folder):
-    """Why a checkpoint cannot be trusted (a file missing or cut short since it was written), or None."""
-    with open(os.path.join(folder, "trainer_state.json")) as f:
-        expected = json.load(f).get("files", {})  # absent in checkpoints of older versions: nothing to compare
-    for name, size in expected.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
-    return None
-
-
-def replace_checkpoint(tmp, final):
-    """Make the complete folder `tmp` the checkpoint `final`. An existing `final` (a resumed run's) is moved aside
-    as `final.old` first and removed last, so some complete `final` exists at every instant but one rename (and
-    `remove_partial_checkpoints` puts `final.old` back if a crash comes between the two renames)."""
-    if os.path.exists(final):
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        os.replace(final, final + ".old")
-    os.replace(tmp, final)
-    shutil.rmtree(final + ".old", ignore_errors=True)
-
-
-def remove_partial_checkpoints(run_dir):
-    """A crash during a save leaves `<name>.tmp` (never used: removed at the next start), and a crash while a
-    checkpoint is replaced may leave its previous version as `<name>.old` (restored when `<name>` is gone)."""
-    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
-        path = os.path.join(run_dir, name)
-        if name.endswith(".tmp") and os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif name.endswith(".old") and os.path.isdir(path):
-            if os.path.exists(path[:-4]):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.replace(path, path[:-4])
-
-
 def human_bytes(n) -> str:
     """1.5 GiB, 340 MiB, 12 KiB: sizes in messages, never "0.0 GiB" for a small one."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} bytes"
-
-
-def first_failure(error):
-    """A torch.distributed.checkpoint failure (CheckpointException: every failed rank's error and traceback) as its
-    first rank's error; any other error as it is."""
-    failures = getattr(error, "failures", None)
-    return next(iter(failures.values()))[0] if isinstance(failures, dict) and failures else error
-
-
-def write_failure(error, folder) -> str:
-    """What went wrong in a failed write, in a few words: the OS's reason, or (torch's zip writer raises a
-    RuntimeError of several lines) "write failed", with the space left when the disk is (nearly) full. A
-    torch.distributed.checkpoint failure speaks by its first rank's error (first_failure)."""
-    error = first_failure(error)
-    reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0][:200]
-    if not isinstance(error, OSError):
-        reason = f"write failed ({type(error).__name__})"
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return reason
-    return reason if free > 2**30 else f"{reason}; {human_bytes(free)} free on that disk"
-
-
-def prune_checkpoints(run_dir, keep):
-    """Keep the newest `keep` step-N checkpoints; `final` is never removed."""
-    steps = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path).startswith("step-")]
-    for path in steps[:-keep] if keep else []:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics: JSONL always, TensorBoard and WandB when asked for
-# ----------------------------------------------------------------------------------------------------------------
-class MetricsWriter:
-    """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
-
-    def __init__(self, run_dir, cfg, enabled=True, resume_step=None, wandb_id=None):
-        """enabled=False (processes other than the main one): keeps the history, writes nothing.
-        resume_step: continue a run from its checkpoint at that step: what was logged after it is dropped (JSONL
-        rewritten, TensorBoard purged, the WandB run resumed by id), so the curves carry no duplicates."""
-        path = os.path.join(run_dir, "metrics.jsonl")
-        self.history = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= resume_step]
-        self.jsonl = None
-        if enabled:
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
-            self.jsonl = open(path, "a")
-        self.tb = None
-        if cfg.report_to_tensorboard and enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            purge = 0 if resume_step is None else resume_step + 1  # drop events of an earlier, unfinished attempt
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
-        self.wandb = None
-        if cfg.wandb.enabled and not cfg.debug and enabled:
-            import wandb
-            self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
-                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id,
-                                    resume="allow" if wandb_id else None)
-        self.wandb_id = self.wandb.id if self.wandb is not None else wandb_id
-
-    def log(self, metrics: dict, step: int):
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.history.append(record)
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-        for key, value in metrics.items():
-            if self.tb is not None:
-                self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def log_samples(self, rows, step):
-        """rows: list of dicts {prompt, policy, reference?}. To WandB as a table (the text file is the trainer's)."""
-        if self.wandb is not None and rows:
-            import wandb
-            columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
-
-    def close(self):
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def plot_curves(history, path):
-    """PNG of train/eval loss (and reward accuracy, for losses that define rewards) against the optimizer step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rewards = any("rewards/accuracies" in r or "eval/rewards/accuracies" in r for r in history)
-    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if rewards else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for prefix, style in (("", "-"), ("eval/", "o-")):
-            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=("eval" if prefix else "train"), markersize=3)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import layouts
-import trainers
 import utils
 from conftest import (OFFLINE_ENV, ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of,
                       read_jsonl, run_cli)
@@ -85,7 +85,7 @@ def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_mode
 def check_sharded_state_loads_into_one_process(checkpoint, basic, model_dir):
     """Written by 2 processes, read by 1 (DCP reshards): the policy and the SGD momentum of 3 BasicTrainer steps."""
     fresh = build("dpo", model_dir, *COMMON, *RUNS["dpo"])
-    state = trainers.load_sharded_state(fresh, str(checkpoint))
+    state = checkpoints.load_sharded_state(fresh, str(checkpoint))
     assert (state["step"], state["examples_seen"]) == (3, 12)
     for k, want in params_of(basic.policy).items():
         torch.testing.assert_close(params_of(fresh.policy)[k], want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()))
@@ -191,7 +191,7 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "resume=auto" in out
     assert os.path.isdir(run_dir / "step-000002" / "dcp")
-    assert utils.checkpoint_problem(str(run_dir / "step-000002")) is None  # every file there, at its recorded size
+    assert checkpoints.checkpoint_problem(str(run_dir / "step-000002")) is None  # every file there, at its recorded size
     resumed = run_cli(*base, f"output_dirs={run_dir}", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "reference log-probs: 24 from the cache, 0 computed" in resumed.stdout
@@ -222,7 +222,7 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
     try:
         trainer = train.build_trainer(cfg)
         metrics = trainer.evaluate()
-        exported = trainer.save("final")
+        exported = checkpoints.save(trainer, "final")
         live = {k: v.to(torch.bfloat16) for k, v in trainer.layout.full_state_dict(trainer.policy).items()}
     finally:
         torch.distributed.destroy_process_group()
@@ -274,7 +274,7 @@ def test_fsdp_lora_matches_basic_trainer(tiny_model_dir, tmp_path):
     assert max((merged[k] - expected[k]).abs().max().item() for k in expected) <= 1e-5 * largest
     assert any(not torch.equal(merged[k], base[k]) for k in base)  # the adapter is merged in
     fresh = build("dpo", tiny_model_dir, *COMMON, *extra)
-    assert trainers.load_sharded_state(fresh, str(final))["step"] == 3
+    assert checkpoints.load_sharded_state(fresh, str(final))["step"] == 3
     assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in adapters.adapter_state(fresh.policy).items())
     for k, v in adapters.adapter_state(fresh.policy).items():
         assert (v - want[k]).abs().max().item() <= 1e-5 * largest, k
@@ -295,13 +295,13 @@ def test_async_checkpoint_holds_the_state_of_its_step(tiny_model_dir, tmp_path, 
         batches = trainer.global_batches()
         trainer.train_step(next(batches))
         at_save = {k: v.clone() for k, v in trainer.layout.full_state_dict(trainer.policy).items()}
-        path = trainer.save("step-000001")
+        path = checkpoints.save(trainer, "step-000001")
         assert trainer.pending_save is not None and trainer.pending_save[0] is not None  # in flight (or just done)
         trainer.train_step(next(batches))  # training goes on meanwhile
-        trainer.finish_save()
-        assert trainer.pending_save is None and utils.checkpoint_problem(path) is None
+        checkpoints.finish_save(trainer)
+        assert trainer.pending_save is None and checkpoints.checkpoint_problem(path) is None
         fresh = build("dpo", tiny_model_dir, *COMMON, *RUNS["dpo"])
-        assert trainers.load_sharded_state(fresh, path)["step"] == 1
+        assert checkpoints.load_sharded_state(fresh, path)["step"] == 1
     finally:
         torch.distributed.destroy_process_group()
     assert all(torch.equal(fresh.policy.state_dict()[k], v) for k, v in at_save.items())
@@ -327,9 +327,9 @@ def test_a_failed_sharded_write_fails_the_save_and_keeps_the_earlier_checkpoint(
                         f"fsdp.async_checkpoint={what == 'dcp-async'}", f"output_dirs={tmp_path}/run")
         batches = trainer.global_batches()
         trainer.train_step(next(batches))
-        good = trainer.save("step-000001")
-        trainer.finish_save()
-        before = utils.checkpoint_files(good)
+        good = checkpoints.save(trainer, "step-000001")
+        checkpoints.finish_save(trainer)
+        before = checkpoints.checkpoint_files(good)
 
         def disk_full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -337,13 +337,13 @@ def test_a_failed_sharded_write_fails_the_save_and_keeps_the_earlier_checkpoint(
         monkeypatch.setattr(writer, "write_data", disk_full)  # a test-only fault injection
         trainer.train_step(next(batches))
         with pytest.raises(utils.TrainingError) as failed:
-            trainer.save("step-000002")
-            trainer.finish_save()
+            checkpoints.save(trainer, "step-000002")
+            checkpoints.finish_save(trainer)
     finally:
         torch.distributed.destroy_process_group()
     assert "could not save checkpoint" in str(failed.value) and "No space left on device" in str(failed.value)
     assert "earlier checkpoints are kept" in str(failed.value) and "\n" not in str(failed.value)
-    assert sorted(os.listdir(tmp_path / "run")) == ["step-000001"] and utils.checkpoint_files(good) == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["step-000001"] and checkpoints.checkpoint_files(good) == before
 
 
 def test_a_damaged_sharded_state_is_one_line_or_skipped(tiny_model_dir, tmp_path, monkeypatch):
@@ -358,10 +358,10 @@ def test_a_damaged_sharded_state_is_one_line_or_skipped(tiny_model_dir, tmp_path
         batches = trainer.global_batches()
         for step in (1, 2):
             trainer.train_step(next(batches))
-            trainer.save(f"step-00000{step}")
+            checkpoints.save(trainer, f"step-00000{step}")
         shard = tmp_path / "run" / "step-000002" / "dcp" / "__0_0.distcp"
         shard.write_bytes(b"\0" * shard.stat().st_size)  # same size: checkpoint_problem cannot tell
-        assert utils.checkpoint_problem(str(shard.parent.parent)) is None
+        assert checkpoints.checkpoint_problem(str(shard.parent.parent)) is None
         with pytest.raises(utils.UserError) as refused:
             train.load_newest(trainer, [str(shard.parent.parent)])
         trainer.cfg.resume = "auto"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import layouts
-import trainers
 import utils
 from conftest import TINY, assert_one_line_error, build, local_model_overrides, params_of, read_jsonl, run_cli
 
@@ -48,7 +48,7 @@ def test_hybrid_2x2_matches_basic_trainer(tiny_model_dir, tmp_path):
     assert proc.stdout.count("run folder:") == 1 and "x 4" in proc.stdout
     # DCP over the 2-D mesh: each shard written once (replicas hold the same), readable at another layout
     fresh = build("dpo", tiny_model_dir, *DPO)
-    state = trainers.load_sharded_state(fresh, str(run / "final"))
+    state = checkpoints.load_sharded_state(fresh, str(run / "final"))
     assert (state["step"], state["examples_seen"]) == (3, 24)
     for k, want in expected.items():
         torch.testing.assert_close(params_of(fresh.policy)[k], want, rtol=0,

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import adapters
+import checkpoints
 import models
 import train
 import utils
@@ -117,7 +118,7 @@ def test_tied_embedding_model_exports_the_merged_model(tmp_path):
     assert not any("lm_head" in n for n in adapters.adapter_state(trainer.policy))
     trainer.train_step(next(trainer.global_batches()))
     before = clone(trainer.policy.state_dict())
-    trainer.save("final")
+    checkpoints.save(trainer, "final")
     assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
@@ -275,7 +276,7 @@ def test_lm_head_adapter_on_an_untied_model_is_in_the_merged_export(tmp_path):
                                                                 "n_eval_examples=0", *FAST, f"output_dirs={tmp_path}"]))
     trainer.train_step(next(trainer.global_batches()))
     before = clone(trainer.policy.state_dict())
-    trainer.save("final")
+    checkpoints.save(trainer, "final")
     assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     saved = load_file(tmp_path / "final" / "adapter" / "adapter_model.safetensors")
     assert all(adapters.LORA_MARK in k for k in saved) and any("lm_head" in k for k in saved)

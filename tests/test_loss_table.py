@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import losses
 import models
 import train
@@ -55,7 +56,7 @@ def test_every_loss_learns_and_its_checkpoint_reloads(name, tmp_path):
         assert last["eval/rewards/accuracies"] > 0.8, last
     if losses.LOSSES[name].data == "unpaired":
         assert last["eval/rewards/margins"] > 0 and "eval/kl" in last, last
-    path = trainer.save("final")
+    path = checkpoints.save(trainer, "final")
     reloaded = AutoModelForCausalLM.from_pretrained(path)
     want = params_of(trainer.policy)
     assert all(torch.equal(v, want[k]) for k, v in params_of(reloaded).items())

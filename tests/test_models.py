@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import checkpoints
 import data
 import models
 import train
@@ -115,7 +116,7 @@ def test_export_keeps_tied_weights_once(tmp_path):
     cfg = utils.load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
                                           "n_eval_examples=0", f"output_dirs={tmp_path}/run"])
     trainer = train.build_trainer(cfg)
-    exported = trainer.save("final")
+    exported = checkpoints.save(trainer, "final")
     plain = tmp_path / "plain"
     AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(torch.bfloat16).save_pretrained(plain)
     ours, theirs = (load_file(os.path.join(p, "model.safetensors")) for p in (exported, plain))

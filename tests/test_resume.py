@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import train
 import utils
 from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
@@ -107,8 +108,8 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
         (run_dir / name).mkdir(parents=True)
         (run_dir / name / "trainer_state.json").write_text(json.dumps({"step": step, "examples_seen": 8 * step}))
         (run_dir / name / "training_state.pt").write_bytes(b"")
-    assert [s for s, _ in utils.list_checkpoints(run_dir, resumable=True)] == [4]
-    utils.remove_partial_checkpoints(run_dir)
+    assert [s for s, _ in checkpoints.list_checkpoints(run_dir, resumable=True)] == [4]
+    checkpoints.remove_partial_checkpoints(run_dir)
     assert sorted(os.listdir(run_dir)) == ["step-000004"]
 
 
@@ -211,14 +212,14 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
                             ["n_eval_examples=0", "total_batch_size=4", f"output_dirs={tmp_path}"])
     trainer = train.build_trainer(cfg)
     trainer.train_step(next(trainer.global_batches()))
-    good = trainer.save("step-000001")
+    good = checkpoints.save(trainer, "step-000001")
     before = {name: open(os.path.join(good, name), "rb").read() for name in os.listdir(good)}
 
     def disk_full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(trainer, "write_checkpoint", disk_full)  # a test-only fault injection
+    monkeypatch.setattr(checkpoints, "write_files", disk_full)  # a test-only fault injection
     with pytest.raises(utils.TrainingError, match="No space left on device.*earlier checkpoints are kept"):
-        trainer.save("step-000002")
+        checkpoints.save(trainer, "step-000002")
     assert sorted(os.listdir(tmp_path)) == ["step-000001"]  # no half-written folder left behind
     assert {name: open(os.path.join(good, name), "rb").read() for name in os.listdir(good)} == before
     monkeypatch.undo()
@@ -227,7 +228,7 @@ def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4544 vs 4432\nframe #0: ...")
     monkeypatch.setattr(torch, "save", zip_writer_full)
     with pytest.raises(utils.TrainingError) as failed:
-        trainer.save("step-000002")
+        checkpoints.save(trainer, "step-000002")
     assert "write failed (RuntimeError)" in str(failed.value) and "\n" not in str(failed.value)
     assert sorted(os.listdir(tmp_path)) == ["step-000001"]
 
@@ -319,13 +320,13 @@ def test_second_run_on_a_busy_folder_is_refused(tmp_path):
 
 SIGTERM_IN_FINAL_SAVE = """
 import os, signal, sys
-import train, trainers
-write = trainers.Trainer.write_checkpoint
-def write_and_get_a_signal(self, folder, *args):
+import checkpoints, train
+write = checkpoints.write_files
+def write_and_get_a_signal(trainer, folder, *args):
     if folder.endswith("final.tmp"):
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's preemption, in the middle of the final save
-    write(self, folder, *args)
-trainers.Trainer.write_checkpoint = write_and_get_a_signal
+    write(trainer, folder, *args)
+checkpoints.write_files = write_and_get_a_signal
 sys.exit(train.cli(["example/tiny-sft.yml", "--overrides", "output_dirs=" + sys.argv[1], "n_eval_examples=0",
                     "n_examples=8", "n_epochs=null", "total_batch_size=4"]))
 """
@@ -335,7 +336,7 @@ def test_sigterm_during_the_final_save_lets_it_finish(tmp_path):
     proc = run_cli("-c", SIGTERM_IN_FINAL_SAVE, str(tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "SIGTERM" in proc.stdout + proc.stderr and "saved final checkpoint" in proc.stdout
-    assert [s for s, _ in utils.list_checkpoints(tmp_path / "run", resumable=True)] == [2]
+    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path / "run", resumable=True)] == [2]
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
 
 
@@ -346,9 +347,9 @@ def test_crash_while_replacing_a_checkpoint_keeps_the_old_one(tmp_path):
     (run_dir / "final.old").mkdir(parents=True)
     (run_dir / "final.old" / "trainer_state.json").write_text(json.dumps({"step": 3, "examples_seen": 24}))
     (run_dir / "final.tmp").mkdir()
-    assert utils.list_checkpoints(run_dir) == []
-    utils.remove_partial_checkpoints(run_dir)
-    assert sorted(os.listdir(run_dir)) == ["final"] and utils.list_checkpoints(run_dir)[0][0] == 3
+    assert checkpoints.list_checkpoints(run_dir) == []
+    checkpoints.remove_partial_checkpoints(run_dir)
+    assert sorted(os.listdir(run_dir)) == ["final"] and checkpoints.list_checkpoints(run_dir)[0][0] == 3
 
 
 def test_disk_space_check_speaks_mib_and_writes_nothing(tmp_path, monkeypatch):

@@ -291,7 +291,7 @@ def test_samples_show_how_a_reply_ended_and_greedy_is_repeatable(tiny_model_dir,
     texts = []
     for step in (1, 2):
         trainer.step = step
-        trainer.sample(utils.MetricsWriter(tmp_path, trainer.cfg, enabled=False))
+        trainer.sample(trainers.MetricsWriter(tmp_path, trainer.cfg, enabled=False))
         texts.append(open(tmp_path / "samples" / f"step-{step:06d}.txt").read())
     assert texts[0] == texts[1] and "[truncated at max_new_tokens=6]" in texts[0]
 
