@@ -12,6 +12,8 @@ CLI:  python data.py check FILE [--loss sft|dpo|kto] [--tokenizer DIR] [--max-le
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import math
 import os
@@ -459,7 +461,12 @@ def _seed_row(r):
     return {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
 
 
+OUT_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
 def _cmd_convert(args):
+    if not args.out.endswith(OUT_EXTS):  # what train.py reads back by its name (.gz: gzip-compressed)
+        raise DataError(f"{args.out}: OUT must end with {', '.join(OUT_EXTS)}")
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
         raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
     kind = None if args.to == "sft" else LOSS_KINDS[args.to]  # --to sft: pairs too (prompt + chosen)
@@ -475,8 +482,9 @@ def _cmd_convert(args):
         raise DataError(f"{args.out}: folder {out_dir} does not exist")
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".json")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            if args.out.endswith(".jsonl"):
+        with os.fdopen(fd, "wb") as raw, (gzip.open(raw, "wt", encoding="utf-8") if args.out.endswith(".gz") else
+                                          io.TextIOWrapper(raw, encoding="utf-8")) as f:
+            if args.out.removesuffix(".gz").endswith(".jsonl"):
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             else:
                 json.dump(rows, f, ensure_ascii=False, indent=1)

@@ -756,3 +756,20 @@ def test_cli_convert_round_trip(tmp_path):
     before = open(out_dpo).read()
     assert data.main(["convert", out_dpo, out_dpo, "--to", "dpo"]) == 2 and open(out_dpo).read() == before
 
+
+
+def test_cli_convert_gz_output_is_gzip(tmp_path, capsys):
+    """OUT.json.gz / OUT.jsonl.gz are gzip files (what train.py reads back by that name); another ending is refused."""
+    import gzip
+    trl = os.path.join(FIX, "dpo_trl.jsonl")
+    for name in ("pairs.json.gz", "pairs.jsonl.gz"):
+        out = str(tmp_path / name)
+        assert data.main(["convert", trl, out, "--to", "dpo"]) == 0
+        assert open(out, "rb").read(2) == b"\x1f\x8b"  # the gzip magic
+        text = gzip.open(out, "rt", encoding="utf-8").read()
+        n = len(load("dpo_trl.jsonl", "preference"))
+        assert (len(text.splitlines()) == n) == name.endswith(".jsonl.gz")  # a line a record / one indented list
+        assert load(out, "preference") == load("dpo_trl.jsonl", "preference")
+    assert data.main(["convert", trl, str(tmp_path / "pairs.parquet"), "--to", "dpo"]) == 2
+    assert "pairs.parquet: OUT must end with .json, .jsonl, .json.gz, .jsonl.gz" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["pairs.json.gz", "pairs.jsonl.gz"]
