@@ -185,11 +185,9 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoothin
 
         loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h),   h = c - r
 
-    label_smoothing eps in [0, 0.5]: the assumed probability that a label is flipped; default 0 (plain DPO).
-    Reference-free DPO is this with zero reference log-probs.
+    label_smoothing eps in [0, 0.5) (LOSSES' ranges): the assumed probability that a label is flipped; default 0
+    (plain DPO). Reference-free DPO is this with zero reference log-probs.
     """
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
     c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
     return _smoothed_sigmoid(beta * (c - r), label_smoothing), cr, rr, {}
 
@@ -199,11 +197,9 @@ def robust_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smoot
 
         loss = ((1 - eps) * -log sigmoid(beta h) - eps * -log sigmoid(-beta h)) / (1 - 2 eps)
 
-    label_smoothing eps in [0, 0.5): the noise rate; default 0.1, the paper's recommended value (TRL's field
-    defaults to 0, which is plain DPO). TRL's formula exactly. Unlike cDPO the flipped term is SUBTRACTED.
+    label_smoothing eps in [0, 0.5) (LOSSES' ranges): the noise rate; default 0.1, the paper's recommended value
+    (TRL's field defaults to 0, which is plain DPO). TRL's formula exactly. Unlike cDPO the flipped term is SUBTRACTED.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
     eps, logits = label_smoothing, beta * (c - r)
     losses = (-(1.0 - eps) * F.logsigmoid(logits) + eps * F.logsigmoid(-logits)) / (1.0 - 2.0 * eps)
@@ -237,10 +233,9 @@ def exo_pair_loss(chosen, rejected, ref_chosen, ref_rejected, *, beta, label_smo
         q_w = sigmoid(beta h), q_l = sigmoid(-beta h), target (1 - eps, eps):
         loss = q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)
 
-    label_smoothing eps in (0, 1): default 1e-3, the paper's and TRL's recommended value (0 is undefined).
+    label_smoothing eps in (0, 1) (LOSSES' ranges): default 1e-3, the paper's and TRL's recommended value (0 is
+    undefined: log eps).
     """
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in (0, 1) for EXO, got {label_smoothing}")
     c, r, cr, rr = _logratios(chosen, rejected, ref_chosen, ref_rejected, beta)
     logits, eps = beta * (c - r), label_smoothing
     losses = (torch.sigmoid(logits) * (F.logsigmoid(logits) - math.log1p(-eps))
@@ -336,7 +331,7 @@ def simpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta, si
 
     c, r: the policy's LENGTH-AVERAGED log-probs (the caller averages). simpo_gamma: the margin gamma itself, TRL's
     ``simpo_gamma`` semantics, default 0.5 (TRL); the SimPO code's ``gamma_beta_ratio`` is simpo_gamma / beta (its
-    defaults: beta 2.0, gamma_beta_ratio 0.5, i.e. simpo_gamma 1.0). label_smoothing: default 0, in [0, 0.5].
+    defaults: beta 2.0, gamma_beta_ratio 0.5, i.e. simpo_gamma 1.0). label_smoothing: default 0, in [0, 0.5).
     ref_chosen / ref_rejected are ignored. Rewards: beta * logp (TRL).
     """
     h, cr, rr = _ref_free(chosen, rejected, beta)
@@ -348,7 +343,7 @@ def cpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta, labe
 
         loss = -(1 - eps) log sigmoid(beta (c - r)) - eps log sigmoid(-beta (c - r))
 
-    c, r: the policy's SUMMED log-probs. label_smoothing eps: default 0. CPO's full objective adds its NLL term on the
+    c, r: the policy's SUMMED log-probs. label_smoothing eps: default 0, in [0, 0.5). CPO's full objective adds its NLL term on the
     chosen responses, cpo_alpha * ``nll_loss`` (TRL's cpo_alpha defaults to 1.0): the caller adds it, this function
     is the preference part only. ref_chosen / ref_rejected are ignored. Rewards: beta * logp (TRL).
     """
@@ -453,6 +448,7 @@ class Loss:
     metrics: tuple = ()           # what its fn reports per pair, beyond rewards/*, logps/* and logits/*
     batch_kl: bool = False        # needs KTO's reference point: the KL estimate of the global batch's mismatched pairs
     running_mean: bool = False    # shifts its rewards by their running mean (training state, checkpointed)
+    ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as utils.num) where narrower than the schema's
 
     @property
     def unit(self) -> str:
@@ -461,14 +457,16 @@ class Loss:
 
 
 B01 = {"beta": 0.1}
+EPS = {"label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0.5 makes chosen and rejected alike (rDPO: 1/0)
 LOSSES = {  # the README's table lists them with their papers
     "sft": Loss(sft_loss, "sft"),
     "dft": Loss(dft_loss, "sft"),
-    "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}),
-    "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}),
+    "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}, ranges=EPS),
+    "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}, ranges=EPS),
     "ipo": Loss(ipo_loss, "preference", reference=True, params=B01),
     "hinge": Loss(hinge_loss, "preference", reference=True, params=B01),
-    "exo_pair": Loss(exo_pair_loss, "preference", reference=True, params={**B01, "label_smoothing": 1e-3}),
+    "exo_pair": Loss(exo_pair_loss, "preference", reference=True, params={**B01, "label_smoothing": 1e-3},
+                     ranges={"label_smoothing": {"gt": 0, "lt": 1}}),
     "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01),
     "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01),
     "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01),
@@ -476,8 +474,8 @@ LOSSES = {  # the README's table lists them with their papers
     "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}),
     "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True),
     "simpo": Loss(simpo_loss, "preference", average=True,
-                  params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}),
-    "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}),
+                  params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}, ranges=EPS),
+    "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}, ranges=EPS),
     "orpo": Loss(orpo_loss, "preference", average=True, params={**B01, "nll_weight": 1.0},
                  metrics=("log_odds_ratio", "log_odds_chosen")),
     "kto": Loss(kto_loss, "unpaired", reference=True, batch_kl=True,

@@ -160,8 +160,16 @@ def test_every_numeric_field_is_range_checked(key, tmp_path, capsys):
     (["lr=.inf"], "lr must be finite and > 0, got inf"),
     (["lr=.nan"], "lr must be finite and > 0, got nan"),
     (["loss.beta=0"], "loss.beta must be > 0 (or null), got 0.0"),
-    (["loss.label_smoothing=0.5"], "loss.label_smoothing must be >= 0 and < 0.5 (or null), got 0.5"),
-    (["loss.label_smoothing=-0.1"], "loss.label_smoothing must be >= 0 and < 0.5 (or null), got -0.1"),
+    (["loss.label_smoothing=1"], "loss.label_smoothing must be >= 0 and < 1 (or null), got 1.0"),
+    (["loss.label_smoothing=-0.1"], "loss.label_smoothing must be >= 0 and < 1 (or null), got -0.1"),
+    # narrower for some losses: their own ranges in the loss table (losses.LOSSES)
+    (["loss.label_smoothing=0.5"], "loss.label_smoothing must be >= 0 and < 0.5 for loss.name=dpo, got 0.5"),
+    (["loss.name=robust", "loss.label_smoothing=0.5"],
+     "loss.label_smoothing must be >= 0 and < 0.5 for loss.name=robust, got 0.5"),
+    (["loss.name=exo_pair", "loss.label_smoothing=0"],
+     "loss.label_smoothing must be > 0 and < 1 for loss.name=exo_pair, got 0.0"),
+    (["loss.name=simpo", "loss.label_smoothing=0.7"],
+     "loss.label_smoothing must be >= 0 and < 0.5 for loss.name=simpo, got 0.7"),
     (["sample_during_eval=true", "max_new_tokens=0"], "max_new_tokens must be >= 1, got 0"),
     (["max_grad_norm=-1"], "max_grad_norm must be >= 0, got -1.0"),
     (["weight_decay=-0.1"], "weight_decay must be >= 0, got -0.1"),
@@ -183,6 +191,9 @@ def test_boundary_values_are_accepted():
                             ["warmup_steps=0", "n_eval_examples=0", "max_grad_norm=0", "sample_temperature=0",
                              "sample_top_p=1", "loss.label_smoothing=0.49", "n_epochs=null", "n_examples=1"])
     assert cfg.sample_top_p == 1 and cfg.sample_temperature == 0 and cfg.n_examples == 1
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["loss.name=exo_pair",
+                                                                          "loss.label_smoothing=0.9"])
+    assert cfg.loss.label_smoothing == 0.9  # EXO's eps may pass 0.5, unlike a flip probability
 
 
 def test_long_choice_lists_are_capped():
