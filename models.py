@@ -285,8 +285,9 @@ def build_models(cfg, tokenizer, layout):
         reference = reference.to(layout.device) if reference is not None else None
     else:
         shard_policy_and_reference(cfg, layout, policy, reference)
-        for model in (policy, reference) if reference is not None else (policy,):
-            fill_from_main_process(model, source, layout.device, cfg.fsdp.cpu_offload)
+        for model in (policy, reference) if reference is not None else (policy,):  # a replica (shard_reference:
+            offload = cfg.fsdp.cpu_offload and isinstance(model, FSDPModule)  # false) lives on the compute device
+            fill_from_main_process(model, source, layout.device, offload)
         del source
     if lora and losses.needs_reference(cfg.loss):
         return policy, AdapterOffReference(policy)
@@ -297,7 +298,9 @@ def fill_from_main_process(model, source, device, offload):
     """Fill `model` (built on the meta device, sharded or not) with the weights of `source`, the main process's full
     model (None on the others), broadcast tensor by tensor: each process keeps its shards (set_model_state_dict
     with broadcast_from_rank0), and no other process ever holds a full copy. Non-persistent buffers (rotary
-    inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them."""
+    inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them.
+    offload (fsdp.cpu_offload, sharded models): the parameter shards live in CPU memory, the buffers (which FSDP
+    does not manage) on the compute device, where the forward pass reads them."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     model.to_empty(device="cpu" if offload else device)
@@ -305,10 +308,12 @@ def fill_from_main_process(model, source, device, offload):
         full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload))
     buffers = dict(source.named_buffers(remove_duplicate=False)) if source is not None else {}
     for prefix, module in model.named_modules():
-        for name in sorted(module._non_persistent_buffers_set):  # the same order on every process
-            key, empty = f"{prefix}.{name}" if prefix else name, module._buffers[name]
-            # on the compute device also with cpu_offload (only the sharded parameters live in CPU memory then)
-            value = buffers[key].to(device, empty.dtype) if source is not None else torch.empty_like(empty, device=device)
+        for name in sorted(k for k, v in module._buffers.items() if v is not None):  # the same order everywhere
+            key, loaded = f"{prefix}.{name}" if prefix else name, module._buffers[name]
+            if name not in module._non_persistent_buffers_set:  # in the state dict: loaded above
+                module._buffers[name] = loaded.to(device)
+                continue
+            value = buffers[key].to(device, loaded.dtype) if source is not None else torch.empty_like(loaded, device=device)
             dist.broadcast(value, src=0)
             module._buffers[name] = value
 
