@@ -15,16 +15,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import losses  # noqa: E402
 from losses import label_logps, scored_positions, sft_loss  # noqa: E402
+from utils import in_range  # noqa: E402
 
 
 def preference_loss(pc, pr, rc, rr, beta, label_smoothing=0.0, ipo=False, reference_free=False):
     """The pair losses of the loss table, called as the trainer calls them: dpo (cDPO with label_smoothing) or ipo,
-    reference_free = reference log-probs taken as 0; a hyper-parameter the loss does not take is refused (as the
-    config check refuses it). Returns (losses, chosen_rewards, rejected_rewards)."""
+    reference_free = reference log-probs taken as 0; a hyper-parameter the loss does not take, or out of its range,
+    is refused (as the config check refuses it). Returns (losses, chosen_rewards, rejected_rewards)."""
     spec = losses.LOSSES["ipo" if ipo else "dpo"]
     hp = {"beta": beta, **({"label_smoothing": label_smoothing} if label_smoothing or not ipo else {})}
     if set(hp) - set(spec.params):
         raise ValueError(f"{sorted(set(hp) - set(spec.params))} not taken by this loss")
+    if any(not in_range(hp[k], bounds) for k, bounds in spec.ranges.items() if k in hp):  # the loss's own ranges
+        raise ValueError(f"{hp} out of the loss's ranges {spec.ranges}")
     if reference_free:
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
     return spec.fn(pc, pr, rc, rr, **hp)[:3]
@@ -230,16 +233,19 @@ def test_dpo_hand_computed():
 
 
 def test_conservative_dpo_hand_computed():
-    losses, _, _ = preference_loss(*PAIR, beta=0.1, label_smoothing=0.1)
+    out, _, _ = preference_loss(*PAIR, beta=0.1, label_smoothing=0.1)
     # -(0.9) log sigmoid(0.3) - 0.1 log sigmoid(-0.3)
     #   = 0.9 * log(1 + e^-0.3) + 0.1 * log(1 + e^0.3)
     #   = 0.9 * 0.5543552 + 0.1 * 0.8543552     (log(1 + e^x) = x + log(1 + e^-x))
     #   = 0.4989197 + 0.0854355 = 0.5843552
-    assert losses.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.3)) + 0.1 * math.log(1 + math.exp(0.3)))
-    assert losses.item() == pytest.approx(0.5843552, abs=1e-7)
-    # eps = 0.5 makes the loss symmetric in h: it no longer prefers either answer, 0.5 * (0.5543552 + 0.8543552)
-    losses_half, _, _ = preference_loss(*PAIR, beta=0.1, label_smoothing=0.5)
-    assert losses_half.item() == pytest.approx(0.7043552, abs=1e-7)
+    assert out.item() == pytest.approx(0.9 * math.log(1 + math.exp(-0.3)) + 0.1 * math.log(1 + math.exp(0.3)))
+    assert out.item() == pytest.approx(0.5843552, abs=1e-7)
+    # eps = 0.5 makes the loss symmetric in h: it no longer prefers either answer, 0.5 * (0.5543552 + 0.8543552);
+    # the maths of the function, which is why the config refuses it (the loss table's range for dpo: < 0.5)
+    half = losses.dpo_loss(*PAIR, beta=0.1, label_smoothing=0.5)[0]
+    assert half.item() == pytest.approx(0.7043552, abs=1e-7)
+    with pytest.raises(ValueError, match="out of the loss's ranges"):
+        preference_loss(*PAIR, beta=0.1, label_smoothing=0.5)
 
 
 def test_ipo_hand_computed():
