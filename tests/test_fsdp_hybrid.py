@@ -1,5 +1,7 @@
 """HSDP (fsdp.replicate > 1): a 2-D device mesh, replicas x shards. On CPU (gloo, 4 processes as 2 x 2) the same
 weights as BasicTrainer; the sharded state reloads into one process; invalid layouts are one-line errors."""
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -18,15 +20,46 @@ DPO = ["optimizer=SGD", "lr=1.0", "warmup_steps=0", "total_batch_size=8", "gradi
        "max_grad_norm=0", "optimizer_kwargs={momentum: 0.9}"]
 
 
+# train.py under torchrun, counting FSDP's gradient collectives per process group (by its ranks)
+COUNTING = """
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch.distributed as dist
+import train
+counts = {}
+def counted(name, real):
+    def collective(*args, group=None, **kwargs):
+        key = name + " " + (",".join(map(str, dist.get_process_group_ranks(group))) if group is not None else "world")
+        counts[key] = counts.get(key, 0) + 1
+        return real(*args, group=group, **kwargs)
+    return collective
+dist.all_reduce = counted("all_reduce", dist.all_reduce)
+dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_single)
+code = train.cli(sys.argv[2:])
+with open(os.path.join(sys.argv[1], "collectives-" + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(counts, f)
+sys.exit(code)
+"""
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read by one process: intended
 def test_hybrid_2x2_matches_basic_trainer(tiny_model_dir, tmp_path):
-    """4 gloo processes as 2 replicas x 2 shards (own launcher, sharded reference) vs BasicTrainer in this process:
+    """4 gloo processes under torchrun as 2 replicas x 2 shards (sharded reference) vs BasicTrainer in this process:
     weights to 1e-5 of the largest update (gradients summed within AND across replicas), per-step metrics (grad_norm:
-    the DTensor norm over the 2-D mesh), the export, and the DCP state read back by one process."""
-    run = tmp_path / "run"
-    proc = run_cli("train.py", TINY["dpo"], "--overrides", "trainer=FSDPTrainer", "fsdp.world_size=4",
-                   "fsdp.replicate=2", f"output_dirs={run}", *DPO, *local_model_overrides(tiny_model_dir))
+    the DTensor norm over the 2-D mesh), the export, and the DCP state read back by one process. Gradients cross
+    between replicas once per step: FSDP's all-reduces over the replica group are half its reduce-scatters within
+    the shard group (2 micro-batches a step)."""
+    run, script = tmp_path / "run", tmp_path / "counting.py"
+    script.write_text(COUNTING)
+    proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(script), str(tmp_path),
+                   TINY["dpo"], "--overrides", "trainer=FSDPTrainer", "fsdp.replicate=2", f"output_dirs={run}", *DPO,
+                   *local_model_overrides(tiny_model_dir), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):  # mesh [[0, 1], [2, 3]]: shards within a row, replicas down a column
+        counts = json.loads((tmp_path / f"collectives-{rank}.json").read_text())
+        replicas, shards = f"{rank % 2},{rank % 2 + 2}", f"{rank // 2 * 2},{rank // 2 * 2 + 1}"
+        across, within = counts.get(f"all_reduce {replicas}", 0), counts.get(f"reduce_scatter {shards}", 0)
+        assert across > 0 and within == 2 * across and across % 3 == 0, counts  # 3 steps x the FSDP groups
     basic = build("dpo", tiny_model_dir, *DPO)
     initial = params_of(basic.policy)
     basic_metrics = [basic.train_step(examples)[0] for examples in basic.global_batches()]
