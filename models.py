@@ -4,9 +4,10 @@ the forward pass to log-probs, exporting Hugging Face weights, and FLOP accounti
     models.build_models(cfg, tokenizer, layout) -> (policy, reference)
 
 `layout` (layouts.OneDevice or layouts.FSDPRanks) exists before any model is built: it says where the weights go
-(one device, or shards over its device mesh). The reference is an object with one small interface, in three kinds:
-`FrozenReference` (a frozen copy of the initial policy), `PrecomputedReference` (log-probs computed once, from the
-disk cache) and `NoReference` (losses that need none, or reference_free).
+(one device, or shards over its device mesh). The reference is an object with one small interface, in four kinds:
+`FrozenReference` (a frozen copy of the initial policy), `AdapterOffReference` (LoRA: the policy with its adapter
+off), `PrecomputedReference` (log-probs computed once, from the disk cache) and `NoReference` (losses that need
+none, or reference_free).
 """
 import contextlib
 import copy
