@@ -62,6 +62,9 @@ class OneDevice:
         """Hugging Face weights written by every process (FSDPRanks); one device exports through save_pretrained."""
         return False
 
+    def close(self):
+        """Release the layout's process groups (FSDPRanks) at the end of a run: nothing to release here."""
+
 
 class FSDPRanks:
     """One process per device (trainer: FSDPTrainer), ranks from the environment (torchrun, or train.py's own
@@ -166,6 +169,16 @@ class FSDPRanks:
         except (Exception, CheckpointException) as e:  # disk full, ...: reported with the rest of the save
             done.set_exception(e)
         return done
+
+
+    def close(self):
+        """Shut the process groups down (async checkpoints' own first, then the default one) before the process
+        exits, rather than leaving them to the interpreter's teardown."""
+        if self.checkpoint_group is not None:
+            dist.destroy_process_group(self.checkpoint_group)
+            self.checkpoint_group = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)  # what sharded checkpoints hold (all weights, unless LoRA)

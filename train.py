@@ -227,8 +227,7 @@ def main(config_path, overrides=()):
         again = " ".join(["python train.py", config_path, "--overrides", *overrides, "resume=auto"])
         print(f"stopped at step {trainer.step} with a checkpoint; continue with:\n  {again}", flush=True)
     trainer.any_process(False)  # a barrier: no worker exits (a launcher then stops the rest) before rank 0 has reported
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    trainer.layout.close()
     return 128 + trainer.stop_signal if status == "interrupted" else 0
 
 
@@ -263,7 +262,12 @@ def worker(local_rank, world_size, port, config_path, overrides, error_dir):
         message, code = explain(e)
         with open(os.path.join(error_dir, f"rank-{local_rank}.txt"), "w") as f:
             f.write(message)
-    sys.exit(code)
+    # Everything is on disk (checkpoints fsynced, metrics closed) and the process groups are shut down: the worker
+    # ends here, without the interpreter's teardown of torch's C++ threads, which once aborted a finished worker
+    # (SIGABRT, "terminate called without an active exception") on a loaded machine
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch_workers(args, cfg) -> int:
