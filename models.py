@@ -17,13 +17,13 @@ import pickle
 import re
 import sys
 import warnings
-from array import array
 
 import torch
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import data
+import logprobs
 import losses
 from adapters import (LORA_MARK, apply_lora, base_state, is_adapter_folder, merge_adapter_folder)
 from attention import VARLEN_ATTN, register_varlen_attention
@@ -347,20 +347,20 @@ def token_logps(model, batch):
     data.collate puts chosen and rejected responses side by side, so one pass scores both).
 
     Only the positions whose next token is a label reach the vocabulary projection (`logits_to_keep`), and the
-    float32 log-softmax runs in chunks (losses.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
+    float32 log-softmax runs in chunks (logprobs.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
     A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
     within each sequence (see data.collate); with `attn_implementation: varlen_attn` both bring their segments.
 
     Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
     """
-    keep, targets, target_seqs = losses.scored_positions(batch["labels"], batch["seq_ids"])
+    keep, targets, target_seqs = logprobs.scored_positions(batch["labels"], batch["seq_ids"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
         inputs.pop("attention_mask", None)
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                       max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return losses.label_logps(logits, targets), target_seqs, logits
+    return logprobs.label_logps(logits, targets), target_seqs, logits
 
 
 def length_multiple(device, model) -> int:
@@ -373,12 +373,12 @@ def length_multiple(device, model) -> int:
 def batch_logps(model, batch, n_seqs):
     """[n_seqs] float32: the summed log-probs of each sequence's labelled tokens (`token_logps`)."""
     logps, seq_ids, _ = token_logps(model, batch)
-    return losses.sequence_logps(logps, seq_ids, n_seqs)
+    return logprobs.sequence_logps(logps, seq_ids, n_seqs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The reference: one interface (logps of a batch, a model to sample from or None, whether it runs in the step),
-# three kinds; and the disk cache of precomputed reference log-probs
+# four kinds (the disk cache of precomputed reference log-probs: logprobs.py)
 # ----------------------------------------------------------------------------------------------------------------
 class FrozenReference:
     """A frozen copy of the initial policy, run in every step (and sampled from during evaluation)."""
@@ -412,52 +412,6 @@ class NoReference:
 
     def logps(self, batch, n_seqs):
         return None
-
-
-def example_key(example) -> int:
-    """A 64-bit digest of an example's token ids and labels: the per-example key of the reference log-prob cache."""
-    h = hashlib.blake2b(digest_size=8)
-    for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
-        h.update(array("q", example[k]).tobytes() + b"|")
-    return int.from_bytes(h.digest(), "little", signed=True)
-
-
-def logps_cache_path(cache_dir, fingerprint) -> str:
-    """The reference log-prob cache file named `fingerprint` (FrozenReference.fingerprint) in `cache_dir` (null:
-    $XDG_CACHE_HOME, or ~/.cache, /minimal-llm-alignment/reference_logps)."""
-    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "minimal-llm-alignment",
-                                       "reference_logps")
-    return os.path.join(os.path.expanduser(folder), fingerprint + ".pt")
-
-
-def read_logps_cache(path) -> dict:
-    """{example key: (chosen, rejected)} from a cache file written by `write_logps_cache`; {} if absent or unreadable
-    (a cache is never worth failing a run for: it is recomputed)."""
-    import torch
-    if not os.path.exists(path):
-        return {}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return dict(zip(state["keys"].tolist(), map(tuple, state["values"].tolist())))
-    except Exception as e:  # truncated, corrupt or foreign file: whatever the loader raises, recompute
-        print(f"warning: reference log-prob cache {path} is unreadable ({type(e).__name__}): recomputing it")
-        return {}
-
-
-def write_logps_cache(path, cache):
-    """Atomically (a reader sees the old cache or the new one, never half of one); a cache that cannot be written
-    costs the next run a recomputation, not this run its training: a warning, no error."""
-    import torch
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"keys": torch.tensor(list(cache), dtype=torch.long),
-                    "values": torch.tensor(list(cache.values()), dtype=torch.float32)}, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        print(f"warning: could not write the reference log-prob cache {path}: {e.strerror or e} (training goes on)")
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

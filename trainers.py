@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import checkpoints
 import data
+import logprobs
 import losses
 import models
 from utils import TrainingError, UserError, abort_now, write_atomic
@@ -285,9 +286,9 @@ class Trainer:
             return
         settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
                     len(self.tokenizer), cfg.max_length, cfg.max_prompt_length)
-        path = models.logps_cache_path(cfg.reference_cache_dir, self.reference.fingerprint(settings))
-        cache = models.read_logps_cache(path)
-        keys = [models.example_key(ex) for ex in examples]
+        path = logprobs.logps_cache_path(cfg.reference_cache_dir, self.reference.fingerprint(settings))
+        cache = logprobs.read_logps_cache(path)
+        keys = [logprobs.example_key(ex) for ex in examples]
         cached = torch.tensor([k in cache for k in keys], dtype=torch.long, device=self.device)
         cached = self.layout.all_gather(cached).min(0).values.cpu()  # computed where any process lacks it: all agree
         missing = [i for i in range(len(examples)) if not cached[i]]
@@ -295,7 +296,7 @@ class Trainer:
             values = self.reference_logps_of([examples[i] for i in missing])
             cache.update(zip([keys[i] for i in missing], map(tuple, values.tolist())))
             if self.is_main:
-                models.write_logps_cache(path, cache)
+                logprobs.write_logps_cache(path, cache)
         for example, key in zip(examples, keys):
             example["reference_logps"] = cache[key]
         if self.is_main:

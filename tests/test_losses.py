@@ -1,4 +1,5 @@
-"""Tests for losses.py: hand-computed values, a naive float64 reference implementation, gradients, masking.
+"""Tests for losses.py and logprobs.py (the label log-probs it takes): hand-computed values, a naive float64
+reference implementation, gradients, masking.
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest -q tests/test_losses.py``
 """
@@ -13,8 +14,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import logprobs  # noqa: E402
 import losses  # noqa: E402
-from losses import label_logps, scored_positions, sft_loss  # noqa: E402
+from logprobs import label_logps, scored_positions  # noqa: E402
+from losses import sft_loss  # noqa: E402
 from utils import in_range  # noqa: E402
 
 
@@ -38,7 +41,7 @@ def sequence_logps(logits, labels, average=False):
     positions whose next token is a label, label_logps scores them, losses.sequence_logps sums per sequence."""
     rows = torch.arange(labels.shape[0])[:, None].expand_as(labels)
     keep, targets, seq = scored_positions(labels, rows)
-    return losses.sequence_logps(label_logps(logits[keep], targets), seq, labels.shape[0], average)
+    return logprobs.sequence_logps(label_logps(logits[keep], targets), seq, labels.shape[0], average)
 
 
 def token_logps(logits, labels):
@@ -172,7 +175,7 @@ def test_sequence_logps_float32_output_and_bf16_input():
 
 @pytest.mark.parametrize("chunk_values", [2**26, 7])  # one chunk; chunks of 7 // V = 1 row each
 def test_label_logps_chunked_matches_log_softmax_and_gradient(monkeypatch, chunk_values):
-    monkeypatch.setattr(losses, "CHUNK_VALUES", chunk_values)
+    monkeypatch.setattr(logprobs, "CHUNK_VALUES", chunk_values)
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(10, 6, generator=g, dtype=torch.float64).mul(4).requires_grad_(True)
     labels = torch.randint(0, 6, (10,), generator=g)
@@ -208,8 +211,8 @@ def test_scored_positions():
 def test_sequence_logps_sums_by_sequence_id():
     token = torch.tensor([-1.0, -2.0, -0.5, -4.0])
     seq = torch.tensor([2, 0, 2, 2])
-    assert losses.sequence_logps(token, seq, 4).tolist() == [-2.0, 0.0, -5.5, 0.0]
-    assert losses.sequence_logps(token, seq, 4, average=True).tolist() == pytest.approx([-2.0, 0.0, -5.5 / 3, 0.0])
+    assert logprobs.sequence_logps(token, seq, 4).tolist() == [-2.0, 0.0, -5.5, 0.0]
+    assert logprobs.sequence_logps(token, seq, 4, average=True).tolist() == pytest.approx([-2.0, 0.0, -5.5 / 3, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
