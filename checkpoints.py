@@ -49,8 +49,8 @@ def save(trainer, name):
     if trainer.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
         full = trainer.layout.full_state_dict(trainer.policy, frozen=name == "final")  # collective
         adapter = {k: v for k, v in full.items() if adapters.LORA_MARK in k}
-        state = adapters.merged_state(trainer.policy, full) if name == "final" else None
-        state = models.export_state(trainer.policy.get_base_model(), state, save_dtype) if state is not None else None
+        state = None if name != "final" else models.export_state(
+            trainer.policy.get_base_model(), adapters.merged_state(trainer.policy, full), save_dtype)
     elif _export_shards(trainer, tmp, final, save_dtype):  # written by every process: nothing gathered
         state = None
     else:
