@@ -117,7 +117,7 @@ def resolve_resume(cfg) -> list:
 def load_newest(trainer, candidates):
     """Load the first checkpoint of `candidates` that loads; with resume=auto an unreadable one (corrupt in a way
     its file sizes do not show) is skipped with a warning. Returns the path, or None for a fresh start."""
-    for i, path in enumerate(candidates):
+    for path in candidates:
         try:
             checkpoints.load(trainer, path)
             return path
@@ -262,9 +262,9 @@ def worker(local_rank, world_size, port, config_path, overrides, error_dir):
         message, code = explain(e)
         with open(os.path.join(error_dir, f"rank-{local_rank}.txt"), "w") as f:
             f.write(message)
-    # Everything is on disk (checkpoints fsynced, metrics closed) and the process groups are shut down: the worker
-    # ends here, without the interpreter's teardown of torch's C++ threads, which once aborted a finished worker
-    # (SIGABRT, "terminate called without an active exception") on a loaded machine
+    # Everything is on disk (checkpoints fsynced, metrics closed, or the error above): the worker ends here, without
+    # the interpreter's teardown of torch's C++ threads, which once aborted a finished worker (SIGABRT, "terminate
+    # called without an active exception") on a loaded machine
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
