@@ -157,7 +157,8 @@ def take_run_lock(run_dir) -> int:
 
 
 def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
-    """Create the run folder and lock it, empty it first for overwrite=true, drop half-written checkpoints, check
+    """Create the run folder and lock it, empty it first for overwrite=true, drop half-written checkpoints (and, with
+    save_total_limit, the oldest step checkpoints beyond it), check
     it can hold a checkpoint, save the resolved config. Called only once every input has been checked; nothing is
     written into the folder before the space check has passed."""
     run_dir = run_dir_of(cfg)
@@ -180,6 +181,8 @@ def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
                     path = os.path.join(run_dir, name)
                     shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         checkpoints.remove_partial_checkpoints(run_dir)
+        if cfg.save_total_limit:  # also here: a run killed between a save and its pruning left one too many
+            checkpoints.prune_checkpoints(run_dir, cfg.save_total_limit)
         write_atomic(os.path.join(run_dir, "config.yaml"), config_yaml(cfg))
     except OSError as e:
         raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror or e}") from e

@@ -113,6 +113,19 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path):
     assert sorted(os.listdir(run_dir)) == ["step-000004"]
 
 
+def test_start_prunes_what_a_killed_run_left_beyond_save_total_limit(tmp_path):
+    """Killed after a checkpoint's rename but before the pruning that follows it: the next start prunes."""
+    run_dir = tmp_path / "run"
+    for step in (7, 8, 10):
+        (run_dir / f"step-{step:06d}").mkdir(parents=True)
+        (run_dir / f"step-{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+                            [f"output_dirs={run_dir}", "save_total_limit=2", "resume=auto"])
+    _, lock = train.prepare_run_dir(cfg, fresh=False)
+    os.close(lock)
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("step-")) == ["step-000008", "step-000010"]
+
+
 def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
