@@ -25,7 +25,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import adapters
 import models
 from layouts import TRAINED_ONLY
-from utils import TrainingError, UserError, config_yaml, human_bytes, rng_state, set_rng_state, write_atomic
+from config import config_yaml
+from utils import TrainingError, UserError, human_bytes, rng_state, set_rng_state, write_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor
 
 import adapters
 import models
-from utils import UserError, check_batch_split, check_replicate
+from config import check_batch_split, check_replicate
+from utils import UserError
 
 
 class OneDevice:

@@ -330,7 +330,7 @@ def nll_loss(chosen_token_logps_sum, num_chosen_tokens):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The loss table: what each `loss.name` trains on and needs, declared once. The config check (utils), the decision
+# The loss table: what each `loss.name` trains on and needs, declared once. The config check (config.py), the decision
 # to build a reference (models), the data kind (data), the loss step (`micro_batch_loss`, called by the trainer) and
 # the tests all ask it; nothing else branches on loss names.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ class Loss:
     metrics: tuple = ()           # what its fn reports per pair, beyond rewards/*, logps/* and logits/*
     batch_kl: bool = False        # needs KTO's reference point: the KL estimate of the global batch's mismatched pairs
     running_mean: bool = False    # shifts its rewards by their running mean (training state, checkpointed)
-    ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as utils.num) where narrower than the schema's
+    ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as config.num) where narrower than the schema's
 
     @property
     def unit(self) -> str:

@@ -27,7 +27,8 @@ import logprobs
 import losses
 from adapters import (LORA_MARK, apply_lora, base_state, is_adapter_folder, merge_adapter_folder)
 from attention import VARLEN_ATTN, register_varlen_attention
-from utils import DTYPE_NAMES, UserError, check_hub_reachable, choices
+from config import DTYPE_NAMES, choices
+from utils import UserError, check_hub_reachable
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
 
@@ -439,10 +440,24 @@ def find_block_class(model, name):
 
 def shard_model(model, block_class, mesh, mixed, offload):
     """fully_shard every transformer block, then the root (embeddings, final norm, head): one all-gather per block."""
+    keep_checkpoint_renamings(model)
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+
+
+def keep_checkpoint_renamings(model):
+    """transformers finds the renamings that save_pretrained reverts (GPT-NeoX's lm_head, saved as embed_out) by the
+    model's class name, which fully_shard changes (FSDPGPTNeoXForCausalLM: none found, the head exported as lm_head).
+    So they are looked up before sharding and kept where save_pretrained and checkpoint_names read them: those of a
+    model not loaded by from_pretrained (as revert_weight_conversion computes them: no prefix changes)."""
+    from transformers import PreTrainedModel
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+    if isinstance(model, PreTrainedModel) and getattr(model, "_weight_conversions", None) is None:
+        model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                                     if not isinstance(c, PrefixChange)]
 
 
 def checkpoint_names(model, state):

@@ -17,8 +17,8 @@ import socket
 import sys
 import tempfile
 
-from utils import (TrainingError, UserError, abort_now, check_batch_split, config_yaml, human_bytes, load_config,
-                   set_seed, write_atomic)
+from config import check_batch_split, config_yaml, load_config
+from utils import TrainingError, UserError, abort_now, human_bytes, set_seed, write_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:

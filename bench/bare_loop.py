@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402  (the project's own tokenization, so the token ids are exactly train.py's)
 import utils  # noqa: E402
+from config import load_config
 
 
 def padded(rows, key, length, value):
@@ -44,7 +45,7 @@ def main():
     ap.add_argument("config")
     ap.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    cfg = utils.load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     sft = cfg.loss.name == "sft"
     assert cfg.loss.name in ("sft", "dpo") and not cfg.loss.reference_free and not cfg.loss.label_smoothing, \
         "the baseline implements plain SFT and plain DPO only"

@@ -13,11 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
-import utils  # noqa: E402
+from config import load_config
 
 
 def one_step(kind, compile_):
-    cfg = utils.load_config(os.path.join(ROOT, "example", f"tiny-{kind}.yml"), [
+    cfg = load_config(os.path.join(ROOT, "example", f"tiny-{kind}.yml"), [
         "n_eval_examples=0", "optimizer=SGD", "lr=1.0", "warmup_steps=0", "max_grad_norm=0", "total_batch_size=8",
         "packing=true", f"compile={str(compile_).lower()}", *sys.argv[1:]])
     trainer = train.build_trainer(cfg)

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -51,7 +52,7 @@ def main():
     for compile_ in (False, True):
         overrides = [*gpu.COMMON, "packing=true", "gradient_accumulation_steps=1", f"compile={str(compile_).lower()}",
                      "n_examples=640", "n_epochs=null", *args.overrides]
-        cfg = utils.load_config(os.path.join(args.workload, "sft.yml"), overrides)
+        cfg = load_config(os.path.join(args.workload, "sft.yml"), overrides)
         trainer = train.build_trainer(cfg)
         start = time.perf_counter()
         step_times(trainer, 2)  # warm-up (and compilation)

@@ -33,6 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import run as bench_run  # noqa: E402  (CHILD_ENV, meta, tail: shared with the main benchmark)
 import workload  # noqa: E402
+from config import load_config
 
 # ~100M parameters, Llama-shaped (GPT-2 small's width); the untied 32k embedding and head are 49M of it.
 MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
@@ -82,7 +83,7 @@ def step_tokens(tree, config_path, cfg_overrides, steps):
     from transformers import AutoTokenizer
     import data
     import utils
-    cfg = utils.load_config(config_path, cfg_overrides)
+    cfg = load_config(config_path, cfg_overrides)
     tok = data.prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path))
     train, _, _ = data.build_datasets([dict(s) for s in cfg.datasets], [], tok, "preference", cfg.max_length,
                                       cfg.max_prompt_length, 0, cfg.seed)

@@ -35,6 +35,7 @@ import os
 import subprocess
 import sys
 import time
+from config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -233,7 +234,7 @@ def worker(kind, model_dir, path):
     overrides = ["trainer=FSDPTrainer", f"model.name_or_path={model_dir}", "model.from_config=null",
                  f"model.tokenizer_name_or_path={os.path.join(ROOT, 'example', 'tokenizer')}", "device=cpu",
                  "n_eval_examples=0", "wandb.enabled=false"]
-    cfg = utils.load_config(os.path.join(ROOT, "example", f"tiny-{kind}.yml"), overrides)
+    cfg = load_config(os.path.join(ROOT, "example", f"tiny-{kind}.yml"), overrides)
     utils.set_seed(cfg.seed)
     layout = FSDPRanks(cfg)
     tokenizer = models.build_tokenizer(cfg)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+from config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "example", "tokenizer")
@@ -172,7 +173,7 @@ def token_stats(config_path):
     from transformers import AutoTokenizer
     import data
     import utils
-    cfg = utils.load_config(config_path)
+    cfg = load_config(config_path)
     tok = data.prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path))
     kind = "sft" if cfg.loss.name == "sft" else "preference"
     train, _, stats = data.build_datasets([dict(s) for s in cfg.datasets], [dict(s) for s in cfg.eval_datasets], tok,

@@ -13,6 +13,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 os.environ.update(OFFLINE_ENV)
 
 import torch  # noqa: E402
+from config import load_config
 
 torch.set_num_threads(1)
 
@@ -83,7 +84,7 @@ def build(kind, model_dir, *overrides):
     """A trainer for the tiny SFT / DPO example on the local model folder, in this process (no eval examples)."""
     import train
     import utils
-    cfg = utils.load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
+    cfg = load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
     return train.build_trainer(cfg)
 
 

@@ -11,6 +11,7 @@ import data
 import models
 import train
 import utils
+from config import load_config
 from conftest import TINY, build, close_updates, one_sgd_step
 
 
@@ -91,7 +92,7 @@ def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
     sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
                "max_window_layers: 0}")
-    cfg = utils.load_config(TINY["sft"], [sliding, "model.attn_implementation=varlen_attn", f"output_dirs={tmp_path}/run"])
+    cfg = load_config(TINY["sft"], [sliding, "model.attn_implementation=varlen_attn", f"output_dirs={tmp_path}/run"])
     with pytest.raises(utils.UserError, match="sliding-window attention or softcapping: use sdpa"):
         train.build_trainer(cfg)
     assert not os.path.exists(tmp_path / "run")  # refused before the run folder is written

@@ -7,6 +7,7 @@ import pytest
 import models
 import train
 from conftest import ROOT
+from config import load_config
 
 CORPUS = os.path.join(ROOT, "tests", "bad_inputs")
 
@@ -180,12 +181,12 @@ def test_wandb_without_a_login(monkeypatch, tmp_path, run_dir, capsys):
                   ["wandb.enabled", "wandb login", "WANDB_API_KEY", "WANDB_MODE=offline"])
     tiny = os.path.join(ROOT, "example", "tiny-dpo.yml")
     import utils
-    assert utils.load_config(tiny, ["wandb.enabled=true", "debug=true"])  # debug: no WandB at all
+    assert load_config(tiny, ["wandb.enabled=true", "debug=true"])  # debug: no WandB at all
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
-    assert utils.load_config(tiny, ["wandb.enabled=true"])
+    assert load_config(tiny, ["wandb.enabled=true"])
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert utils.load_config(tiny, ["wandb.enabled=true"])
+    assert load_config(tiny, ["wandb.enabled=true"])
 
 
 def test_folder_of_gguf_files(tmp_path, run_dir, capsys):
@@ -276,7 +277,7 @@ def test_hub_check_passes_local_and_cached(tmp_path, monkeypatch):
 def test_bfloat16_on_a_cpu_without_bf16_instructions(flags, dtype, warned, monkeypatch, capsys):
     import utils
     monkeypatch.setattr(models, "cpu_flags", lambda: flags)
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["device=cpu", f"model.policy_dtype={dtype}"])
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["device=cpu", f"model.policy_dtype={dtype}"])
     assert models.pick_device(cfg).type == "cpu"
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [] if not warned else (len(err) == 1 and "bfloat16" in err[0] and "float32" in err[0]), err

@@ -10,6 +10,8 @@ from omegaconf import OmegaConf
 import losses
 import train
 import utils
+import config
+from config import load_config
 from conftest import ROOT, assert_one_line_error, run_cli
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "example", "*.yml")))
@@ -24,14 +26,14 @@ def test_examples_exist():
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_every_example_loads(path):
     overrides = ["model.name_or_path=some/model"] if path.endswith("full-config.yml") else []
-    cfg = utils.load_config(path, overrides)
+    cfg = load_config(path, overrides)
     assert cfg.loss.name in losses.LOSSES
     assert "${" not in cfg.output_dirs  # interpolation resolved
     assert cfg.output_dirs.endswith(cfg.exp_name)
 
 
 def _schema_defaults():
-    return OmegaConf.to_container(OmegaConf.structured(utils.Config))
+    return OmegaConf.to_container(OmegaConf.structured(config.Config))
 
 
 def test_full_config_lists_every_key_with_its_default_and_a_comment():
@@ -40,7 +42,7 @@ def test_full_config_lists_every_key_with_its_default_and_a_comment():
     defaults = _schema_defaults()
     documented_datasets = documented.pop("datasets")
     defaults.pop("datasets")
-    assert [set(d) for d in documented_datasets] == [{f.name for f in dataclasses.fields(utils.DatasetConfig)}]
+    assert [set(d) for d in documented_datasets] == [{f.name for f in dataclasses.fields(config.DatasetConfig)}]
     assert documented == defaults  # same keys, same defaults, nested ones included
     for line in open(path):
         if re.match(r"^\s*(- )?\w+: \S", line):
@@ -48,7 +50,7 @@ def test_full_config_lists_every_key_with_its_default_and_a_comment():
 
 
 def test_overrides_alias_and_interpolation():
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"),
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"),
                             ["lr=2e-5", "batch_size=32", "exp_name=abc", "model.policy_dtype=bfloat16",
                              "datasets=[{type: custom_dataset, path: x.json}, {type: huggingface_dataset, name: hh}]"])
     assert cfg.lr == 2e-5 and cfg.total_batch_size == 32       # batch_size is an alias; overrides beat the file
@@ -58,7 +60,7 @@ def test_overrides_alias_and_interpolation():
 
 
 def test_null_epochs_with_n_examples():
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["n_epochs=null", "n_examples=40"])
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["n_epochs=null", "n_examples=40"])
     assert cfg.n_epochs is None and cfg.n_examples == 40
 
 
@@ -103,18 +105,18 @@ def test_max_prompt_length_defaults_to_half_of_max_length(tmp_path):
     path.write_text(open(os.path.join(ROOT, "example", "tiny-dpo.yml")).read().replace("max_prompt_length: 96\n", "")
                     .replace("max_length: 128", "max_length: 256"))
     assert "max_prompt_length" not in path.read_text()
-    cfg = utils.load_config(str(path))
+    cfg = load_config(str(path))
     assert cfg.max_prompt_length == 128 and isinstance(cfg.max_prompt_length, int)  # resolved: readers see an int
-    assert utils.load_config(str(path), ["max_length=101"]).max_prompt_length == 50
-    assert utils.load_config(str(path), ["max_prompt_length=200"]).max_prompt_length == 200
+    assert load_config(str(path), ["max_length=101"]).max_prompt_length == 50
+    assert load_config(str(path), ["max_prompt_length=200"]).max_prompt_length == 200
     with pytest.raises(utils.UserError, match=r"max_prompt_length \(256\) must be < max_length \(256\)"):
-        utils.load_config(str(path), ["max_prompt_length=256"])  # only an explicit contradiction is an error
+        load_config(str(path), ["max_prompt_length=256"])  # only an explicit contradiction is an error
 
 
-def numeric_fields(schema=utils.Config, prefix=""):
+def numeric_fields(schema=config.Config, prefix=""):
     """(dotted key, dataclass field) of every int/float field of the schema, nested configs included."""
     for f in dataclasses.fields(schema):
-        sub = utils._nested_schema(f.type)
+        sub = config._nested_schema(f.type)
         if sub is not None and getattr(f.type, "__origin__", None) is not list:  # nested, or Optional (model.lora)
             yield from numeric_fields(sub, f"{prefix}{f.name}.")
         elif sub is not None:  # a list of configs (datasets): none of its fields is numeric, or this test must learn it
@@ -134,7 +136,7 @@ NUMERIC = list(numeric_fields())
 def test_every_numeric_field_declares_its_range():
     assert len(NUMERIC) >= 25 and {"lr", "n_epochs", "loss.beta", "fsdp.world_size", "sample_top_p"} <= dict(NUMERIC).keys()
     missing = [key for key, f in NUMERIC if not f.metadata.get("range")]
-    assert not missing, f"numeric fields without a range (declare one with utils.num): {missing}"
+    assert not missing, f"numeric fields without a range (declare one with config.num): {missing}"
 
 
 @pytest.mark.parametrize("key", [key for key, _ in NUMERIC])
@@ -182,30 +184,30 @@ def test_every_numeric_field_is_range_checked(key, tmp_path, capsys):
 ])
 def test_out_of_range_values_are_refused(overrides, message):
     with pytest.raises(utils.UserError) as e:
-        utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides)
+        load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides)
     assert str(e.value) == f"config: {message}"
 
 
 def test_boundary_values_are_accepted():
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"),
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"),
                             ["warmup_steps=0", "n_eval_examples=0", "max_grad_norm=0", "sample_temperature=0",
                              "sample_top_p=1", "loss.label_smoothing=0.49", "n_epochs=null", "n_examples=1"])
     assert cfg.sample_top_p == 1 and cfg.sample_temperature == 0 and cfg.n_examples == 1
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["loss.name=exo_pair",
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["loss.name=exo_pair",
                                                                           "loss.label_smoothing=0.9"])
     assert cfg.loss.label_smoothing == 0.9  # EXO's eps may pass 0.5, unlike a flip probability
 
 
 def test_long_choice_lists_are_capped():
-    line = utils.choices("lama", [f"type{i}" for i in range(500)] + ["llama"], limit=8)
+    line = config.choices("lama", [f"type{i}" for i in range(500)] + ["llama"], limit=8)
     assert "did you mean 'llama'" in line and "... 493 more" in line and len(line) < 200
 
 
 def test_config_loads_without_torch():
     """`python train.py bad.yml` fails in about a second: the config is loaded and checked before torch (and
     transformers) are imported. Checked on what is imported, not on time."""
-    code = ("import sys, utils\n"
-            "try:\n    utils.load_config('example/tiny-dpo.yml', ['lrr=1'])\nexcept utils.UserError as e:\n    print(e)\n"
+    code = ("import sys, utils\nfrom config import load_config\n"
+            "try:\n    load_config('example/tiny-dpo.yml', ['lrr=1'])\nexcept utils.UserError as e:\n    print(e)\n"
             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     proc = run_cli("-c", code, timeout=60)
     assert proc.stdout.splitlines() == ["config: unknown key 'lrr' (did you mean 'lr'?)", "[]"], proc.stderr
@@ -226,7 +228,7 @@ def test_overrides_before_or_after_the_config_file(argv, capsys):
     args = train.parse_args(argv)
     assert args.config == path and args.overrides[-1] == "lrr=1"
     with pytest.raises(utils.UserError, match="unknown key 'lrr'"):
-        utils.load_config(args.config, args.overrides)
+        load_config(args.config, args.overrides)
     if "--traceback" not in argv:
         assert train.cli(argv) == 2 and "unknown key 'lrr'" in capsys.readouterr().err
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 import checkpoints
 import layouts
 import utils
+from config import load_config
 from conftest import (OFFLINE_ENV, ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of,
                       read_jsonl, run_cli)
 
@@ -203,22 +204,26 @@ def test_fsdp_preempted_run_resumes_exactly(tiny_model_dir, tmp_path):
 
 
 NEOX = "{model_type: gpt_neox, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4}"
+LLAMA = "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4}"
+QWEN2_TIED = "{model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4, " \
+             "num_key_value_heads: 2, tie_word_embeddings: true}"
 
 
-@pytest.mark.parametrize("arch", [TIED, NEOX], ids=["llama-tied", "gpt_neox"])
+@pytest.mark.parametrize("arch", [NEOX, LLAMA, QWEN2_TIED], ids=["gpt_neox", "llama", "qwen2-tied"])
 def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, monkeypatch):
     """FSDPTrainer (world size 1, bf16 mixed precision; built on the meta device and filled from one read): the
     sharded reference computes exactly what the initial policy does (step-0 rewards 0); the export, written shard by
-    shard (no gather), holds the same tensors under the same names as a plain save_pretrained (a tie kept once,
-    GPT-NeoX's names) and loads in transformers; nothing of the per-process files is left."""
+    shard (no gather), holds the same tensors under the same names as BasicTrainer's export (save_pretrained) of the
+    same initial model: GPT-NeoX's head as embed_out (transformers finds that renaming by the model's class name,
+    which fully_shard changes), a tied head once; it loads in transformers; nothing of the per-process files is left."""
     from safetensors.torch import load_file
 
     import train
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                            MASTER_PORT=str(train.free_port())).items():
         monkeypatch.setenv(key, value)
-    cfg = utils.load_config(TINY["dpo"], ["trainer=FSDPTrainer", "model.policy_dtype=bfloat16", "model.reference_dtype=null",
-                                          f"model.from_config={arch}", "n_eval_examples=8", f"output_dirs={tmp_path}/run"])
+    common = ["model.policy_dtype=bfloat16", "model.reference_dtype=null", f"model.from_config={arch}", "n_eval_examples=8"]
+    cfg = load_config(TINY["dpo"], [*common, "trainer=FSDPTrainer", f"output_dirs={tmp_path}/run"])
     try:
         trainer = train.build_trainer(cfg)
         metrics = trainer.evaluate()
@@ -231,11 +236,12 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
     assert files == ["model-00001-of-00001.safetensors"] and not os.path.exists(os.path.join(exported, "sharded"))
     assert os.path.isfile(os.path.join(exported, "model.safetensors.index.json"))
     written = load_file(os.path.join(exported, files[0]))
-    plain = tmp_path / "plain"
-    reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.bfloat16)
-    reloaded.save_pretrained(plain)
-    want = load_file(plain / "model.safetensors")
+    basic = train.build_trainer(load_config(TINY["dpo"], [*common, f"output_dirs={tmp_path}/basic"]))
+    want = load_file(os.path.join(checkpoints.save(basic, "final"), "model.safetensors"))
     assert sorted(written) == sorted(want) and all(torch.equal(written[k], want[k]) for k in want)
+    head = "embed_out.weight" if "gpt_neox" in arch else "lm_head.weight"
+    assert (head in written) == ("tie_word_embeddings: true" not in arch)  # a tied head: only the embedding is written
+    reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.bfloat16)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in live.items())
 
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import checkpoints
 import layouts
 import utils
+from config import load_config
 from conftest import TINY, assert_one_line_error, build, local_model_overrides, params_of, read_jsonl, run_cli
 
 # 3 optimizer steps of 8 DPO pairs, 2 micro-batches of 1 pair on each of 4 processes; SGD with lr=1 and momentum
@@ -100,18 +101,18 @@ def test_replicate_not_dividing_the_world_size_is_one_line_error(tmp_path):
     assert_one_line_error(proc, "fsdp.replicate=3", "does not divide the world size 4")
     assert not (tmp_path / "r").exists()
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=8 is larger than the world size 4"):
-        utils.load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=4", "fsdp.replicate=8"])
-    utils.load_config(TINY["sft"], ["fsdp.world_size=4", "fsdp.replicate=8"])  # BasicTrainer: fsdp.* do not apply
+        load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=4", "fsdp.replicate=8"])
+    load_config(TINY["sft"], ["fsdp.world_size=4", "fsdp.replicate=8"])  # BasicTrainer: fsdp.* do not apply
 
 
 def test_replicate_checked_against_torchrun_world_size(monkeypatch):
     """Under torchrun the world size is WORLD_SIZE (fsdp.world_size does not apply): checked from the config in every
     rank, and again by the layout itself (layouts.FSDPRanks: the own launcher on GPUs, one worker per GPU)."""
-    cfg = utils.load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])  # passes
+    cfg = load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])  # passes
     for key, value in {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
-        utils.load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])
+        load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
         layouts.FSDPRanks(cfg)  # before any process group is started
     assert not torch.distributed.is_initialized()

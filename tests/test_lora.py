@@ -14,7 +14,8 @@ import adapters
 import checkpoints
 import models
 import train
-import utils
+import config
+from config import load_config
 from conftest import (ROOT, SGD_STEP, TIED, TINY, assert_one_line_error, build, local_model_overrides, read_jsonl,
                       run_cli, sgd_update)
 from utils import UserError
@@ -113,7 +114,7 @@ def test_tied_embedding_model_exports_the_merged_model(tmp_path):
     """A tied-embedding Llama: final/'s merged model (one shared embedding / head tensor) has the trained policy's
     log-probs, and saving left the policy untouched. (all-linear leaves the tied head out: peft skips the output
     layer.)"""
-    trainer = train.build_trainer(utils.load_config(TINY_LORA, [f"model.from_config={TIED}", "n_eval_examples=0",
+    trainer = train.build_trainer(load_config(TINY_LORA, [f"model.from_config={TIED}", "n_eval_examples=0",
                                                                 *FAST, f"output_dirs={tmp_path}"]))
     assert not any("lm_head" in n for n in adapters.adapter_state(trainer.policy))
     trainer.train_step(next(trainer.global_batches()))
@@ -193,7 +194,7 @@ def test_unknown_target_module_is_one_line_listing_the_linear_layers(tmp_path):
 ])
 def test_bad_lora_config_is_one_line(override, needle):
     with pytest.raises(UserError) as e:
-        utils.load_config(TINY_LORA, [override])
+        load_config(TINY_LORA, [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
@@ -260,7 +261,7 @@ def test_float16_base_with_grad_scaling_trains_only_the_float32_adapter(tiny_mod
 
 def test_lm_head_adapter_on_tied_embeddings_is_one_line(tmp_path):
     """A tied model's lm_head IS its input embedding: an adapter on the head alone has no tied merged form."""
-    cfg = utils.load_config(TINY_LORA, [f"model.from_config={TIED}", "model.lora.target_modules=[q_proj,lm_head]",
+    cfg = load_config(TINY_LORA, [f"model.from_config={TIED}", "model.lora.target_modules=[q_proj,lm_head]",
                                         "n_eval_examples=0", f"output_dirs={tmp_path / 'run'}"])
     with pytest.raises(UserError) as e:
         train.build_trainer(cfg)
@@ -272,7 +273,7 @@ def test_lm_head_adapter_on_tied_embeddings_is_one_line(tmp_path):
 def test_lm_head_adapter_on_an_untied_model_is_in_the_merged_export(tmp_path):
     """target_modules with lm_head on an untied model: final/'s merged model has the adapted head (the input
     embedding unchanged) and the trained policy's log-probs; the adapter file holds only adapter weights."""
-    trainer = train.build_trainer(utils.load_config(TINY_LORA, ["model.lora.target_modules=[q_proj,lm_head]",
+    trainer = train.build_trainer(load_config(TINY_LORA, ["model.lora.target_modules=[q_proj,lm_head]",
                                                                 "n_eval_examples=0", *FAST, f"output_dirs={tmp_path}"]))
     trainer.train_step(next(trainer.global_batches()))
     before = clone(trainer.policy.state_dict())
@@ -312,6 +313,6 @@ def test_full_config_lists_the_lora_keys_with_their_defaults():
     block = re.search(r"^  lora: null +#.*\n((?:  #   .*\n)+)", text, re.M).group(1)
     listed = {m.group(1): m.group(2) for m in re.finditer(r"#   (\w+): (\S+) +# \S", block)}
     import dataclasses
-    defaults = {f.name: f.default for f in dataclasses.fields(utils.LoraConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(config.LoraConfig)}
     assert listed.keys() == defaults.keys()
     assert {k: yaml.safe_load(v) for k, v in listed.items()} == defaults

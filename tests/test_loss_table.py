@@ -12,6 +12,7 @@ import losses
 import models
 import train
 import utils
+from config import load_config
 from conftest import TINY, close_updates, params_of
 
 KIND = {"sft": "sft", "dft": "sft"}  # which tiny example a loss trains on; every other loss: the demo pairs
@@ -22,7 +23,7 @@ def tiny(name, tmp_path, *overrides):
     that each loss takes its own default."""
     kind = KIND.get(name, "dpo")
     extra = [] if kind == "sft" else ["loss.label_smoothing=null", "model.reference_dtype=null"]
-    cfg = utils.load_config(TINY[kind], [f"loss.name={name}", f"output_dirs={tmp_path}", *extra, *overrides])
+    cfg = load_config(TINY[kind], [f"loss.name={name}", f"output_dirs={tmp_path}", *extra, *overrides])
     return train.build_trainer(cfg)
 
 
@@ -63,10 +64,10 @@ def test_every_loss_learns_and_its_checkpoint_reloads(name, tmp_path):
 
 
 def test_hyperparameter_defaults_come_from_the_table_and_unused_keys_are_refused(tmp_path, capsys):
-    cfg = utils.load_config(TINY["dpo"], ["loss.name=simpo", "loss.label_smoothing=null", "loss.beta=null"])
+    cfg = load_config(TINY["dpo"], ["loss.name=simpo", "loss.label_smoothing=null", "loss.beta=null"])
     assert (cfg.loss.beta, cfg.loss.simpo_gamma, cfg.loss.nll_weight) == (2.0, 1.0, 0.0)  # SimPO's paper
     assert cfg.loss.discopop_tau is None  # not simpo's: stays null
-    cfg = utils.load_config(TINY["dpo"], ["loss.name=cpo", "loss.label_smoothing=null"])
+    cfg = load_config(TINY["dpo"], ["loss.name=cpo", "loss.label_smoothing=null"])
     assert cfg.loss.nll_weight == 1.0  # CPO's NLL term (TRL's cpo_alpha)
     code = train.cli([TINY["dpo"], "--overrides", "loss.name=simpo", "loss.discopop_tau=0.1",
                       f"output_dirs={tmp_path}/run"])
@@ -74,9 +75,9 @@ def test_hyperparameter_defaults_come_from_the_table_and_unused_keys_are_refused
     assert code == 2 and len(err) == 1 and not os.path.exists(tmp_path / "run")
     assert "loss.discopop_tau=0.1 is not used by loss.name=simpo" in err[0] and "loss.simpo_gamma" in err[0], err
     with pytest.raises(utils.UserError, match="loss.beta=0.1 is not used by loss.name=sft, which takes no loss"):
-        utils.load_config(TINY["sft"], ["loss.beta=0.1"])
+        load_config(TINY["sft"], ["loss.beta=0.1"])
     with pytest.raises(utils.UserError, match="loss.reference_free=True is not used by loss.name=orpo"):
-        utils.load_config(TINY["dpo"], ["loss.name=orpo", "loss.label_smoothing=null", "loss.reference_free=true"])
+        load_config(TINY["dpo"], ["loss.name=orpo", "loss.label_smoothing=null", "loss.reference_free=true"])
 
 
 @pytest.mark.parametrize("name", [n for n, spec in losses.LOSSES.items() if not spec.reference])
@@ -161,7 +162,7 @@ def test_fsdp_matches_one_device(name, tmp_path):
               "n_examples=24", "n_epochs=null", "n_eval_examples=0", "report_to_tensorboard=false"]
     proc = run_cli("train.py", TINY["dpo"], "--overrides", "trainer=FSDPTrainer", f"output_dirs={tmp_path}/fsdp", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = utils.load_config(TINY["dpo"], [*common, f"output_dirs={tmp_path}/one"])
+    cfg = load_config(TINY["dpo"], [*common, f"output_dirs={tmp_path}/one"])
     trainer = train.build_trainer(cfg)
     initial = params_of(trainer.policy)
     for examples in trainer.global_batches():

@@ -18,7 +18,7 @@ import logprobs  # noqa: E402
 import losses  # noqa: E402
 from logprobs import label_logps, scored_positions  # noqa: E402
 from losses import sft_loss  # noqa: E402
-from utils import in_range  # noqa: E402
+from config import in_range  # noqa: E402
 
 
 def preference_loss(pc, pr, rc, rr, beta, label_smoothing=0.0, ipo=False, reference_free=False):

@@ -11,7 +11,7 @@ import checkpoints
 import data
 import models
 import train
-import utils
+from config import load_config
 from utils import UserError
 from conftest import TIED, TINY, assert_one_line_error, build, local_model_overrides, run_cli
 
@@ -42,7 +42,7 @@ def test_archive_pt_state_dict_and_malicious_pickle(tmp_path, tiny_model_dir):
 
 def test_dropout_is_disabled(tmp_path):
     """A config asking for dropout still trains deterministically: two train-mode forwards agree exactly."""
-    cfg = utils.load_config(TINY["dpo"], ["model.from_config.attention_dropout=0.5", "n_eval_examples=0",
+    cfg = load_config(TINY["dpo"], ["model.from_config.attention_dropout=0.5", "n_eval_examples=0",
                                           f"output_dirs={tmp_path}"])
     trainer = train.build_trainer(cfg)
     assert trainer.policy.config.attention_dropout == 0.0
@@ -113,7 +113,7 @@ def test_block_class_detected_or_named(tiny_model_dir):
 def test_export_keeps_tied_weights_once(tmp_path):
     """A bf16 export of a tied-embedding model: the same tensors and bytes as a plain save_pretrained of it."""
     from safetensors.torch import load_file
-    cfg = utils.load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
+    cfg = load_config(TINY["sft"], ["model.policy_dtype=bfloat16", f"model.from_config={TIED}",
                                           "n_eval_examples=0", f"output_dirs={tmp_path}/run"])
     trainer = train.build_trainer(cfg)
     exported = checkpoints.save(trainer, "final")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import checkpoints
 import train
 import utils
+from config import load_config
 from conftest import OFFLINE_ENV, ROOT, assert_one_line_error, run_cli
 
 # 12 steps of 8 pairs; checkpoints every 2 steps; log every step so the metrics are compared step by step
@@ -119,7 +120,7 @@ def test_start_prunes_what_a_killed_run_left_beyond_save_total_limit(tmp_path):
     for step in (7, 8, 10):
         (run_dir / f"step-{step:06d}").mkdir(parents=True)
         (run_dir / f"step-{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
                             [f"output_dirs={run_dir}", "save_total_limit=2", "resume=auto"])
     _, lock = train.prepare_run_dir(cfg, fresh=False)
     os.close(lock)
@@ -152,7 +153,7 @@ def test_overwrite_and_resume_auto_without_checkpoint_start_afresh(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
                             ["n_eval_examples=0", "max_nonfinite_steps=2", "total_batch_size=4", f"output_dirs={tmp_path}"])
     trainer = train.build_trainer(cfg)
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
 
 def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     import errno
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
                             ["n_eval_examples=0", "total_batch_size=4", f"output_dirs={tmp_path}"])
     trainer = train.build_trainer(cfg)
     trainer.train_step(next(trainer.global_batches()))
@@ -367,7 +368,7 @@ def test_crash_while_replacing_a_checkpoint_keeps_the_old_one(tmp_path):
 
 def test_disk_space_check_speaks_mib_and_writes_nothing(tmp_path, monkeypatch):
     import collections
-    cfg = utils.load_config(os.path.join(ROOT, "example", "tiny-sft.yml"), [f"output_dirs={tmp_path}/run"])
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-sft.yml"), [f"output_dirs={tmp_path}/run"])
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 6 * 2**20, 6 * 2**20))
     with pytest.raises(utils.UserError, match=r"has 6\.0 MiB free but one checkpoint needs about 16\.0 MiB"):

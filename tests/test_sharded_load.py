@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import models
 import train
-import utils
+from config import load_config
 from conftest import ROOT, TIED, TINY, TINY_ARCH, build, params_of, save_model_folder
 
 MB = 2 ** 20  # (MiB)
@@ -71,7 +71,7 @@ def test_meta_built_sharded_models_equal_full_load(source, tmp_path, monkeypatch
     dict over a Llama folder (read by rank 0 only)."""
     if source == "tied_llama_from_config":
         overrides = [f"model.from_config={TIED}", "n_eval_examples=0"]
-        make = lambda *extra: train.build_trainer(utils.load_config(TINY["dpo"], [*overrides, *extra]))  # noqa: E731
+        make = lambda *extra: train.build_trainer(load_config(TINY["dpo"], [*overrides, *extra]))  # noqa: E731
     elif source == "llama_archive_pt":
         folder = save_model_folder(tmp_path / "llama", TINY_ARCH)
         state = {k: v + 0.5 for k, v in AutoModelForCausalLM.from_pretrained(folder).state_dict().items()}

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
-import utils
+from config import load_config
 from conftest import ROOT, TINY, build, local_model_overrides, one_sgd_step, params_of, read_jsonl, run_cli
 
 @pytest.fixture(scope="module")
@@ -193,7 +193,7 @@ def test_seed_custom_config_block_runs_as_written(tmp_path, tiny_model_dir):
     proc = run_cli("train.py", str(config), "--overrides", "lr=2e-5", "batch_size=32", "n_examples=64",
                    "n_eval_examples=32", f"output_dirs={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    saved = utils.load_config(str(run / "config.yaml"))
+    saved = load_config(str(run / "config.yaml"))
     assert saved.total_batch_size == 32 and saved.lr == 2e-5 and saved.model.policy_dtype == "float16"
     assert saved.gradient_accumulation_steps == 4 and saved.n_epochs == 100
     rows = read_jsonl(run / "metrics.jsonl")
@@ -268,7 +268,7 @@ def test_reference_equals_the_initial_policy_in_every_dtype(dtype, tmp_path):
     """Before any update, policy and reference compute the same log-probs: rewards exactly 0, loss exactly ln 2.
     A half-precision reference (reference_dtype, the memory-saving option) does not: the control."""
     def first_eval(reference_dtype):
-        cfg = utils.load_config(TINY["dpo"], [f"model.policy_dtype={dtype}", f"model.reference_dtype={reference_dtype}",
+        cfg = load_config(TINY["dpo"], [f"model.policy_dtype={dtype}", f"model.reference_dtype={reference_dtype}",
                                               "n_eval_examples=16", f"output_dirs={tmp_path}"])
         return train.build_trainer(cfg).evaluate()
     metrics = first_eval("null")

@@ -1,0 +1,405 @@
+"""The config: its schema (every key, its type, default, allowed range and, in the comment beside it, what it means),
+loading (YAML file + `key=value` overrides) and validation with one-line errors (`utils.UserError`).
+
+The schema below is the single source of truth for every config key. `example/full-config.yml` repeats it as a
+commented YAML file; a test keeps the two equal. Loading needs no torch until the last checks (train.py checks the
+config before torch and transformers are imported, so a mistake is reported in well under a second).
+"""
+import dataclasses
+import difflib
+import math
+import netrc
+import operator
+import os
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from utils import UserError
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------------------------
+TRAINERS = ("BasicTrainer", "FSDPTrainer")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # models.DTYPES maps them to torch dtypes
+SCHEDULES = ("constant", "linear", "cosine")       # what follows the linear warmup
+DATASET_TYPES = ("custom_dataset", "huggingface_dataset")
+HF_DATASET_NAMES = ("hh", "shp", "se")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flex_attention", "varlen_attn")  # + transformers' registry
+RANGE_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def num(default, **bounds):
+    """A numeric schema field with its allowed range beside it, e.g. num(0.1, gt=0) or num(0.0, ge=0, lt=0.5);
+    `_check_ranges` checks every such field (a null passes where the type is Optional), and a test makes sure no
+    numeric field of the schema goes without one."""
+    assert bounds and set(bounds) <= set(RANGE_OPS), bounds
+    return field(default=default, metadata={"range": bounds})
+
+
+@dataclass
+class DatasetConfig:
+    type: str = "custom_dataset"            # custom_dataset (a local .json/.jsonl/.parquet or a hub id) | huggingface_dataset (hh, shp, se)
+    path: Optional[str] = None              # file, folder or hub id; for huggingface_dataset an optional local copy of the raw data
+    name: Optional[str] = None              # huggingface_dataset only: hh | shp | se
+    split: str = "train"                    # split to read from hub datasets and folders
+
+
+@dataclass
+class LoraConfig:  # model.lora: train a low-rank adapter on a frozen base instead of every weight
+    r: int = num(8, ge=1)                   # rank of each adapter (A: r x in, B: out x r)
+    alpha: float = num(16, gt=0)            # scaling: the adapter's update is multiplied by alpha / r
+    dropout: float = num(0.0, ge=0, lt=1)   # dropout on the adapter's input; > 0 makes policy log-probs noisy
+    target_modules: Any = "all-linear"      # all-linear (every nn.Linear but the output head) or a list of names, e.g. [q_proj, v_proj]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None      # hub id or local folder of the policy; null builds one from `from_config`
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    from_config: Optional[Dict[str, Any]] = None  # random init from an architecture, e.g. {model_type: llama, hidden_size: 64, ...}
+    archive: Optional[str] = None           # initial weights for policy and reference: an HF folder or a .pt state dict
+    policy_dtype: str = "float32"           # float32 | bfloat16 | float16: autocast compute dtype; master weights stay float32
+    reference_dtype: Optional[str] = None   # null = exactly the policy (float32 weights, same autocast): step-0 rewards are 0; bfloat16/float16: a half-precision copy (half the memory, rewards carry rounding noise)
+    fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
+    trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
+    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
+    lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; README "LoRA")
+
+
+@dataclass
+class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is refused
+    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
+    beta: Optional[float] = num(None, gt=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda)
+    label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)
+    simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
+    discopop_tau: Optional[float] = num(None, gt=0)  # discopop: temperature of its log-ratio modulation (0.05)
+    desirable_weight: Optional[float] = num(None, gt=0)  # kto: weight of desirable examples (1.0)
+    undesirable_weight: Optional[float] = num(None, gt=0)  # kto: weight of undesirable examples (1.0)
+    nll_weight: Optional[float] = num(None, ge=0)  # any pair loss: + this x NLL of the chosen responses (RPO; 0; cpo, orpo: 1.0)
+    length_normalize: Optional[bool] = None  # any pair loss: length-averaged instead of summed log-probs (false; simpo, orpo always)
+    reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False                   # log to Weights & Biases (WANDB_MODE=offline works without network)
+    entity: Optional[str] = None            # WandB team or user; null = your default entity
+    project: str = "Minimal-LLM-Alignment"  # WandB project
+    name: Optional[str] = None              # run name; null = exp_name
+
+
+@dataclass
+class FSDPConfig:
+    world_size: int = num(2, ge=1)          # plain `python train.py` on a machine with no GPU: CPU worker processes (gloo)
+    block_class: Optional[str] = None       # module class sharded as one unit, e.g. LlamaDecoderLayer; null = detect from the model
+    cpu_offload: bool = False               # keep sharded params, grads and optimizer state in CPU memory (CUDA only; slower)
+    shard_reference: bool = True            # shard the DPO reference like the policy (less memory) or replicate it (less traffic)
+    timeout_minutes: int = num(30, ge=1)    # a collective that waits longer (dead rank or node) fails and stops every rank
+    async_checkpoint: bool = False          # write step checkpoints' sharded state (dcp/) in the background while training goes on
+    replicate: int = num(1, ge=1)           # HSDP: replicas (the number of nodes) x shards = world size; 1 = plain FSDP
+
+
+@dataclass
+class Config:
+    seed: int = num(0, ge=0, lt=2**32)      # seeds python, numpy, torch, the data shuffle and the held-out split
+    exp_name: str = "my_experiment"         # run name; used in output_dirs and as the WandB run name
+    debug: bool = False                     # quick look: no WandB, no checkpoints
+    datasets: List[DatasetConfig] = field(default_factory=list)       # training data (one or more, concatenated)
+    eval_datasets: List[DatasetConfig] = field(default_factory=list)  # held-out data; empty = hold out n_eval_examples from datasets
+    trainer: str = "BasicTrainer"           # BasicTrainer (one device) | FSDPTrainer (sharded, many devices)
+    device: Optional[str] = None            # cuda | cpu | cuda:1 ...; null = cuda when available, else cpu
+    optimizer: str = "AdamW"                # any torch.optim class name: AdamW, Adam, RMSprop, SGD, ...
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra optimizer arguments, e.g. {betas: [0.9, 0.95]}
+    lr: float = num(5e-7, gt=0)             # peak learning rate
+    weight_decay: float = num(0.0, ge=0)    # decoupled weight decay (AdamW) / L2 (others)
+    lr_scheduler: str = "constant"          # after warmup: constant | linear (decay to 0) | cosine (decay to 0)
+    warmup_steps: int = num(150, ge=0)      # optimizer steps of linear warmup from 0 to lr
+    total_batch_size: int = num(64, ge=1)   # examples (DPO: preference pairs) per optimizer step; alias: batch_size
+    eval_batch_size: int = num(16, ge=1)    # examples per forward pass during evaluation
+    gradient_accumulation_steps: int = num(1, ge=1)  # micro-batches per optimizer step (must divide total_batch_size)
+    max_grad_norm: float = num(10.0, ge=0)  # gradient clipping by global norm (0 = off)
+    max_length: int = num(512, ge=2)        # max tokens of prompt + response; longer examples are truncated
+    max_prompt_length: Optional[int] = num(None, ge=1)  # max prompt tokens (prompts keep their end); null = half of max_length
+    n_epochs: Optional[int] = num(1, ge=1)  # passes over the training data (null: use n_examples)
+    n_examples: Optional[int] = num(None, ge=1)  # stop after this many training examples (null: use n_epochs)
+    n_eval_examples: int = num(256, ge=0)   # held-out examples for evaluation (0 = no evaluation, nothing held out)
+    do_first_eval: bool = True              # evaluate before the first step
+    eval_every_steps: int = num(100, ge=1)  # evaluate every N optimizer steps (and at the end)
+    sample_during_eval: bool = False        # generate completions from eval prompts at every evaluation
+    n_eval_model_samples: int = num(4, ge=1)  # how many prompts to sample completions for
+    max_new_tokens: int = num(64, ge=1)     # length limit of those completions
+    sample_temperature: float = num(1.0, ge=0)  # sampling temperature of the eval samples; 0 = greedy decoding
+    sample_top_p: float = num(0.95, gt=0, le=1)  # nucleus sampling of the eval samples
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    packing: bool = False                   # padding-free batches: sequences laid end to end in rows of max_length tokens
+    group_by_length: bool = False           # batch examples of similar length together (less padding); order stays random
+    precompute_reference_logps: bool = False  # DPO/IPO: reference log-probs computed once (and cached), then the reference is freed
+    reference_cache_dir: Optional[str] = None  # where those are cached; null = $XDG_CACHE_HOME/minimal-llm-alignment/reference_logps
+    compile: bool = False                   # torch.compile the model(s): faster steps after a one-off compile time
+    print_log_step: int = num(10, ge=1)     # write train metrics every N optimizer steps
+    save_model_step: Optional[int] = num(None, ge=1)  # also save a checkpoint every N optimizer steps (null: only at the end)
+    save_optimizer: bool = True             # save optimizer, scheduler and RNG state in each checkpoint (needed to resume)
+    save_total_limit: Optional[int] = num(None, ge=1)  # keep only the newest K step-N checkpoints (final is always kept); null = all
+    resume: Optional[str] = None            # null | auto (newest complete checkpoint in the run folder, else start fresh) | a checkpoint folder
+    overwrite: bool = False                 # start afresh in a run folder that already holds a run (its files are removed)
+    max_nonfinite_steps: int = num(5, ge=1)  # a step with a non-finite loss/gradient is skipped; stop after this many in a row
+    output_dirs: str = "./outputs/${exp_name}"  # the run folder: config, metrics, curves, samples, checkpoints
+    report_to_tensorboard: bool = True      # write TensorBoard event files to <run folder>/tensorboard
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+ALIASES = {"batch_size": "total_batch_size"}   # the original project's config files use both names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def did_you_mean(word, options) -> str:
+    options = [str(o) for o in options]
+    lowered = {o.lower(): o for o in options}
+    match = lowered.get(str(word).lower()) or next(iter(difflib.get_close_matches(str(word), options, n=1, cutoff=0.5)), None)
+    return f" (did you mean '{match}'?)" if match else ""
+
+
+def _check_keys(user, schema_cls, prefix=""):
+    """Unknown keys, with the full dotted name and a did-you-mean, before OmegaConf gives a less helpful message."""
+    fields = {f.name: f for f in dataclasses.fields(schema_cls)}
+    for key, value in user.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(f"config: unknown key '{name}'{did_you_mean(key, fields)}")
+        sub = _nested_schema(fields[key].type)
+        if sub is None:
+            continue
+        if isinstance(value, (dict, DictConfig)):
+            _check_keys(value, sub, name + ".")
+        elif isinstance(value, (list, ListConfig)):
+            for i, item in enumerate(value):
+                if not isinstance(item, (dict, DictConfig)):
+                    raise UserError(f"config: '{name}[{i}]' must be a mapping like {{type: custom_dataset, path: ...}}")
+                _check_keys(item, sub, f"{name}[{i}].")
+
+
+def _nested_schema(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in getattr(tp, "__args__", ()):   # List[DatasetConfig]
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def choices(word, allowed, limit=24) -> str:
+    """'a, b, c' and a did-you-mean for `word`, for one-line errors; a longer list shows the `limit` names closest to
+    `word` and how many more there are."""
+    allowed = [str(a) for a in allowed]
+    shown = allowed if len(allowed) <= limit else difflib.get_close_matches(str(word), allowed, n=limit, cutoff=0)
+    more = f", ... {len(allowed) - len(shown)} more" if len(allowed) > len(shown) else ""
+    return ", ".join(shown) + more + did_you_mean(word, allowed)
+
+
+def _check_choice(key, value, allowed):
+    if value not in allowed:
+        raise UserError(f"config: {key}={value!r} is not one of {choices(value, allowed)}")
+
+
+def _check_ranges(node, schema_cls, prefix=""):
+    """Every numeric field against the range declared beside it in the schema (`num`), nested configs included."""
+    for f in dataclasses.fields(schema_cls):
+        value, name, sub = node[f.name], prefix + f.name, _nested_schema(f.type)
+        if sub is not None and value is not None:
+            for i, item in enumerate(value) if isinstance(value, ListConfig) else [(None, value)]:
+                _check_ranges(item, sub, f"{name}[{i}]." if i is not None else f"{name}.")
+        bounds = f.metadata.get("range")
+        if bounds and value is not None and not in_range(value, bounds):
+            null = " (or null)" if type(None) in getattr(f.type, "__args__", ()) else ""
+            raise UserError(f"config: {name} must be {range_text(value, bounds)}{null}, got {value}")
+
+
+def in_range(value, bounds) -> bool:
+    """value within `bounds` ({op: bound}, as `num` declares them), and finite."""
+    return math.isfinite(value) and all(RANGE_OPS[op][1](value, b) for op, b in bounds.items())
+
+
+def range_text(value, bounds) -> str:
+    """">= 0 and < 0.5": what `bounds` allow, for the message that refuses `value`."""
+    return ("" if math.isfinite(value) else "finite and ") + " and ".join(f"{RANGE_OPS[op][0]} {b}"
+                                                                          for op, b in bounds.items())
+
+
+def _validate(cfg):
+    """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed."""
+    _check_choice("trainer", cfg.trainer, TRAINERS)
+    _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
+    for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
+        if key == "policy_dtype" or cfg.model[key] is not None:
+            _check_choice(f"model.{key}", cfg.model[key], DTYPE_NAMES)
+    if not cfg.datasets:
+        raise UserError("config: 'datasets' is empty: add at least one, e.g. datasets: [{type: custom_dataset, path: data.json}]")
+    for group in ("datasets", "eval_datasets"):
+        for i, spec in enumerate(cfg[group]):
+            _check_choice(f"{group}[{i}].type", spec.type, DATASET_TYPES)
+            if spec.type == "huggingface_dataset":
+                _check_choice(f"{group}[{i}].name", spec.name, HF_DATASET_NAMES)
+            elif not spec.path:
+                raise UserError(f"config: {group}[{i}].path is required for type custom_dataset")
+    if cfg.model.name_or_path is None and cfg.model.from_config is None:
+        raise UserError("config: set model.name_or_path (hub id or local folder) or model.from_config (random init)")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
+        raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
+    _check_ranges(cfg, Config)
+    check_batch_split(cfg, 1)  # again for the number of processes, once it is known
+    if cfg.n_epochs is None and cfg.n_examples is None:
+        raise UserError("config: set n_epochs or n_examples (both are null)")
+    if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_length:
+        raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}); "
+                        "leave it null for half of max_length")
+    _check_wandb_login(cfg)
+    if cfg.model.attn_implementation is not None and cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        from transformers import AttentionInterface  # the registry, only for a value outside the usual ones
+        allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
+        _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
+    _check_lora(cfg)
+    _check_loss(cfg.loss)
+    import torch  # last: a config with a mistake elsewhere fails before torch is imported
+    optimizers = [n for n, c in vars(torch.optim).items()
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+    _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
+    _check_fsdp(cfg, torch.cuda.is_available())
+
+
+def _check_lora(cfg):
+    """What LoRA does not combine with; its module names are checked against the model (adapters.apply_lora)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return
+    if cfg.model.reference_dtype not in (None, "float32"):
+        raise UserError(f"config: model.reference_dtype={cfg.model.reference_dtype} does not apply with model.lora: the "
+                        "reference is the frozen base itself (its weights are stored in policy_dtype); leave it null")
+    names = lora.target_modules
+    if not (names == "all-linear" or isinstance(names, ListConfig) and names and all(isinstance(n, str) for n in names)):
+        raise UserError(f"config: model.lora.target_modules must be all-linear or a list of module names such as "
+                        f"[q_proj, v_proj], got {names!r}")
+
+
+def _check_loss(loss_cfg):
+    """loss.name and its loss.* keys, as the loss table (losses.LOSSES) declares them: a null hyper-parameter takes
+    the loss's own default (written into the config, so the saved config says what ran) and is checked against the
+    loss's own range where it has one; a key the loss does not use is refused unless it is null or its neutral value
+    (losses.NEUTRAL)."""
+    import losses  # imports torch: after every check that does not need it
+    _check_choice("loss.name", loss_cfg.name, list(losses.LOSSES))
+    uses = losses.parameters_of(loss_cfg.name)
+    for f in dataclasses.fields(LossConfig):
+        value = loss_cfg[f.name]
+        if f.name == "name" or value is None and f.name not in uses:
+            continue
+        if f.name in uses:
+            loss_cfg[f.name] = value = uses[f.name] if value is None else value
+            bounds = losses.LOSSES[loss_cfg.name].ranges.get(f.name)  # narrower for this loss than the schema's
+            if bounds and not in_range(value, bounds):
+                raise UserError(f"config: loss.{f.name} must be {range_text(value, bounds)} for "
+                                f"loss.name={loss_cfg.name}, got {value}")
+        elif value != losses.NEUTRAL.get(f.name, object()):
+            raise UserError(f"config: loss.{f.name}={value} is not used by loss.name={loss_cfg.name}, which takes "
+                            f"{', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'}")
+
+
+def check_batch_split(cfg, world_size):
+    """The one rule: a global batch splits evenly into micro-batches x processes."""
+    per_step = cfg.gradient_accumulation_steps * world_size
+    if cfg.total_batch_size % per_step:
+        raise UserError(f"config: total_batch_size={cfg.total_batch_size} is not divisible by "
+                        f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} x world size {world_size} "
+                        f"({cfg.gradient_accumulation_steps} x {world_size} = {per_step})")
+
+
+def check_replicate(cfg, world_size):
+    """fsdp.replicate (HSDP) splits the world into replicas x shards: it must divide the number of processes."""
+    replicate = cfg.fsdp.replicate
+    if replicate > world_size or world_size % replicate:
+        how = "is larger than" if replicate > world_size else "does not divide"
+        raise UserError(f"config: fsdp.replicate={replicate} {how} the world size {world_size} (replicas x shards = "
+                        f"processes; set it to the number of nodes, or 1 for plain FSDP)")
+
+
+def _check_fsdp(cfg, cuda_available):
+    """fsdp.replicate against the world size where the config alone tells it: WORLD_SIZE under torchrun (and in the
+    own launcher's workers), fsdp.world_size for the own launcher's CPU workers (before any is started). The own
+    launcher on GPUs starts one worker per GPU: each checks it there (layouts.FSDPRanks)."""
+    if cfg.trainer != "FSDPTrainer" or cfg.fsdp.replicate == 1:
+        return
+    if "WORLD_SIZE" in os.environ:
+        check_replicate(cfg, int(os.environ["WORLD_SIZE"]))
+    elif (cfg.device or ("cuda" if cuda_available else "cpu")).split(":")[0] == "cpu":  # as models.device_type
+        check_replicate(cfg, cfg.fsdp.world_size)
+
+
+def _check_wandb_login(cfg):
+    """wandb.enabled with no credentials would stop at wandb's login prompt (or wait forever without a terminal)."""
+    if not cfg.wandb.enabled or cfg.debug or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") \
+            or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    host = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        if netrc.netrc(path).authenticators(host):
+            return
+    except (OSError, netrc.NetrcParseError):
+        pass
+    raise UserError(f"config: wandb.enabled=true but no WandB login was found (no WANDB_API_KEY, no {host} entry in "
+                    f"{path}): run `wandb login` or set WANDB_API_KEY, or log offline with WANDB_MODE=offline")
+
+
+def _rename_aliases(user):
+    for alias, key in ALIASES.items():
+        if alias in user:
+            if key in user and user[key] != user[alias]:
+                raise UserError(f"config: both '{alias}' and '{key}' are set ('{alias}' is an alias of '{key}'); keep one")
+            user[key] = user.pop(alias)
+
+
+def load_config(path, overrides=()) -> DictConfig:
+    """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: config file not found")
+    try:
+        user = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: keep the line/column part of the message
+        raise UserError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from e
+    if not isinstance(user, DictConfig):
+        raise UserError(f"{path}: the config must be a mapping of keys to values")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--overrides: '{item}' is not of the form key=value")
+    try:
+        layers = [OmegaConf.to_container(user), OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))]
+    except OmegaConfBaseException as e:
+        raise UserError(f"--overrides: {' '.join(str(e).splitlines()[0].split())}") from e
+    for layer in layers:  # per layer, so that `--overrides batch_size=32` beats `total_batch_size: 16` in the file
+        _rename_aliases(layer)
+    user = OmegaConf.to_container(OmegaConf.merge(*layers))
+    _check_keys(user, Config)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), user)
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
+    _validate(cfg)
+    if cfg.max_prompt_length is None:  # the default: half of max_length, so every later reader sees an int
+        cfg.max_prompt_length = cfg.max_length // 2
+    return cfg
+
+
+def config_yaml(cfg) -> str:
+    """The resolved config as YAML: what is saved beside every checkpoint."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
