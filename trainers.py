@@ -1,12 +1,11 @@
 """The trainer: one explicit training loop (`Trainer.train`, `Trainer.train_step`) over a process layout
 (layouts.py: `OneDevice` for trainer: BasicTrainer, `FSDPRanks` for FSDPTrainer), made before any model. The loss of a
 micro-batch comes from losses.micro_batch_loss, as the loss table declares; the reference is a models.*Reference.
-Data order, gradient accumulation, clipping, logging (`MetricsWriter`, the loss-curve plot), evaluation and
+Data order, gradient accumulation, clipping, logging (metrics.py), evaluation and
 checkpoints (checkpoints.py) are the same for every loss.
 """
 import contextlib
 import gc
-import json
 import math
 import os
 import signal
@@ -16,7 +15,6 @@ import time
 import warnings
 
 import torch
-from omegaconf import OmegaConf
 from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
@@ -25,7 +23,8 @@ import data
 import logprobs
 import losses
 import models
-from utils import TrainingError, UserError, abort_now, write_atomic
+from metrics import MetricsWriter, plot_curves
+from utils import TrainingError, UserError, abort_now
 
 
 class Trainer:
@@ -459,84 +458,3 @@ def build_scheduler(optimizer, kind, warmup_steps, total_steps):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-
-
-# ---- metrics: JSONL always, TensorBoard and WandB when asked for ---------------------------------------------------
-class MetricsWriter:
-    """Writes one dict of scalars per call to metrics.jsonl, TensorBoard and WandB, and keeps them for the plot."""
-
-    def __init__(self, run_dir, cfg, enabled=True, resume_step=None, wandb_id=None):
-        """enabled=False (processes other than the main one): keeps the history, writes nothing.
-        resume_step: continue a run from its checkpoint at that step: what was logged after it is dropped (JSONL
-        rewritten, TensorBoard purged, the WandB run resumed by id), so the curves carry no duplicates."""
-        path = os.path.join(run_dir, "metrics.jsonl")
-        self.history = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                self.history = [r for r in map(json.loads, f) if r["step"] <= resume_step]
-        self.jsonl = None
-        if enabled:
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
-            self.jsonl = open(path, "a")
-        self.tb = None
-        if cfg.report_to_tensorboard and enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            purge = 0 if resume_step is None else resume_step + 1  # drop events of an earlier, unfinished attempt
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
-        self.wandb = None
-        if cfg.wandb.enabled and not cfg.debug and enabled:
-            import wandb
-            self.wandb = wandb.init(entity=cfg.wandb.entity, project=cfg.wandb.project, name=cfg.wandb.name or cfg.exp_name,
-                                    dir=run_dir, config=OmegaConf.to_container(cfg, resolve=True), id=wandb_id,
-                                    resume="allow" if wandb_id else None)
-        self.wandb_id = self.wandb.id if self.wandb is not None else wandb_id
-
-    def log(self, metrics: dict, step: int):
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.history.append(record)
-        if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-        for key, value in metrics.items():
-            if self.tb is not None:
-                self.tb.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def log_samples(self, rows, step):
-        """rows: list of dicts {prompt, policy, reference?}. To WandB as a table (the text file is the trainer's)."""
-        if self.wandb is not None and rows:
-            import wandb
-            columns = list(rows[0])
-            self.wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
-
-    def close(self):
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def plot_curves(history, path):
-    """PNG of train/eval loss (and reward accuracy, for losses that define rewards) against the optimizer step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rewards = any("rewards/accuracies" in r or "eval/rewards/accuracies" in r for r in history)
-    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if rewards else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for prefix, style in (("", "-"), ("eval/", "o-")):
-            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=("eval" if prefix else "train"), markersize=3)
-        ax.set_xlabel("optimizer step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

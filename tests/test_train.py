@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import metrics
 import train
 from config import load_config
 from conftest import ROOT, TINY, build, local_model_overrides, one_sgd_step, params_of, read_jsonl, run_cli
@@ -291,7 +292,7 @@ def test_samples_show_how_a_reply_ended_and_greedy_is_repeatable(tiny_model_dir,
     texts = []
     for step in (1, 2):
         trainer.step = step
-        trainer.sample(trainers.MetricsWriter(tmp_path, trainer.cfg, enabled=False))
+        trainer.sample(metrics.MetricsWriter(tmp_path, trainer.cfg, enabled=False))
         texts.append(open(tmp_path / "samples" / f"step-{step:06d}.txt").read())
     assert texts[0] == texts[1] and "[truncated at max_new_tokens=6]" in texts[0]
 
@@ -315,3 +316,15 @@ def test_warmup_longer_than_the_run_is_a_warning(tiny_model_dir, capsys):
     build("sft", tiny_model_dir, "warmup_steps=150", "total_batch_size=8", "n_examples=16", "n_epochs=null")
     err = capsys.readouterr().err
     assert "warning: warmup_steps=150 is longer than the run (2 steps)" in err
+
+
+def test_curve_plot_of_a_run_stopped_before_any_metric_warns_nothing(tmp_path):
+    """A run interrupted before its first log or eval still gets its PNG, without matplotlib's 'No artists with
+    labels found to put in legend' warning."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.plot_curves([], str(tmp_path / "empty.png"))
+        metrics.plot_curves([{"step": 1, "loss": 0.7}, {"step": 1, "eval/rewards/accuracies": 0.5}],
+                            str(tmp_path / "some.png"))
+    assert (tmp_path / "empty.png").stat().st_size > 0 and (tmp_path / "some.png").stat().st_size > 0
