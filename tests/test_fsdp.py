@@ -62,6 +62,8 @@ def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_mode
     exported = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final"))  # loads in transformers
     expected = params_of(basic.policy)
     assert exported.keys() == expected.keys()
+    basic.policy.save_pretrained(tmp_path / "basic")  # the 2 processes' shards consolidate under save_pretrained's names
+    assert written_names(tmp_path / "run" / "final") == written_names(tmp_path / "basic")
     # Float32 sums in another order already differ: two micro-batchings of BasicTrainer's own DPO run differ by up
     # to 1.6e-6 of the largest update (1e-5 of a tensor's own). So: 1e-5 of the largest update over the model, and
     # 1e-4 per tensor, which still catches any tensor whose gradient is averaged instead of summed (a 50% error).
@@ -81,6 +83,16 @@ def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_mode
     assert sorted(os.listdir(tmp_path / "run" / "final" / "dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     if launcher == "python" and kind == "dpo":
         check_sharded_state_loads_into_one_process(tmp_path / "run" / "final", basic, tiny_model_dir)
+
+
+def written_names(folder):
+    """The tensor names in a folder's safetensors files, as a reader of the files (vLLM, a converter) sees them."""
+    from safetensors import safe_open
+    names = []
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            names += f.keys()
+    return sorted(names)
 
 
 def check_sharded_state_loads_into_one_process(checkpoint, basic, model_dir):
