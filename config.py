@@ -146,6 +146,7 @@ class Config:
     save_total_limit: Optional[int] = num(None, ge=1)  # keep only the newest K step-N checkpoints (final is always kept); null = all
     resume: Optional[str] = None            # null | auto (newest complete checkpoint in the run folder, else start fresh) | a checkpoint folder
     overwrite: bool = False                 # start afresh in a run folder that already holds a run (its files are removed)
+    resume_allow_changes: bool = False      # resume although keys that change the maths differ from the run's config (the old one is kept as config.before-step-N.yaml)
     max_nonfinite_steps: int = num(5, ge=1)  # a step with a non-finite loss/gradient is skipped; stop after this many in a row
     output_dirs: str = "./outputs/${exp_name}"  # the run folder: config, metrics, curves, samples, checkpoints
     report_to_tensorboard: bool = True      # write TensorBoard event files to <run folder>/tensorboard
@@ -234,7 +235,7 @@ def range_text(value, bounds) -> str:
                                                                           for op, b in bounds.items())
 
 
-def _validate(cfg):
+def _validate(cfg, notes):
     """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed."""
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
@@ -267,7 +268,7 @@ def _validate(cfg):
         allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
         _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
     _check_lora(cfg)
-    _check_loss(cfg.loss)
+    _check_loss(cfg.loss, notes)
     import torch  # last: a config with a mistake elsewhere fails before torch is imported
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
@@ -289,27 +290,34 @@ def _check_lora(cfg):
                         f"[q_proj, v_proj], got {names!r}")
 
 
-def _check_loss(loss_cfg):
+def _check_loss(loss_cfg, notes):
     """loss.name and its loss.* keys, as the loss table (losses.LOSSES) declares them: a null hyper-parameter takes
     the loss's own default (written into the config, so the saved config says what ran) and is checked against the
-    loss's own range where it has one; a key the loss does not use is refused unless it is null or its neutral value
-    (losses.NEUTRAL)."""
+    loss's own range where it has one. A key the loss does not use (the seed's `beta: 0.1` left in the file with
+    `name: sft`) is set to null, so the saved config does not claim it ran, with a note unless it was null or its
+    neutral value (losses.NEUTRAL); an explicit value outside what the loss's paper uses is noted too."""
     import losses  # imports torch: after every check that does not need it
     _check_choice("loss.name", loss_cfg.name, list(losses.LOSSES))
-    uses = losses.parameters_of(loss_cfg.name)
+    spec, uses = losses.LOSSES[loss_cfg.name], losses.parameters_of(loss_cfg.name)
     for f in dataclasses.fields(LossConfig):
         value = loss_cfg[f.name]
         if f.name == "name" or value is None and f.name not in uses:
             continue
-        if f.name in uses:
-            loss_cfg[f.name] = value = uses[f.name] if value is None else value
-            bounds = losses.LOSSES[loss_cfg.name].ranges.get(f.name)  # narrower for this loss than the schema's
-            if bounds and not in_range(value, bounds):
-                raise UserError(f"config: loss.{f.name} must be {range_text(value, bounds)} for "
-                                f"loss.name={loss_cfg.name}, got {value}")
-        elif value != losses.NEUTRAL.get(f.name, object()):
-            raise UserError(f"config: loss.{f.name}={value} is not used by loss.name={loss_cfg.name}, which takes "
-                            f"{', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'}")
+        if f.name not in uses:
+            if value != losses.NEUTRAL.get(f.name, object()):
+                notes.append(f"warning: loss.{f.name}={value} is not used by loss.name={loss_cfg.name} and is ignored "
+                             f"(it takes {', '.join(f'loss.{k}' for k in uses) or 'no loss.* keys'})")
+            loss_cfg[f.name] = None if f.name != "reference_free" else False
+            continue
+        bounds = spec.ranges.get(f.name)  # narrower for this loss than the schema's
+        if value is not None and bounds and not in_range(value, bounds):
+            raise UserError(f"config: loss.{f.name} must be {range_text(value, bounds)} for "
+                            f"loss.name={loss_cfg.name}, got {value}")
+        low, high = spec.usual.get(f.name, (-math.inf, math.inf))
+        if value is not None and not low <= value <= high:
+            notes.append(f"warning: loss.{f.name}={value} is far from what {loss_cfg.name}'s paper uses ({low:g} to "
+                         f"{high:g}; its default is {uses[f.name]}): leave it null for the default")
+        loss_cfg[f.name] = uses[f.name] if value is None else value
 
 
 def check_batch_split(cfg, world_size):
@@ -366,8 +374,10 @@ def _rename_aliases(user):
             user[key] = user.pop(alias)
 
 
-def load_config(path, overrides=()) -> DictConfig:
-    """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved."""
+def load_config(path, overrides=(), notes=None) -> DictConfig:
+    """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved.
+    `notes`: a list that receives the warnings about the config (keys that are ignored, unusual values), for the
+    caller to print once."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: config file not found")
     try:
@@ -394,10 +404,35 @@ def load_config(path, overrides=()) -> DictConfig:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
-    _validate(cfg)
+    _validate(cfg, [] if notes is None else notes)
     if cfg.max_prompt_length is None:  # the default: half of max_length, so every later reader sees an int
         cfg.max_prompt_length = cfg.max_length // 2
     return cfg
+
+
+# What a resumed run may change without changing the maths of what it trains: run length, logging, evaluation,
+# saving, the process layout and memory/speed options. Any other difference from the saved config is refused.
+MAY_CHANGE_ON_RESUME = ("n_epochs", "n_examples", "print_log_step", "eval_every_steps", "eval_batch_size",
+                        "do_first_eval", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
+                        "sample_temperature", "sample_top_p", "save_model_step", "save_optimizer", "save_total_limit",
+                        "report_to_tensorboard", "wandb", "resume", "overwrite", "resume_allow_changes", "debug",
+                        "exp_name", "output_dirs", "device", "trainer", "fsdp", "gradient_accumulation_steps",
+                        "activation_checkpointing", "compile", "max_nonfinite_steps", "precompute_reference_logps",
+                        "reference_cache_dir", "model.attn_implementation")
+
+
+def config_changes(saved, new) -> tuple[list, list]:
+    """The keys whose values differ between a run's saved config and a new one, as 'key: old -> new', split into
+    (changes the maths, may change: MAY_CHANGE_ON_RESUME). Lists (datasets) compare as whole values."""
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+    old, now = leaves(OmegaConf.to_container(saved)), leaves(OmegaConf.to_container(new))
+    changed = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    allowed = lambda key: any(key == a or key.startswith(a + ".") for a in MAY_CHANGE_ON_RESUME)  # noqa: E731
+    text = lambda key: f"{key}: {old.get(key)} -> {now.get(key)}"  # noqa: E731
+    return [text(k) for k in changed if not allowed(k)], [text(k) for k in changed if allowed(k)]
 
 
 def config_yaml(cfg) -> str:

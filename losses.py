@@ -345,6 +345,7 @@ class Loss:
     batch_kl: bool = False        # needs KTO's reference point: the KL estimate of the global batch's mismatched pairs
     running_mean: bool = False    # shifts its rewards by their running mean (training state, checkpointed)
     ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as config.num) where narrower than the schema's
+    usual: dict = field(default_factory=dict)   # {loss.* key: (low, high)}: what its paper and TRL use; outside is noted
 
     @property
     def unit(self) -> str:
@@ -354,28 +355,35 @@ class Loss:
 
 B01 = {"beta": 0.1}
 EPS = {"label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0.5 makes chosen and rejected alike (rDPO: 1/0)
+# beta as the papers sweep it, widened: DPO-style log-ratio temperatures 0.01-0.5 (DPO, IPO's tau, KTO, BCO, APO),
+# SimPO's 2-10 on length-averaged log-probs, ORPO's lambda 0.1-1, SPPO's 1/eta down to 1e-3. A value from another
+# loss's range (simpo with DPO's 0.1, after `loss.name=simpo` on a DPO config) is noted in the run header.
+USUAL = {"beta": (0.01, 1.0)}
 LOSSES = {  # the README's table lists them with their papers
     "sft": Loss(sft_loss, "sft"),
     "dft": Loss(dft_loss, "sft"),
-    "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}, ranges=EPS),
-    "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}, ranges=EPS),
-    "ipo": Loss(ipo_loss, "preference", reference=True, params=B01),
-    "hinge": Loss(hinge_loss, "preference", reference=True, params=B01),
+    "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}, ranges=EPS, usual=USUAL),
+    "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}, ranges=EPS,
+                   usual=USUAL),
+    "ipo": Loss(ipo_loss, "preference", reference=True, params=B01, usual=USUAL),
+    "hinge": Loss(hinge_loss, "preference", reference=True, params=B01, usual=USUAL),
     "exo_pair": Loss(exo_pair_loss, "preference", reference=True, params={**B01, "label_smoothing": 1e-3},
-                     ranges={"label_smoothing": {"gt": 0, "lt": 1}}),
-    "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01),
-    "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01),
-    "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01),
-    "apo_down": Loss(apo_down_loss, "preference", reference=True, params=B01),
-    "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}),
-    "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True),
+                     ranges={"label_smoothing": {"gt": 0, "lt": 1}}, usual=USUAL),
+    "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01, usual=USUAL),
+    "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01, usual={"beta": (1e-3, 1.0)}),
+    "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01, usual=USUAL),
+    "apo_down": Loss(apo_down_loss, "preference", reference=True, params=B01, usual=USUAL),
+    "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}, usual=USUAL),
+    "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True, usual=USUAL),
     "simpo": Loss(simpo_loss, "preference", average=True,
-                  params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}, ranges=EPS),
-    "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}, ranges=EPS),
+                  params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}, ranges=EPS,
+                  usual={"beta": (1.0, 20.0)}),
+    "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}, ranges=EPS,
+                usual=USUAL),
     "orpo": Loss(orpo_loss, "preference", average=True, params={**B01, "nll_weight": 1.0},
-                 metrics=("log_odds_ratio", "log_odds_chosen")),
+                 metrics=("log_odds_ratio", "log_odds_chosen"), usual={"beta": (0.01, 2.0)}),
     "kto": Loss(kto_loss, "unpaired", reference=True, batch_kl=True,
-                params={**B01, "desirable_weight": 1.0, "undesirable_weight": 1.0}, metrics=("kl",)),
+                params={**B01, "desirable_weight": 1.0, "undesirable_weight": 1.0}, metrics=("kl",), usual=USUAL),
 }
 # loss.* keys that every pair loss takes (reference_free: those with a reference), and their defaults; they are
 # not arguments of the loss functions but of `micro_batch_loss`
@@ -387,7 +395,9 @@ def parameters_of(name) -> dict:
     """{loss.* key: default} of every key that `loss.name=name` takes: its hyper-parameters and modifiers."""
     spec = LOSSES[name]
     modifiers = {k: v for k, v in MODIFIERS.items() if k != "reference_free" or spec.reference}
-    return {**(modifiers if spec.data == "preference" else {}), **spec.params}
+    modifiers = modifiers if spec.data == "preference" else {}
+    values = {**modifiers, **spec.params}  # the loss's own default wins (cpo's and orpo's nll_weight 1.0)
+    return {k: values[k] for k in [*spec.params, *modifiers]}  # its own keys first
 
 
 def needs_reference(loss_cfg) -> bool:

@@ -17,7 +17,9 @@ import socket
 import sys
 import tempfile
 
-from config import check_batch_split, config_yaml, load_config
+from omegaconf import OmegaConf
+
+from config import check_batch_split, config_changes, config_yaml, load_config
 from utils import TrainingError, UserError, abort_now, human_bytes, set_seed, write_atomic
 
 
@@ -94,8 +96,9 @@ def resolve_resume(cfg) -> list:
     if cfg.resume is None:
         old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
         if old_run and not cfg.overwrite:
-            raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, or "
-                            "start afresh with overwrite=true (removes its files)")
+            raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, start "
+                            "afresh with overwrite=true (removes its files), or pick another folder with "
+                            "exp_name=NAME or output_dirs=PATH")
         return []
     if cfg.resume == "auto":
         found = []
@@ -112,6 +115,31 @@ def resolve_resume(cfg) -> list:
     if problem:
         raise UserError(f"resume: checkpoint {cfg.resume} is damaged ({problem}): resume from an earlier one")
     return [cfg.resume]
+
+
+def check_resumed_config(cfg, candidates) -> tuple[list, bool]:
+    """A resume continues the weights that the saved config describes (the checkpoint's own config.yaml, else the
+    run folder's): a new value of a key that changes the maths (loss, model, data, batch, lr, lengths, seed, ...) is
+    refused, unless resume_allow_changes=true; other changes (run length, logging, saving) are accepted. Returns the
+    lines to print about what changed, and whether the maths changed (allowed)."""
+    if not candidates:
+        return [], False
+    folder = candidates[0] if cfg.resume != "auto" else run_dir_of(cfg)
+    path = next((p for p in (os.path.join(folder, "config.yaml"), os.path.join(os.path.dirname(folder), "config.yaml"))
+                 if os.path.isfile(p)), None)
+    if path is None:
+        return [], False
+    try:  # loaded as a config, so that it gets today's defaults and normalisation, as the new one did
+        saved = load_config(path)
+    except UserError:
+        saved = OmegaConf.load(path)
+    maths, other = config_changes(saved, cfg)
+    if maths and not cfg.resume_allow_changes:
+        raise UserError(f"resume: the run's weights were trained with another config ({'; '.join(maths)}; saved in "
+                        f"{path}): start a new run (exp_name=NAME or output_dirs=PATH), or continue these weights "
+                        "under the new values with resume_allow_changes=true")
+    return [f"resume: {change} (accepted)" for change in other] + \
+        [f"warning: resume: {change} (resume_allow_changes=true)" for change in maths], bool(maths)
 
 
 def load_newest(trainer, candidates):
@@ -156,11 +184,11 @@ def take_run_lock(run_dir) -> int:
     return fd
 
 
-def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
+def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None, old_config_to=None):
     """Create the run folder and lock it, empty it first for overwrite=true, drop half-written checkpoints (and, with
-    save_total_limit, the oldest step checkpoints beyond it), check
-    it can hold a checkpoint, save the resolved config. Called only once every input has been checked; nothing is
-    written into the folder before the space check has passed."""
+    save_total_limit, the oldest step checkpoints beyond it), check it can hold a checkpoint, save the resolved config
+    (the one it replaces renamed to `old_config_to` when given: a resume that changed the maths). Called only once
+    every input has been checked; nothing is written into the folder before the space check has passed."""
     run_dir = run_dir_of(cfg)
     existing = run_dir
     while not os.path.exists(existing):  # the disk it will be on
@@ -183,6 +211,8 @@ def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None):
         checkpoints.remove_partial_checkpoints(run_dir)
         if cfg.save_total_limit:  # also here: a run killed between a save and its pruning left one too many
             checkpoints.prune_checkpoints(run_dir, cfg.save_total_limit)
+        if old_config_to and os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            os.replace(os.path.join(run_dir, "config.yaml"), os.path.join(run_dir, old_config_to))
         write_atomic(os.path.join(run_dir, "config.yaml"), config_yaml(cfg))
     except OSError as e:
         raise UserError(f"config: output_dirs: cannot write to '{run_dir}': {e.strerror or e}") from e
@@ -200,28 +230,45 @@ def build_trainer(cfg):
     return Trainer(cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir_of(cfg))
 
 
+def print_header(trainer, n_params, resume_from, notes):
+    """What is about to run: folder, start, devices, model size, steps (a short last batch said as such), the loss
+    with its effective hyper-parameters (defaults filled in), then the config's notes."""
+    cfg = trainer.cfg
+    start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
+    last = trainer.n_train_examples - (trainer.total_steps - 1) * cfg.total_batch_size
+    steps = f"{trainer.total_steps} steps of {cfg.total_batch_size} examples" + \
+        (f" (the last of {last})" if trainer.total_steps and last != cfg.total_batch_size else "")
+    print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
+          f"{n_params / 1e6:.2f}M params | {steps}")
+    hyper = " ".join(f"{k}={v}" for k, v in losses.hyperparameters(cfg.loss).items())
+    print(f"loss: {cfg.loss.name}{' ' + hyper if hyper else ''}")
+    for line in notes:
+        print(line, file=sys.stderr)
+
+
 def main(config_path, overrides=()):
     """Returns the exit code: 0 finished, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
-    cfg = load_config(config_path, overrides)
+    notes = []
+    cfg = load_config(config_path, overrides, notes)
     # an existing run folder is locked first: another run's checkpoints may otherwise change while we read them
     lock = take_run_lock(run_dir_of(cfg)) if is_main_process() and os.path.isdir(run_dir_of(cfg)) else None
     try:
         candidates = resolve_resume(cfg)
+        resume_notes, maths_changed = check_resumed_config(cfg, candidates)
         trainer = build_trainer(cfg)
         resume_from = load_newest(trainer, candidates)
         n_params = sum(p.numel() for p in trainer.policy.parameters())  # a sharded DTensor counts its full size
         failed = None
         if trainer.is_main:  # only now, once every input has been checked
             try:
-                _, lock = prepare_run_dir(cfg, n_params, fresh=resume_from is None, lock=lock)
+                keep = f"config.before-step-{trainer.step}.yaml" if resume_from and maths_changed else None
+                _, lock = prepare_run_dir(cfg, n_params, fresh=resume_from is None, lock=lock, old_config_to=keep)
             except UserError as e:
                 failed = e
         if trainer.any_process(failed is not None):  # every rank stops, none waits for rank 0 in a collective
             raise failed or UserError("rank 0 could not prepare the run folder")
         if trainer.is_main:
-            start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
-            print(f"run folder: {trainer.run_dir} | {start} | device: {trainer.device} x {trainer.world_size} | policy: "
-                  f"{n_params / 1e6:.2f}M params | {trainer.total_steps} steps of {cfg.total_batch_size} examples")
+            print_header(trainer, n_params, resume_from, notes + (resume_notes if resume_from else []))
         status = trainer.train()
     finally:
         if lock is not None:

@@ -83,7 +83,6 @@ def params_of(model):
 def build(kind, model_dir, *overrides):
     """A trainer for the tiny SFT / DPO example on the local model folder, in this process (no eval examples)."""
     import train
-    import utils
     cfg = load_config(TINY[kind], [*local_model_overrides(model_dir), "n_eval_examples=0", *overrides])
     return train.build_trainer(cfg)
 

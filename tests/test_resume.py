@@ -134,6 +134,7 @@ def test_existing_run_folder_needs_resume_or_overwrite(tmp_path, capsys):
     code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}"])
     err = capsys.readouterr().err
     assert code == 2 and "already holds a run" in err and "resume=auto" in err and "overwrite=true" in err
+    assert "exp_name=NAME or output_dirs=PATH" in err  # how to pick another folder
     assert (run_dir / "config.yaml").read_text() == "exp_name: other\n"
     code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}",
                       "resume=" + str(run_dir / "nope")])
@@ -375,3 +376,31 @@ def test_disk_space_check_speaks_mib_and_writes_nothing(tmp_path, monkeypatch):
         train.prepare_run_dir(cfg, n_params=2**20)
     assert not os.path.exists(tmp_path / "run")
     assert [utils.human_bytes(n) for n in (512, 3 * 2**10, 2**31)] == ["512 bytes", "3.0 KiB", "2.0 GiB"]
+
+
+def test_resume_refuses_a_config_that_changes_the_maths(tmp_path, capsys):
+    """`resume=auto loss.name=apo_zero` on a finished DPO run once trained 0 steps and relabelled the DPO weights as
+    apo_zero in config.yaml. A change that changes the maths is refused (the saved config stays), a longer run is
+    accepted and noted, and resume_allow_changes=true continues while keeping the old config beside the new one."""
+    config, run_dir = os.path.join(ROOT, "example", "tiny-dpo.yml"), tmp_path / "run"
+    short = [f"output_dirs={run_dir}", "n_epochs=null", "n_examples=16", "total_batch_size=8", "n_eval_examples=0"]
+    assert train.main(config, short) == 0
+    capsys.readouterr()
+    saved = (run_dir / "config.yaml").read_text()
+    for change, key in (("loss.name=apo_zero", "loss.name: dpo -> apo_zero"), ("lr=0.5", "lr: 0.001 -> 0.5"),
+                        ("max_length=112", "max_length: 128 -> 112"), ("seed=3", "seed: 0 -> 3")):
+        code = train.cli([config, "--overrides", *short, change, "resume=auto"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and key in err[0] and "resume_allow_changes=true" in err[0], err
+        assert (run_dir / "config.yaml").read_text() == saved
+    code = train.cli([config, "--overrides", *short[:-3], "n_examples=24", "total_batch_size=8", "n_eval_examples=0",
+                      "print_log_step=2", "resume=auto"])
+    out = capsys.readouterr()
+    assert code == 0 and "resume: n_examples: 16 -> 24 (accepted)" in out.err and "resume: print_log_step" in out.err
+    assert "resuming from" in out.out and json.load(open(run_dir / "final" / "trainer_state.json"))["step"] == 3
+    assert load_config(str(run_dir / "config.yaml")).n_examples == 24
+    code = train.cli([config, "--overrides", *short[:-3], "n_examples=32", "total_batch_size=8", "n_eval_examples=0",
+                      "loss.beta=0.2", "resume=auto", "resume_allow_changes=true"])
+    assert code == 0 and "warning: resume: loss.beta: 0.1 -> 0.2" in capsys.readouterr().err
+    assert load_config(str(run_dir / "config.yaml")).loss.beta == 0.2
+    assert load_config(str(run_dir / "config.before-step-3.yaml")).loss.beta == 0.1

@@ -185,16 +185,21 @@ loss:
 """
 
 
-def test_seed_custom_config_block_runs_as_written(tmp_path, tiny_model_dir):
-    """The seed README's custom config, verbatim but for local paths; overrides only cut the run short."""
+@pytest.mark.parametrize("name", ["dpo", "sft"])
+def test_seed_custom_config_block_runs_as_written(name, tmp_path, tiny_model_dir):
+    """The seed README's custom config, verbatim but for local paths and with `name: dpo  # 或 sft` set to either
+    value (its `beta: 0.1  # DPO参数` stays: for SFT a one-line warning); overrides only cut the run short."""
     config = tmp_path / "config.yml"
-    config.write_text(SEED_CUSTOM_CONFIG.format(data=os.path.join(ROOT, "example", "data", "dpo_demo.json"),
-                                                model=tiny_model_dir))
+    text = SEED_CUSTOM_CONFIG.format(data=os.path.join(ROOT, "example", "data", f"{name}_demo.json"), model=tiny_model_dir)
+    config.write_text(text.replace("name: dpo  # 或 sft", f"name: {name}  # 或 sft"))
     run = tmp_path / "run"
     proc = run_cli("train.py", str(config), "--overrides", "lr=2e-5", "batch_size=32", "n_examples=64",
                    "n_eval_examples=32", f"output_dirs={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    noted = "warning: loss.beta=0.1 is not used by loss.name=sft and is ignored" in proc.stderr
+    assert noted == (name == "sft") and f"loss: {name}" in proc.stdout
     saved = load_config(str(run / "config.yaml"))
+    assert saved.loss.name == name and saved.loss.beta == (0.1 if name == "dpo" else None)
     assert saved.total_batch_size == 32 and saved.lr == 2e-5 and saved.model.policy_dtype == "float16"
     assert saved.gradient_accumulation_steps == 4 and saved.n_epochs == 100
     rows = read_jsonl(run / "metrics.jsonl")
@@ -328,3 +333,13 @@ def test_curve_plot_of_a_run_stopped_before_any_metric_warns_nothing(tmp_path):
         metrics.plot_curves([{"step": 1, "loss": 0.7}, {"step": 1, "eval/rewards/accuracies": 0.5}],
                             str(tmp_path / "some.png"))
     assert (tmp_path / "empty.png").stat().st_size > 0 and (tmp_path / "some.png").stat().st_size > 0
+
+
+def test_run_header_states_the_loss_and_a_short_last_batch(tiny_model_dir, capsys):
+    trainer = build("dpo", tiny_model_dir, "n_epochs=null", "n_examples=20", "total_batch_size=8", "loss.name=simpo",
+                    "loss.beta=null", "loss.label_smoothing=null")
+    capsys.readouterr()
+    train.print_header(trainer, 1000, None, ["warning: a note"])
+    out, err = capsys.readouterr()
+    assert "| 3 steps of 8 examples (the last of 4)" in out and err == "warning: a note\n"
+    assert "loss: simpo beta=2.0 simpo_gamma=1.0 label_smoothing=0.0 nll_weight=0.0 length_normalize=False" in out
