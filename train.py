@@ -20,7 +20,7 @@ import tempfile
 from omegaconf import OmegaConf
 
 from config import check_batch_split, config_changes, config_yaml, load_config
-from utils import TrainingError, UserError, abort_now, human_bytes, set_seed, write_atomic
+from utils import SurvivingStream, TrainingError, UserError, abort_now, human_bytes, set_seed, write_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -363,6 +363,7 @@ def launch_workers(args, cfg) -> int:
 
 
 def cli(argv=None):
+    sys.stdout, sys.stderr = SurvivingStream(sys.stdout), SurvivingStream(sys.stderr)  # `| tee` ended by Ctrl-C
     args = parse_args(argv)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # our own bar is the one to watch; theirs would interleave with error lines

@@ -64,6 +64,38 @@ def check_hub_reachable(name, key, repo_type="model"):
                         "network?): download it first or give a local folder (HF_HUB_OFFLINE=1 skips this check)")
 
 
+class SurvivingStream:
+    """stdout / stderr that outlive their reader. Ctrl-C in a terminal reaches `python train.py ... | tee log` and
+    `tee` together: once `tee` is gone a write raises BrokenPipeError, which in the middle of the interrupt handler,
+    an eval line or the resume hint would end the run without its checkpoint. The first failed write points the
+    file descriptor at /dev/null instead (so the interpreter's final flush is quiet too); later output is dropped."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # BrokenPipeError; ValueError: the stream was closed
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._to_devnull()
+
+    def _to_devnull(self):
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the wrapped stream's
+        return getattr(self.stream, name)
+
+
 def abort_now(say=True):
     """A second Ctrl-C: stop at once with exit code 130, no traceback, no waiting for logger threads to drain."""
     if say:

@@ -221,6 +221,21 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     assert proc.returncode == 130 and "aborted" in err and "Traceback" not in err, err[-2000:]
 
 
+def test_ctrl_c_with_the_output_pipe_gone_still_saves(tmp_path):
+    """`python train.py ... | tee log` and Ctrl-C: the terminal's SIGINT ends `tee` too. The handler's message, the
+    eval lines and the resume hint then write to a closed pipe: the checkpoint is saved all the same (exit 130)."""
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "n_examples=4000", "save_model_step=1000")
+    wait_for(run_dir / "metrics.jsonl", proc)
+    while not open(run_dir / "metrics.jsonl").read().strip():
+        time.sleep(0.05)
+    proc.stdout.close()  # tee is gone
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    assert any(name.startswith("step-") for name in os.listdir(run_dir)), os.listdir(run_dir)
+
+
 def test_failed_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     import errno
     cfg = load_config(os.path.join(ROOT, "example", "tiny-sft.yml"),
