@@ -720,13 +720,18 @@ def test_cli_convert_output_gets_umask_permissions(tmp_path, umask):
 
 
 def test_readme_data_tool_commands_work(tmp_path, monkeypatch, capsys):
+    """The `python data.py` blocks of the READMEs ("your own data") and of the data page (docs/data.md) work, and each
+    language shows the same commands."""
     import re
     import shlex
     import shutil
-    blocks = [re.search(r"```bash\n(python data.py.*?)```", open(os.path.join(ROOT, name), encoding="utf-8").read(),
-                        re.S).group(1) for name in ("README.md", "README_zh.md")]
-    commands = [shlex.split(line, comments=True) for line in blocks[0].splitlines()]
-    assert commands == [shlex.split(line, comments=True) for line in blocks[1].splitlines()]
+    commands = []
+    for pair in (("README.md", "README_zh.md"), ("docs/data.md", "docs/zh/data.md")):
+        blocks = [re.search(r"```bash\n(python data.py.*?)```", open(os.path.join(ROOT, name), encoding="utf-8").read(),
+                            re.S).group(1) for name in pair]
+        lines = [[shlex.split(line, comments=True) for line in block.splitlines()] for block in blocks]
+        assert lines[0] == lines[1], pair
+        commands += lines[0]
     shutil.copy(os.path.join(FIX, "dpo_seed.json"), tmp_path / "my_pairs.json")  # the placeholders' kinds of data
     shutil.copy(os.path.join(FIX, "dpo_trl.jsonl"), tmp_path / "trl_pairs.jsonl")
     monkeypatch.chdir(tmp_path)
