@@ -290,7 +290,7 @@ ONLINE = {
     # k1 summed into the reward with beta 0.05 (TRL), likelihood ratio of the sequence, PPO clip 0.2 (TRL)
     "rloo": Online(leave_one_out, "sequence_sum", seq_mean_token_mean, "reward", 0.05, 0.2, 0.2, True,
                    paper="arXiv:2402.14740"),
-    # per-token -beta k1 reward (beta 0.05, the seed's; OpenRLHF 0.01, verl 0.001), returns whitened over the
+    # per-token -beta k1 reward (beta 0.05: the seed's REINFORCE++ script), returns whitened over the
     # global batch, PPO clip 0.2, token mean; one completion per prompt is enough
     "reinforce_pp": Online(token_returns, "token", token_mean, "reward", 0.05, 0.2, 0.2, False, whiten=True,
                            paper="arXiv:2501.03262"),

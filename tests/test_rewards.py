@@ -15,7 +15,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import rewards  # noqa: E402
 from rewards import (Reward, call_reward, completion_text, extract_answer, load_reward, load_rewards,  # noqa: E402
                      math_reward, reward_metrics, score)
 from utils import TrainingError, UserError  # noqa: E402
