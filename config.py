@@ -157,6 +157,23 @@ class Config:
 
 
 ALIASES = {"batch_size": "total_batch_size"}   # the original project's config files use both names
+# The names other trainers (transformers' TrainingArguments, TRL, torchtune) give our keys: an unknown key that is one
+# of them is answered with ours, not with the closest spelling (learning_rate is not print_log_step).
+USUAL_NAMES = {
+    "learning_rate": "lr", "epochs": "n_epochs", "num_train_epochs": "n_epochs", "num_epochs": "n_epochs",
+    "per_device_train_batch_size": "total_batch_size", "train_batch_size": "total_batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "max_seq_length": "max_length", "max_seq_len": "max_length",
+    "model_name_or_path": "model.name_or_path", "model_name": "model.name_or_path",
+    "tokenizer_name_or_path": "model.tokenizer_name_or_path", "output_dir": "output_dirs",
+    "logging_steps": "print_log_step", "eval_steps": "eval_every_steps", "save_steps": "save_model_step",
+    "gradient_checkpointing": "activation_checkpointing", "lr_scheduler_type": "lr_scheduler",
+    "warmup_ratio": "warmup_steps", "max_prompt_len": "max_prompt_length", "beta": "loss.beta",
+    "loss_type": "loss.name", "bf16": "model.policy_dtype", "fp16": "model.policy_dtype",
+    "torch_dtype": "model.policy_dtype", "dtype": "model.policy_dtype", "gradient_accumulation": "gradient_accumulation_steps",
+    "max_steps": "n_examples", "dataset": "datasets", "dataset_name": "datasets", "train_file": "datasets",
+    "resume_from_checkpoint": "resume", "report_to": "wandb.enabled", "run_name": "exp_name", "use_peft": "model.lora",
+    "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha", "lora_dropout": "model.lora.dropout",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,7 +192,9 @@ def _check_keys(user, schema_cls, prefix=""):
     for key, value in user.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise UserError(f"config: unknown key '{name}'{did_you_mean(key, fields)}")
+            usual = USUAL_NAMES.get(str(key).lower()) if not prefix else None  # another trainer's name for ours
+            hint = f" (did you mean '{usual}'?)" if usual else did_you_mean(key, fields)
+            raise UserError(f"config: unknown key '{name}'{hint}")
         sub = _nested_schema(fields[key].type)
         if sub is None:
             continue
@@ -374,6 +393,24 @@ def _rename_aliases(user):
             user[key] = user.pop(alias)
 
 
+def _check_relative_paths(cfg, config_path):
+    """Paths in a config are relative to the folder the command runs from. A copied YAML's `path: data/x.json` that
+    is missing there but exists beside the config file is a one-line error that says both places (instead of a hub
+    lookup of 'data/x.json' failing with "no network?" later)."""
+    here = os.path.dirname(os.path.abspath(config_path))
+    keys = {"model.name_or_path": cfg.model.name_or_path, "model.tokenizer_name_or_path": cfg.model.tokenizer_name_or_path,
+            "model.archive": cfg.model.archive,
+            **{f"{group}[{i}].path": spec.path for group in ("datasets", "eval_datasets") for i, spec in enumerate(cfg[group])}}
+    for key, value in keys.items():
+        if not value or os.path.isabs(os.path.expanduser(value)) or os.path.exists(value):
+            continue
+        beside = os.path.join(here, value)
+        if os.path.exists(beside):
+            raise UserError(f"config: {key}: '{value}' is not in the folder you run from ({os.getcwd()}), but it is "
+                            f"beside the config file: use {os.path.relpath(beside)} (paths are relative to the folder "
+                            "you run from)")
+
+
 def load_config(path, overrides=(), notes=None) -> DictConfig:
     """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved.
     `notes`: a list that receives the warnings about the config (keys that are ignored, unusual values), for the
@@ -404,6 +441,7 @@ def load_config(path, overrides=(), notes=None) -> DictConfig:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
+    _check_relative_paths(cfg, path)
     _validate(cfg, [] if notes is None else notes)
     if cfg.max_prompt_length is None:  # the default: half of max_length, so every later reader sees an int
         cfg.max_prompt_length = cfg.max_length // 2

@@ -6,10 +6,9 @@ second, before torch and transformers are imported.
 """
 import os
 import random
-import socket
 import sys
 import threading
-import urllib.parse
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -29,8 +28,10 @@ _HUB_PROBES = {}  # endpoint -> reachable: one probe per process
 def check_hub_reachable(name, key, repo_type="model"):
     """Before loading `name` (named by config key `key`) from the Hugging Face hub: fail at once with one line when
     it is not a local path nor in the local hub cache and the hub cannot be used, instead of the library's minute of
-    retries: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (HF_DATASETS_OFFLINE for datasets) is set, or a ~3 s TCP probe of
-    the endpoint (through the https proxy if one is set; made once per process) fails. Needs no torch."""
+    retries: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (HF_DATASETS_OFFLINE for datasets) is set, or an HTTP request to
+    the endpoint (through the proxy the environment sets, as the library's own; made once per process) gets no
+    answer within ~4 s. An answer, not a TCP connection: a firewall or proxy that accepts connections and then never
+    answers made a connection probe pass and the library retry for a minute. Needs no torch."""
     from huggingface_hub import constants
     if os.path.exists(os.path.expanduser(name)):
         return
@@ -40,28 +41,29 @@ def check_hub_reachable(name, key, repo_type="model"):
     flags = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"] + (["HF_DATASETS_OFFLINE"] if repo_type == "dataset" else [])
     flag = next((f for f in flags if os.environ.get(f, "").upper() in ("1", "ON", "YES", "TRUE")), None)
     if flag:
-        raise UserError(f"config: {key}: '{name}' is neither a local folder nor in the local Hugging Face cache, and "
+        raise UserError(f"config: {key}: '{name}' is neither a local folder (no {os.path.abspath(os.path.expanduser(name))}) "
+                        "nor in the local Hugging Face cache, and "
                         f"{flag}={os.environ[flag]} is set: download it first (without {flag}) or give a local folder")
     if constants.ENDPOINT not in _HUB_PROBES:
-        url = urllib.parse.urlsplit(constants.ENDPOINT)
-        proxy = urllib.request.getproxies().get(url.scheme)
-        if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
-            url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
         reached = []
 
         def probe():  # in a thread, joined with a timeout: name resolution has no timeout of its own
             try:
-                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+                urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT + "/api/models?limit=1", method="HEAD"),
+                                       timeout=3).close()
                 reached.append(True)
-            except (OSError, ValueError):
+            except urllib.error.HTTPError:  # an answer, even 4xx/5xx: the hub (or a mirror) is there
+                reached.append(True)
+            except (OSError, ValueError):  # no route, refused, timed out, TLS failure, a bad endpoint URL
                 pass
         thread = threading.Thread(target=probe, daemon=True)
         thread.start()
-        thread.join(3.5)
+        thread.join(4)
         _HUB_PROBES[constants.ENDPOINT] = bool(reached)
     if not _HUB_PROBES[constants.ENDPOINT]:
-        raise UserError(f"config: {key}: '{name}' is not a local folder and the Hugging Face hub cannot be reached (no "
-                        "network?): download it first or give a local folder (HF_HUB_OFFLINE=1 skips this check)")
+        raise UserError(f"config: {key}: '{name}' is not a local folder (no {os.path.abspath(os.path.expanduser(name))}) "
+                        "and the Hugging Face hub cannot be reached (no network?): download it first or give a local "
+                        "folder (HF_HUB_OFFLINE=1 skips this check)")
 
 
 class SurvivingStream:

@@ -253,6 +253,27 @@ def test_hub_id_without_network_fails_in_seconds(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_hub_that_accepts_connections_but_never_answers_fails_in_seconds(tmp_path):
+    """A firewall or proxy that completes the TCP handshake and then says nothing: a connection is no proof of a hub
+    (such a probe passed, and the library then retried for ~55 s). Bounded by the probe's own ~4 s."""
+    import socket
+    import time
+    from conftest import assert_one_line_error, run_cli
+    with socket.socket() as silent:  # listens (the kernel completes handshakes), never accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        env = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
+               "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "HTTP_PROXY": "", "HTTPS_PROXY": "",
+               "ALL_PROXY": "", "NO_PROXY": "127.0.0.1"}
+        started = time.time()
+        proc = run_cli("train.py", "example/tiny-dpo.yml", "--overrides", f"output_dirs={tmp_path}/run",
+                       "model.name_or_path=EleutherAI/pythia-2.8b", "model.from_config=null",
+                       "model.tokenizer_name_or_path=null", env=env, timeout=90)
+        seconds = time.time() - started
+    assert_one_line_error(proc, "model.name_or_path", "'EleutherAI/pythia-2.8b'", "cannot be reached")
+    assert seconds < 25, seconds  # start-up (~5-10 s here) + the probe, not the library's retries
+
+
 def test_hub_check_passes_local_and_cached(tmp_path, monkeypatch):
     import utils
     from huggingface_hub import constants

@@ -66,6 +66,12 @@ def test_null_epochs_with_n_examples():
 
 @pytest.mark.parametrize("override, needles", [
     ("lrr=1e-5", ["unknown key 'lrr'", "did you mean 'lr'"]),
+    ("learning_rate=1e-5", ["unknown key 'learning_rate'", "did you mean 'lr'"]),  # was: print_log_step
+    ("num_train_epochs=3", ["unknown key 'num_train_epochs'", "did you mean 'n_epochs'"]),
+    ("per_device_train_batch_size=8", ["did you mean 'total_batch_size'"]),
+    ("max_seq_length=512", ["did you mean 'max_length'"]),
+    ("model_name_or_path=x", ["did you mean 'model.name_or_path'"]),
+    ("epochs=2", ["did you mean 'n_epochs'"]),
     ("model.polcy_dtype=float16", ["'model.polcy_dtype'", "did you mean 'policy_dtype'"]),
     ("loss.name=dpoo", ["loss.name", "sft, dft, dpo, robust, ipo", "did you mean 'dpo'"]),
     ("trainer=FSDP", ["trainer", "BasicTrainer, FSDPTrainer"]),
