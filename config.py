@@ -67,11 +67,11 @@ class ModelConfig:
     fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
     trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
     attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
-    lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; README "LoRA")
+    lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; docs/lora.md)
 
 
 @dataclass
-class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is refused
+class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is ignored (a warning)
     name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
     beta: Optional[float] = num(None, gt=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda)
     label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)

@@ -359,7 +359,7 @@ EPS = {"label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0.5 makes
 # SimPO's 2-10 on length-averaged log-probs, ORPO's lambda 0.1-1, SPPO's 1/eta down to 1e-3. A value from another
 # loss's range (simpo with DPO's 0.1, after `loss.name=simpo` on a DPO config) is noted in the run header.
 USUAL = {"beta": (0.01, 1.0)}
-LOSSES = {  # the README's table lists them with their papers
+LOSSES = {  # docs/losses.md lists them with their papers
     "sft": Loss(sft_loss, "sft"),
     "dft": Loss(dft_loss, "sft"),
     "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}, ranges=EPS, usual=USUAL),
