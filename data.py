@@ -1,13 +1,14 @@
-"""Datasets for SFT, preference (DPO/IPO) and unpaired (KTO) training: tokenize, truncate, split, collate, and the
-`check` / `convert` CLI. The records come from formats.load_records (the formats, their detection and validation).
+"""Datasets for SFT, preference (DPO/IPO), unpaired (KTO) and prompt (online RL) training: tokenize, truncate, split,
+collate, and the `check` / `convert` CLI. The records come from formats.load_records (the formats, their detection
+and validation).
 
 Tokenization goes through the tokenizer's chat template (DEFAULT_CHAT_TEMPLATE when it has none). Labels are the
 token ids on assistant tokens (content + end-of-turn token) and -100 everywhere else; the assistant mask comes from
 the template's {% generation %} markers, or else from prefix-consistent incremental rendering (where a response's
 first tokens merge with the template's, at the longest common token prefix: _split).
 
-CLI:  python data.py check FILE [--loss sft|dpo|kto] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
-      python data.py convert IN OUT --to sft|dpo|kto
+CLI:  python data.py check FILE [--loss sft|dpo|kto|grpo|...] [--tokenizer DIR] [--max-length N] [--max-prompt-length N]
+      python data.py convert IN OUT --to sft|dpo|kto|prompts
 """
 from __future__ import annotations
 
@@ -23,8 +24,7 @@ import stat
 import sys
 import tempfile
 
-from formats import (FORMAT_NAMES, KINDS, SFT_FORMATS, SHAREGPT_ROLES, UNPAIRED_FORMATS, DataError,
-                     load_records)
+from formats import FORMAT_NAMES, KINDS, SHAREGPT_ROLES, UNPAIRED_FORMATS, DataError, load_records, own_kind, prompt_row
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -131,6 +131,12 @@ def _labelled(tok, messages, field, first=0, notes=None):
     return ids, [t if m else -100 for t, m in zip(ids, mask)], start
 
 
+def _generation_prompt(tok, messages, max_prompt_length):
+    """-> (messages rendered with add_generation_prompt=True: their last max_prompt_length ids, whether cut)."""
+    ids = _render(tok, messages, True)[1]
+    return ids[max(0, len(ids) - max_prompt_length):], len(ids) > max_prompt_length
+
+
 def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_prompt_length: int,
                      notes: set | None = None) -> tuple[dict | None, bool]:
     """Tokenize one normalized record through the chat template. Returns (tokenized, was_truncated); tokenized is
@@ -145,6 +151,9 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
       unpaired:   {"prompt_input_ids", "chosen_input_ids", "chosen_labels", "desirable"}: the completion as a
                   preference example's chosen side (so collate, sequences_of and the reference log-prob cache take
                   it as they are); "rejected_*" (the KL sequence) is added by build_datasets (kl_pairs).
+      prompt:     {"prompt_input_ids", "prompt" (the messages), "prompt_is_text" (bool), "columns" ({field: value},
+                  the record's own)}: what the online methods sample from and hand the reward functions; the
+                  prompt keeps its last max_prompt_length tokens (there is no response to make room for).
     notes: a set that gets "merged" when that happened (for a warning).
     Truncation: when prompt + response exceeds max_length, the prompt (the context before the first labelled token)
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
@@ -153,7 +162,7 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
         msgs = example["messages"]
         ids, labels, _ = _labelled(tokenizer, msgs, "messages", notes=notes)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = _render(tokenizer, msgs[:last], True)[1]
+        prompt = _generation_prompt(tokenizer, msgs[:last], max_prompt_length)[0]
         truncated = len(ids) > max_length
         if truncated:
             first = next(i for i, l in enumerate(labels) if l != -100)
@@ -161,8 +170,11 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
             ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
         if all(l == -100 for l in labels):
             return None, truncated
-        return {"input_ids": ids, "labels": labels,
-                "prompt_input_ids": prompt[max(0, len(prompt) - max_prompt_length):]}, truncated
+        return {"input_ids": ids, "labels": labels, "prompt_input_ids": prompt}, truncated
+    if kind == "prompt":
+        ids, truncated = _generation_prompt(tokenizer, example["prompt"], max_prompt_length)
+        return {"prompt_input_ids": ids, "prompt": example["prompt"], "prompt_is_text": example["prompt_is_text"],
+                "columns": example["columns"]}, truncated
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     # side -> (field named in errors, response messages)
@@ -231,8 +243,8 @@ def build_datasets(train_specs: list[dict], eval_specs: list[dict], tokenizer, k
     """Load every train spec (concatenated) and shuffle with random.Random(seed). Eval: without eval_specs the first
     n_eval_examples shuffled records are held out (fewer, with a warning, when that would take more than half of
     them: _held_out); with eval_specs, eval = their first n_eval_examples records (file order) and train is not
-    reduced; n_eval_examples == 0 -> no eval. Then tokenize everything; unpaired (KTO) data then gets its KL
-    sequences (kl_pairs), train and eval separately.
+    reduced; n_eval_examples == 0 -> no eval (prompt data alike: its eval prompts are scored by reward). Then tokenize
+    everything; unpaired (KTO) data then gets its KL sequences (kl_pairs), train and eval separately.
     Returns (train, eval, stats), stats = {"train", "eval", "truncated", "skipped" (nothing left to learn after
     truncation), "dropped" (raw hh/shp/se records filtered out)} and, only when there are any, "warnings": a list of
     one-line messages for the caller to print. Raises DataError; prints nothing."""
@@ -291,7 +303,8 @@ def _pad(seqs, value, length, left=False):
 
 def example_length(example: dict) -> int:
     """Tokens of an example's longest sequence (for group_by_length)."""
-    return max(len(example[k]) for k in ("input_ids", "chosen_input_ids", "rejected_input_ids") if k in example)
+    keys = ("input_ids", "chosen_input_ids", "rejected_input_ids", "prompt_input_ids")  # prompt data: the prompt alone
+    return max(len(example[k]) for k in keys if k in example)
 
 
 def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -401,19 +414,29 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired"}  # --loss / --to -> data kind
+ONLINE_LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")  # rl_losses.ONLINE (it imports torch)
+LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", **dict.fromkeys(ONLINE_LOSSES, "prompt")}  # --loss
+CONVERT_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "prompts": "prompt"}  # --to -> data kind
+LENGTHS = {"sft": {"sequence": "input_ids"}, "prompt": {"prompt": "prompt_input_ids"},  # check's statistics
+           "unpaired": {"prompt": "prompt_input_ids", "prompt+completion": "chosen_input_ids"},
+           "preference": {"prompt": "prompt_input_ids", "prompt+chosen": "chosen_input_ids",
+                          "prompt+rejected": "rejected_input_ids"}}
 
 
 def _cmd_check(args):
     kind = LOSS_KINDS.get(args.loss)
     records, _, dropped, formats = load_records({"type": "custom_dataset", "path": args.file}, kind)
     fmt = next(iter(formats.values()))
-    kind = kind or ("sft" if fmt in SFT_FORMATS else "unpaired" if fmt in UNPAIRED_FORMATS else "preference")
+    kind = kind or own_kind(fmt)
     print(f"{args.file}: {len(records)} records ({dropped} dropped), format {FORMAT_NAMES[fmt]}, kind {kind}: ok")
     if kind == "unpaired":
         n = sum(r["desirable"] for r in records)
         how = "" if fmt in UNPAIRED_FORMATS else " (each pair: its chosen desirable, its rejected undesirable)"
         print(f"desirable {n}, undesirable {len(records) - n}{how}")
+    if kind == "prompt":  # what the reward functions will be given
+        n = sum(r["prompt_is_text"] for r in records)
+        columns = sorted({c for r in records for c in r["columns"]})
+        print(f"prompts: {n} plain text, {len(records) - n} conversations; columns: {', '.join(columns) or 'none'}")
     tok_path = args.tokenizer or os.path.join(ROOT, "example", "tokenizer")
     if not (args.tokenizer or os.path.isdir(tok_path)):  # no tokenizer given and no example one: records only
         return
@@ -422,9 +445,7 @@ def _cmd_check(args):
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tok_path))
     except (OSError, ValueError) as e:
         raise DataError(f"{tok_path}: cannot load tokenizer: {e}") from None
-    columns = ({"sequence": "input_ids"} if kind == "sft" else
-               {"prompt": "prompt_input_ids", "prompt+completion": "chosen_input_ids"} if kind == "unpaired" else
-               {"prompt": "prompt_input_ids", "prompt+chosen": "chosen_input_ids", "prompt+rejected": "rejected_input_ids"})
+    columns = LENGTHS[kind]
     lengths, n_trunc, n_skip, n_merged = {name: [] for name in columns}, 0, 0, 0
     for i, rec in enumerate(records):
         notes = set()
@@ -443,8 +464,11 @@ def _cmd_check(args):
         v = sorted(v)
         at = lambda q: v[max(0, math.ceil(q * len(v)) - 1)]  # noqa: E731 (nearest-rank percentile)
         print(f"  {name:17s} p50 {at(0.5)}  p90 {at(0.9)}  max {v[-1]}")
-    print(f"at max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: "
-          f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
+    if kind == "prompt":  # no response: max_length does not apply, nothing is skipped
+        print(f"at max_prompt_length {args.max_prompt_length}: {n_trunc} truncated (the prompt keeps its end)")
+    else:
+        print(f"at max_length {args.max_length}, max_prompt_length {args.max_prompt_length}: "
+              f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
 
 
 def _seed_row(r):
@@ -469,14 +493,14 @@ def _cmd_convert(args):
         raise DataError(f"{args.out}: OUT must end with {', '.join(OUT_EXTS)}")
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.input, args.out):
         raise DataError(f"{args.out}: is the input file; refusing to overwrite it")
-    kind = None if args.to == "sft" else LOSS_KINDS[args.to]  # --to sft: pairs too (prompt + chosen)
-    records, _, _, formats = load_records({"type": "custom_dataset", "path": args.input}, kind)
-    if args.to == "sft" and "completion" in records[0]:
+    kind = None if args.to == "sft" else CONVERT_KINDS[args.to]  # --to sft: pairs too (prompt + chosen)
+    records, origins, _, formats = load_records({"type": "custom_dataset", "path": args.input}, kind)
+    if args.to == "sft" and ("completion" in records[0] or "columns" in records[0]):
         raise DataError(f"{args.input}: {FORMAT_NAMES[next(iter(formats.values()))]} data cannot be converted to SFT "
                         "data (convert --to sft takes preference pairs)")
     if args.to == "sft":  # preference -> SFT: the conversation is prompt + chosen
         records = [r if "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in records]
-    rows = [_seed_row(r) for r in records]
+    rows = [prompt_row(r, o) for r, o in zip(records, origins)] if kind == "prompt" else [_seed_row(r) for r in records]
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise DataError(f"{args.out}: folder {out_dir} does not exist")
@@ -499,7 +523,8 @@ def _cmd_convert(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="data.py", description="Check or convert SFT / preference / unpaired datasets.")
+    ap = argparse.ArgumentParser(prog="data.py", description="Check or convert SFT / preference / unpaired / prompt "
+                                 "datasets.")
     sub = ap.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate every record; with a tokenizer, token-length statistics")
     check.add_argument("file")
@@ -507,11 +532,11 @@ def main(argv=None):
     check.add_argument("--tokenizer", default=None, help="default: example/tokenizer when it exists")
     check.add_argument("--max-length", type=int, default=512)
     check.add_argument("--max-prompt-length", type=int, default=None, help="default: half of --max-length, as train.py")
-    conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format, or kto (unpaired: "
-                          "conversations/completion/label, two examples per pair)")
+    conv = sub.add_parser("convert", help="write the seed README's sft (messages) or dpo format, kto (unpaired: "
+                          "conversations/completion/label, two examples per pair) or TRL's prompts (prompt + columns)")
     conv.add_argument("input", metavar="IN")
     conv.add_argument("out", metavar="OUT")
-    conv.add_argument("--to", choices=tuple(LOSS_KINDS), required=True)
+    conv.add_argument("--to", choices=tuple(CONVERT_KINDS), required=True)
     args = ap.parse_args(argv)
     if getattr(args, "max_prompt_length", 0) is None:
         args.max_prompt_length = args.max_length // 2

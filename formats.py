@@ -1,6 +1,6 @@
 """Dataset formats: raw records (JSON, JSONL, gzip, parquet, the hub's datasets) -> validated, normalized examples of
-one data kind (sft, preference, unpaired), with one-line errors naming the file, the record and the field; data.py
-tokenizes and batches what `load_records` / `load_examples` return.
+one data kind (sft, preference, unpaired, prompt), with one-line errors naming the file, the record and the field;
+data.py tokenizes and batches what `load_records` / `load_examples` return.
 
 Formats (detected per file from the records' keys; one format per file; every record is validated):
   SFT         {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}            (seed format)
@@ -10,10 +10,16 @@ Formats (detected per file from the records' keys; one format per file; every re
   raw hub     Anthropic/hh-rlhf ("hh"), stanfordnlp/SHP ("shp"), HuggingFaceH4/stack-exchange-preferences ("se")
   unpaired    {"conversations": [...], "completion": {"from": "gpt", "value"}, "label": true|false}      (seed style)
               {"prompt": str | [messages], "completion": str | [messages], "label": true|false}        (TRL)
+  prompt      {"prompt": str | [messages ending with a user turn], ...columns}                         (TRL)
+              {"prompt": [messages], "reward_model": {"ground_truth", "style"}, "data_source", ...}     (verl)
+              {"question": str, "answer": "... #### n"} (the answer stays a column)                       (raw GSM8K)
 hh used for SFT trains on its chosen transcript (as the original DPO code does); other preference data must be
 converted first (`convert --to sft`). SFT data cannot be used for preference training (no rejected response).
 Unpaired data (label = desirable or not) is only for the losses of data kind "unpaired" (loss.name=kto); pair data
 used as unpaired gives two examples per pair, its chosen desirable and its rejected undesirable (TRL's convention).
+Prompt data (kind "prompt", the online methods: the model writes the completions) is any format's prompt: a
+conversation ending with a user turn, or an SFT conversation's turns before its last assistant turn, or a pair's
+prompt; every field that does not hold the prompt or the responses is kept as a column for the reward functions.
 """
 from __future__ import annotations
 
@@ -33,9 +39,11 @@ FORMAT_NAMES = {"messages": "messages (SFT)", "sharegpt": "conversations (ShareG
                 "seed_pref": "conversations/chosen/rejected (preference)", "trl": "prompt/chosen/rejected (TRL preference)",
                 "hh": "Anthropic HH", "shp": "Stanford SHP", "se": "stack-exchange-preferences",
                 "seed_unpaired": "conversations/completion/label (unpaired)",
-                "trl_unpaired": "prompt/completion/label (TRL unpaired)"}
+                "trl_unpaired": "prompt/completion/label (TRL unpaired)", "verl": "prompt/reward_model (verl prompts)",
+                "trl_prompt": "prompt (TRL prompts)", "gsm8k": "question/answer (GSM8K prompts)"}
 SFT_FORMATS, UNPAIRED_FORMATS = ("messages", "sharegpt"), ("seed_unpaired", "trl_unpaired")
-KINDS = ("sft", "preference", "unpaired")  # the data kinds of losses.LOSSES
+PROMPT_FORMATS = ("verl", "trl_prompt", "gsm8k")  # prompts only; any other format's prompt part also serves as a prompt
+KINDS = ("sft", "preference", "unpaired", "prompt")  # the data kinds of losses.LOSSES and rl_losses.ONLINE (prompt)
 
 class DataError(Exception):
     """One-line, user-facing message naming the file, the record index (0-based) and the field, e.g.
@@ -120,6 +128,8 @@ def _unpaired(rec, prompt, schema):
 
 def _trl_prompt(rec, *required):
     p = rec.get("prompt")
+    if p is not None and not isinstance(p, (str, list)):
+        _fail("prompt", f"must be a string or a list of messages, got {type(p).__name__}")
     prompt = [{"role": "user", "content": _str(p, "prompt")}] if isinstance(p, str) else _messages(p, "prompt")
     for field in required:
         if rec.get(field) is None:
@@ -190,6 +200,70 @@ def _parse_se(rec):
             for i, x in enumerate(scored) for y in scored[i + 1:] if x[1] != y[1]]
 
 
+# --- Prompts (kind "prompt"): any format's prompt, with the record's other fields as columns ---------------------
+def _conversation_prompt(value, field, schema):
+    """A conversation as a prompt: all of it when it ends with a user turn; an SFT conversation (ending with an
+    assistant turn): the turns before that last turn."""
+    msgs = _messages(value, field, schema)
+    what = "the prompt"
+    if msgs[-1]["role"] == "assistant":
+        msgs, what = msgs[:-1], "the turns before the last assistant message"
+    if not msgs or msgs[-1]["role"] != "user":
+        _fail(field, f"{what} must end with a user message")
+    return msgs
+
+
+def _hh_prompt(rec):
+    turns = _hh_turns(rec.get("chosen"), "chosen")[:-1]
+    if not turns or turns[-1]["role"] != "user":
+        _fail("chosen", "no '\\n\\nHuman:' turn right before the last '\\n\\nAssistant:' turn")
+    return turns
+
+
+def _text_prompt(field):
+    return lambda rec: [{"role": "user", "content": _str(rec.get(field), field)}]
+
+
+# Format -> (the field holding the prompt, raw record -> prompt messages ending with a user turn).
+_PROMPTS = {
+    "messages": ("messages", lambda rec: _conversation_prompt(rec.get("messages"), "messages", CHATML)),
+    "sharegpt": ("conversations",
+                 lambda rec: _conversation_prompt(rec.get("conversations"), "conversations", SHAREGPT)),
+    **dict.fromkeys(("seed_pref", "seed_unpaired"), (
+        "conversations", lambda rec: _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"))),
+    **dict.fromkeys(("trl", "trl_unpaired", "verl", "trl_prompt"), ("prompt", _trl_prompt)),
+    "hh": ("chosen", _hh_prompt), "shp": ("history", _text_prompt("history")),
+    **dict.fromkeys(("se", "gsm8k"), ("question", _text_prompt("question"))),
+}
+
+
+def _verl_columns(rec):  # verl's reward functions take ground_truth from reward_model: a column of its own here
+    rm = rec.get("reward_model")
+    if not isinstance(rm, dict):
+        _fail("reward_model", f"must be an object with 'ground_truth', got {type(rm).__name__}")
+    if rm.get("ground_truth") is None:
+        _fail("reward_model.ground_truth", "missing")
+    if "ground_truth" in rec and rec["ground_truth"] != rm["ground_truth"]:
+        _fail("ground_truth", "differs from reward_model.ground_truth")
+    return {"ground_truth": rm["ground_truth"]}
+
+
+def _prompt_of(fmt, rec):
+    """A raw record of format fmt as a prompt record {"prompt": [messages ending with a user turn], "prompt_is_text":
+    whether the source prompt was a plain string (TRL then hands reward functions strings, else message lists),
+    "columns": every field that holds neither the prompt nor a response, as it is}."""
+    field, parse = _PROMPTS[fmt]
+    prompt = parse(rec)
+    if not prompt[-1]["content"].strip():
+        _fail(field, "the last user message is empty (nothing to answer)")
+    used = {"verl": ("prompt",), "gsm8k": ("question",)}.get(fmt, _SIGNATURES[fmt])  # gsm8k's answer is a column
+    columns = {k: v for k, v in rec.items() if k not in used}
+    if fmt == "verl":
+        columns.update(_verl_columns(rec))
+    # hh's string is a transcript of turns, not one plain prompt
+    return {"prompt": prompt, "prompt_is_text": fmt != "hh" and isinstance(rec.get(field), str), "columns": columns}
+
+
 # Format -> parser: raw record -> [normalized records] ([] = dropped, counted), DataError on invalid data.
 PARSERS = {
     "messages": lambda rec: [{"messages": _messages(rec.get("messages"), "messages", CHATML, "sft")}],
@@ -201,20 +275,27 @@ PARSERS = {
     "seed_unpaired": lambda rec: _unpaired(
         rec, _messages(rec.get("conversations"), "conversations", SHAREGPT, "prompt"), SHAREGPT),
     "trl_unpaired": lambda rec: _unpaired(rec, _trl_prompt(rec, "completion", "label"), CHATML),
+    **{fmt: (lambda rec, fmt=fmt: [_prompt_of(fmt, rec)]) for fmt in PROMPT_FORMATS},
 }
 # Format from a record's keys: the first whose signature keys the record all has (the parser checks the rest).
 _SIGNATURES = {"messages": ("messages",), "seed_pref": ("conversations", "chosen", "rejected"),
                "seed_unpaired": ("conversations", "completion"), "sharegpt": ("conversations",),
                "trl": ("prompt", "chosen", "rejected"), "trl_unpaired": ("prompt", "completion"),
+               "verl": ("prompt", "reward_model"), "trl_prompt": ("prompt",),
                "shp": ("history", "human_ref_A", "human_ref_B"), "se": ("question", "answers"),
-               "hh": ("chosen", "rejected")}
+               "hh": ("chosen", "rejected"), "gsm8k": ("question", "answer")}
+PROMPT_SHAPES = ("prompt (TRL: a string or messages ending with a user turn); prompt, reward_model (verl); question, "
+                 "answer (GSM8K); messages or conversations ending with a user turn, or an SFT conversation (the turns "
+                 "before its last assistant turn); a preference or unpaired file (its prompt)")
 
 
 def _detect(rec):  # -> format name, None when unrecognized
     return next((fmt for fmt, keys in _SIGNATURES.items() if set(keys) <= set(rec)), None)
 
 
-def _unrecognized(rec):
+def _unrecognized(rec, kind):
+    if kind == "prompt":
+        return DataError(f"no prompt (keys {sorted(rec)}); expected one of: {PROMPT_SHAPES}")
     expected = "; ".join(f"{FORMAT_NAMES[f]}: {', '.join(k)}" for f, k in _SIGNATURES.items())
     return DataError(f"unrecognized format (keys {sorted(rec)}); expected the keys of one of: {expected}")
 
@@ -329,8 +410,26 @@ def _as_kind(rec, kind):
     return [rec]
 
 
+def own_kind(fmt):
+    """The data kind of a file of format fmt by itself (what `data.py check` assumes without --loss)."""
+    return ("sft" if fmt in SFT_FORMATS else "unpaired" if fmt in UNPAIRED_FORMATS else
+            "prompt" if fmt in PROMPT_FORMATS else "preference")
+
+
+def prompt_row(rec, origin):
+    """A prompt record (from file/record origin) as a row of TRL's prompt format: {"prompt": the string when
+    prompt_is_text, else the messages, **columns}, which reads back as the same record."""
+    if "prompt" in rec["columns"]:
+        raise DataError(f"{origin[0]}: record {origin[1]}: field 'prompt': a column of this format, which TRL's prompt "
+                        "format would overwrite with the prompt; rename it")
+    return {"prompt": rec["prompt"][0]["content"] if rec["prompt_is_text"] else rec["prompt"], **rec["columns"]}
+
+
 def _refuse(label, fmt, kind):  # -> DataError when a file of format fmt cannot be data of kind, else None
     name = FORMAT_NAMES[fmt]
+    if kind not in ("prompt", None) and fmt in PROMPT_FORMATS:
+        return DataError(f"{label}: {name} data has prompts and no responses: it cannot be {kind} data; the online "
+                         "losses take it (loss.name=grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp)")
     if kind in ("sft", "preference") and fmt in UNPAIRED_FORMATS:
         return DataError(f"{label}: {name} data (one completion per prompt, labelled desirable or not) cannot be "
                          f"{kind} data: only the losses of unpaired data take it (loss.name=kto)")
@@ -367,12 +466,12 @@ def load_records(spec, kind):
                 if not isinstance(row, dict):
                     raise DataError(f"expected a JSON object, got {type(row).__name__}")
                 if fmt is None:
-                    raise _unrecognized(row)
+                    raise _unrecognized(row, kind)
                 found = _detect(row)  # a record of another format, not just one missing some of fmt's keys
                 if forced is None and found not in (None, fmt) and not set(_SIGNATURES[found]) < set(_SIGNATURES[fmt]):
                     raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} "
                                     "(one format per file)")
-                new = PARSERS[fmt](row)
+                new = [_prompt_of(fmt, row)] if kind == "prompt" else PARSERS[fmt](row)
             except DataError as e:
                 raise DataError(f"{label}: record {i}: {e}") from None
             dropped += not new
@@ -385,8 +484,10 @@ def load_records(spec, kind):
 
 
 def load_examples(spec: dict, kind: str) -> list[dict]:
-    """Load and validate one dataset spec {type, path, name, split}; kind 'sft' | 'preference' | 'unpaired'. Returns
-    sft: [{"messages": [{"role", "content"}, ...]}]; preference: [{"prompt": [msgs], "chosen": [assistant msgs],
-    "rejected": [assistant msgs]}]; unpaired: [{"prompt": [msgs], "completion": [assistant msgs], "desirable": bool}]
-    (a pair file gives two per pair: _as_kind). Raises DataError naming file, record index and field."""
+    """Load and validate one dataset spec {type, path, name, split}; kind 'sft' | 'preference' | 'unpaired' | 'prompt'.
+    Returns sft: [{"messages": [{"role", "content"}, ...]}]; preference: [{"prompt": [msgs], "chosen": [assistant
+    msgs], "rejected": [assistant msgs]}]; unpaired: [{"prompt": [msgs], "completion": [assistant msgs], "desirable":
+    bool}] (a pair file gives two per pair: _as_kind); prompt: [{"prompt": [msgs ending with a user turn],
+    "prompt_is_text": bool, "columns": {field: value}}] (_prompt_of). Raises DataError naming file, record index and
+    field."""
     return load_records(spec, kind)[0]
