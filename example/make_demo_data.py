@@ -9,6 +9,8 @@ Writes
 * ``example/data/sft_demo.json`` - SFT records ``{"messages": [{"role", "content"}, ...]}``
 * ``example/data/dpo_demo.json`` - preference records
   ``{"conversations": [{"from", "value"}, ...], "chosen": {...}, "rejected": {...}}``
+* ``example/data/prompts_demo.json`` - prompts for the online methods (example/tiny-grpo.yml), TRL's prompt format
+  ``{"prompt": [{"role": "user", "content": "Please write numbers."}]}``: half ask for numbers, half for words
 
 Everything is generated here from templates and random fill (arithmetic, unit conversions, reversing
 words, counting letters, facts about an invented little world); nothing is copied from public datasets.
@@ -344,12 +346,26 @@ def make_dpo_record(rng: random.Random, world: dict) -> dict:
     }
 
 
+# example/rewards.py's write_what_is_asked rewards digits when the prompt says "numbers" and letters when it says
+# "words" (lower case): each wording holds the one word it is filled with, so the prompt alone says what is wanted.
+_ASK_WORDINGS = ["Please write {}.", "Write {}, please.", "Please write some {}.", "Write some {}.",
+                 "Could you write some {}?", "Now write {}, please.", "Please write a few {}.", "Write {}."]
+
+
+def make_prompt_records(rng: random.Random, n: int) -> list:
+    """n prompt records, n // 2 asking for words and the rest for numbers, in a random order."""
+    asks = ["numbers"] * (n - n // 2) + ["words"] * (n // 2)
+    rng.shuffle(asks)
+    return [{"prompt": [{"role": "user", "content": rng.choice(_ASK_WORDINGS).format(ask)}]} for ask in asks]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=os.path.join(HERE, "data"))
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--n-sft", type=int, default=400)
     ap.add_argument("--n-dpo", type=int, default=500)
+    ap.add_argument("--n-prompts", type=int, default=400)
     args = ap.parse_args()
 
     world = make_world(random.Random(args.seed))
@@ -357,9 +373,10 @@ def main() -> None:
     dpo_rng = random.Random(args.seed + 2)
     sft = [make_sft_record(sft_rng, world) for _ in range(args.n_sft)]
     dpo = [make_dpo_record(dpo_rng, world) for _ in range(args.n_dpo)]
+    prompts = make_prompt_records(random.Random(args.seed + 3), args.n_prompts)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    for name, data in [("sft_demo.json", sft), ("dpo_demo.json", dpo)]:
+    for name, data in [("sft_demo.json", sft), ("dpo_demo.json", dpo), ("prompts_demo.json", prompts)]:
         path = os.path.join(args.out_dir, name)
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             json.dump(data, f, indent=1, ensure_ascii=False)
