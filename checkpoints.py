@@ -8,8 +8,9 @@ disk (listed, checked for damage, pruned, half-written ones cleaned up).
                          trainer_state.json (step, examples_seen, files: the mark of a complete folder)
     <run>/final/         the same, after the last step
 
-`save`, `finish_save` and `load` take the trainer (trainers.Trainer) whose state they write or restore: its policy,
-optimizer, scheduler, scaler, counters and layout (whose collectives they call on every process).
+`save`, `finish_save` and `load` take the trainer (trainers.Trainer) whose state they write or restore: its policy and
+optimizer (whole, or sharded through its layout, whose collectives they call on every process) and the rest of its
+state (`Trainer.state_dict`: counters, schedule, scaler, the loss's own state, RNG).
 """
 import json
 import os
@@ -26,7 +27,7 @@ import adapters
 import models
 from layouts import TRAINED_ONLY
 from config import config_yaml
-from utils import TrainingError, UserError, human_bytes, rng_state, set_rng_state, write_atomic
+from utils import TrainingError, UserError, human_bytes, write_atomic
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,9 +145,7 @@ def write_files(trainer, folder, state, adapter=None):
     with open(os.path.join(folder, "config.yaml"), "w") as f:
         f.write(config_yaml(trainer.cfg))
     if trainer.cfg.save_optimizer:
-        state = {"scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rng_state(),
-                 "wandb_id": trainer.wandb_id, "nonfinite_streak": trainer.nonfinite_streak,
-                 "loss_state": trainer.loss_state}
+        state = trainer.state_dict()
         if trainer.layout.mesh is None:  # sharded runs keep optimizer state and float32 weights in dcp/
             state["optimizer"] = trainer.optimizer.state_dict()
             # the float32 masters under their own names: the export may be rounded (half precision) or renamed
@@ -192,14 +191,9 @@ def load(trainer, folder):
         except (ValueError, KeyError) as e:
             raise UserError(f"resume: {folder}: its optimizer state does not fit this run (optimizer or "
                             f"architecture changed?): {e}") from e
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
     with open(os.path.join(folder, "trainer_state.json")) as f:
-        counters = json.load(f)
-    trainer.step, trainer.examples_seen = counters["step"], counters["examples_seen"]
-    trainer.nonfinite_streak, trainer.wandb_id = state["nonfinite_streak"], state["wandb_id"]
-    trainer.loss_state = state.get("loss_state", trainer.loss_state)  # absent in checkpoints of earlier versions
-    set_rng_state(state["rng"])
+        counters = json.load(f)  # the counters of the completed folder (older versions kept them only here)
+    trainer.load_state_dict({**state, "step": counters["step"], "examples_seen": counters["examples_seen"]})
 
 
 def load_sharded_state(trainer, checkpoint_dir):

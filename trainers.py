@@ -1,8 +1,8 @@
 """The trainer: one explicit training loop (`Trainer.train`, `Trainer.train_step`) over a process layout
-(layouts.py: `OneDevice` for trainer: BasicTrainer, `FSDPRanks` for FSDPTrainer), made before any model. The loss of a
-micro-batch comes from losses.micro_batch_loss, as the loss table declares; the reference is a models.*Reference.
-Data order, gradient accumulation, clipping, logging (metrics.py), evaluation and
-checkpoints (checkpoints.py) are the same for every loss.
+(layouts.py: `OneDevice` for trainer: BasicTrainer, `FSDPRanks` for FSDPTrainer), made before any model. Global
+batches come from a batch source (sources.py); what the loss does around the micro-batches, and the loss of each,
+comes from its objective (objectives.py); the reference is a models.*Reference. Gradient accumulation, clipping,
+logging (metrics.py), evaluation and checkpoints (checkpoints.py, through `state_dict`) are the same for every loss.
 """
 import contextlib
 import gc
@@ -21,10 +21,11 @@ from tqdm import tqdm
 import checkpoints
 import data
 import logprobs
-import losses
 import models
 from metrics import MetricsWriter, plot_curves
-from utils import TrainingError, UserError, abort_now
+from objectives import OfflineObjective
+from sources import DatasetSource
+from utils import TrainingError, UserError, abort_now, rng_state, set_rng_state
 
 
 class Trainer:
@@ -34,16 +35,13 @@ class Trainer:
         self.cfg, self.layout, self.policy, self.reference, self.tokenizer = cfg, layout, policy, reference, tokenizer
         self.train_data, self.run_dir = train_data, run_dir
         self.rank, self.world_size, self.device = layout.rank, layout.world_size, layout.device
-        self.loss, self.hyperparameters = losses.LOSSES[cfg.loss.name], losses.hyperparameters(cfg.loss)
+        self.objective, self.source = OfflineObjective(cfg.loss), DatasetSource(train_data, cfg, self.world_size)
         self.compute_dtype = models.DTYPES[cfg.model.policy_dtype]
         self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))
-        n_total = len(train_data) * cfg.n_epochs if cfg.n_epochs is not None else math.inf
-        self.n_train_examples = int(min(n_total, cfg.n_examples if cfg.n_examples is not None else math.inf))
+        self.n_train_examples, self.total_steps = self.source.n_examples, self.source.total_steps
         # every process must run the same number of forward passes (sharded weights are gathered collectively), so
-        # the last global batch and the eval set are cut to a multiple of world_size (no-op on one device)
-        self.n_train_examples -= self.n_train_examples % self.world_size
+        # the eval set is cut to a multiple of world_size, as the source cuts the last global batch
         self.eval_data = eval_data[: len(eval_data) - len(eval_data) % self.world_size]
-        self.total_steps = math.ceil(self.n_train_examples / cfg.total_batch_size)
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         if cfg.warmup_steps > self.total_steps and self.is_main:
             print(f"warning: warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): the "
@@ -53,7 +51,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
         self.wandb_id, self.stop_signal, self.pending_save = None, None, None
-        self.loss_state = {"reward_mean": 0.0, "reward_count": 1e-24}  # bco_pair's running mean (TRL's start)
         self.flop_shape = models.model_flop_shape(policy)
         self.peak_flops = models.peak_flops(self.device, self.compute_dtype)
         if cfg.compile:  # in place (the module keeps its class, so saving is unchanged); shapes vary: dynamic
@@ -69,56 +66,22 @@ class Trainer:
     def any_process(self, flag: bool) -> bool:
         return self.layout.any_process(flag)
 
-    def batch_loss(self, batch, norm, stats):
-        """Loss of one micro-batch, already divided by the GLOBAL batch's normaliser (`norm`), and metric sums;
-        `stats`: what the loss needs from the whole global batch (`global_statistics`)."""
-        logps, seq_ids, logits = models.token_logps(self.policy, batch)
-        reference_logps = self.reference.logps(batch, batch["n_seqs"])
-        with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
-            mean_logits = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
-        extra = {**stats, **({"desirable": batch["desirable"]} if "desirable" in batch else {})}
-        return losses.micro_batch_loss(self.loss, self.hyperparameters, logps, seq_ids, batch["n_seqs"],
-                                       reference_logps, norm, mean_logits, extra)
+    def state_dict(self) -> dict:
+        """The trainer's state beside the weights and the optimizer (which checkpoints.py saves through the layout:
+        whole or sharded): counters, schedule, grad scaler, the objective's state, RNG, the WandB run. A new piece of
+        training state is added here, once."""
+        return {"step": self.step, "examples_seen": self.examples_seen, "nonfinite_streak": self.nonfinite_streak,
+                "wandb_id": self.wandb_id, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "loss_state": self.objective.state_dict(), "rng": rng_state()}
 
-    def scored(self, examples):
-        """What a micro-batch's loss scores: every sequence of the examples, but for a loss with a batch KL (KTO)
-        only the completions: their mismatched KL sequences are scored once per global batch, without grad
-        (`batch_kl`), so they are neither forwarded nor back-propagated in the loss's micro-batches."""
-        if not self.loss.batch_kl:
-            return examples
-        return [{k: v for k, v in ex.items() if not k.startswith("rejected_")} for ex in examples]
-
-    def normalizer(self, examples) -> dict:
-        """What a global batch's loss and metrics are divided by: its examples, label tokens, chosen label tokens
-        (the first of each example's sequences) and desirable examples (unpaired data)."""
-        counts = [data.label_count(labels) for _, labels in data.sequences_of(examples)]
-        return {"examples": len(examples), "tokens": sum(counts), "chosen_tokens": sum(counts[:len(examples)]),
-                "desirable": sum(bool(ex.get("desirable")) for ex in examples)}
-
-    def global_statistics(self, local) -> dict:
-        """What the loss needs from the whole global batch before its first micro-batch (the same for any split into
-        micro-batches and processes): bco_pair's running reward mean (of the steps before this one), KTO's KL
-        estimate over the batch's mismatched pairs (`batch_kl`)."""
-        stats = {"delta": self.loss_state["reward_mean"]} if self.loss.running_mean else {}
-        if self.loss.batch_kl:
-            stats["kl"] = self.batch_kl(local)
-        return stats
-
-    @torch.no_grad()
-    def batch_kl(self, local) -> float:
-        """KTO's reference point z0 = max(0, mean over the global batch of (policy - reference) log-probs of the
-        mismatched KL sequences), no grad, micro-batch by micro-batch; every process adds its share."""
-        total, micro = 0.0, self.cfg.eval_batch_size
-        for start in range(0, len(local), micro):
-            chunk = local[start:start + micro]
-            batch = self.to_batch(kl_views(chunk))
-            with self.autocast():
-                policy = models.batch_logps(self.policy, batch, len(chunk))
-                reference = (torch.tensor([ex["reference_logps"][1] for ex in chunk], device=self.device)
-                             if "reference_logps" in chunk[0] else self.reference.logps(batch, len(chunk)))
-            total += float((policy - reference).sum())
-        sums = self.layout.reduce_sums({"kl": total, "n": len(local)})
-        return float(losses.kto_kl(torch.tensor([sums["kl"] / max(sums["n"], 1)]), torch.zeros(1)))
+    def load_state_dict(self, state):
+        self.step, self.examples_seen = state["step"], state["examples_seen"]
+        self.nonfinite_streak, self.wandb_id = state["nonfinite_streak"], state["wandb_id"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if "loss_state" in state:  # absent in checkpoints of earlier versions
+            self.objective.load_state_dict(state["loss_state"])
+        set_rng_state(state["rng"])
 
     # ---- helpers -------------------------------------------------------------------------------------------------
     def autocast(self):
@@ -131,61 +94,27 @@ class Trainer:
                              pad_to_multiple_of=models.length_multiple(self.device, self.policy))
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def epoch_order(self, epoch):
-        """The order of the training examples in one epoch: a permutation seeded by (seed, epoch). With
-        group_by_length, the permutation is cut into windows of 64 global batches, each window sorted by length
-        and cut into global batches, and those batches shuffled again: similar lengths share a batch (less
-        padding), while the batches still come in random order."""
-        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        order = torch.randperm(len(self.train_data), generator=generator).tolist()
-        if not self.cfg.group_by_length:
-            return order
-        size = self.cfg.total_batch_size
-        batches = []
-        for start in range(0, len(order), 64 * size):
-            window = sorted(order[start:start + 64 * size], key=lambda i: -data.example_length(self.train_data[i]))
-            batches += [window[i:i + size] for i in range(0, len(window), size)]
-        last = [batches.pop()] if len(batches[-1]) < size else []  # a short batch stays last, not mid-epoch
-        return [i for b in torch.randperm(len(batches), generator=generator).tolist() + [len(batches)] * bool(last)
-                for i in (batches + last)[b]]
-
-    def example_stream(self, start=0):
-        """Training examples in order from position `start`, cut at n_train_examples. The order is a pure function
-        of (seed, position), which is what makes resuming exact."""
-        position = start
-        while position < self.n_train_examples:
-            epoch, offset = divmod(position, len(self.train_data))
-            for i in self.epoch_order(epoch)[offset:offset + self.n_train_examples - position]:
-                yield self.train_data[i]
-            position += min(len(self.train_data) - offset, self.n_train_examples - position)
-
     def global_batches(self):
-        stream, size = self.example_stream(self.examples_seen), self.cfg.total_batch_size
-        while True:
-            batch = [ex for _, ex in zip(range(size), stream)]
-            if not batch:
-                return
-            yield batch
+        """The global batches from where the run is (a resumed run: where the checkpoint was)."""
+        return self.source.batches(self.examples_seen)
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, examples):
         """Forward/backward over micro-batches of one global batch, then clip and step. Returns the step's metrics."""
         self.policy.train()
-        norm = self.normalizer(examples)  # of the GLOBAL batch, so every share is weighted right
+        objective = self.objective
+        norm = objective.normalizer(examples)  # of the GLOBAL batch, so every share is weighted right
         local = self.layout.local_share(examples)
-        stats = self.global_statistics(local)
+        stats = objective.prepare(self, local)
         micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
-        sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(local), micro)
-        if self.loss.batch_kl:  # the KL sequences' no-grad forward passes (batch_kl) count too, their tokens not
-            kl_seqs = data.sequences_of(kl_views(local))
-            flops = models.model_flops(self.flop_shape, kl_seqs, self.reference.runs_forward, backward=False)[1]
+        sums, tokens, flops, starts = {}, 0, objective.prepare_flops(self, local), range(0, len(local), micro)
         for start in starts:
             if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
                 self.policy.set_requires_all_reduce(start == starts[-1])  # micro-batch (no-op on a 1-D mesh)
-            examples_mb = self.scored(local[start:start + micro])
+            examples_mb = objective.scored(local[start:start + micro])
             batch = self.to_batch(examples_mb)
             with self.autocast():
-                loss, mb_sums = self.batch_loss(batch, norm, stats)
+                loss, mb_sums = objective.loss(self, batch, norm, stats)
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
@@ -205,10 +134,7 @@ class Trainer:
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.loss.running_mean:  # this step's mean reward joins the running mean (used from the next step on)
-                self.loss_state["reward_mean"], self.loss_state["reward_count"] = losses.running_mean_update(
-                    self.loss_state["reward_mean"], self.loss_state["reward_count"],
-                    (sums["rewards/chosen"] + sums["rewards/rejected"]) / (2 * norm["examples"]))
+            objective.finish(sums, norm)
         else:
             tqdm.write(f"warning: step {self.step + 1}: non-finite loss or gradient (loss={sums['loss']}, "
                        f"grad_norm={grad_norm}): step skipped ({self.nonfinite_streak} in a row)")
@@ -224,7 +150,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.examples_seen += len(examples)
-        metrics = {k: v / norm[self.loss.unit] for k, v in sums.items()}
+        metrics = {k: v / norm[objective.unit] for k, v in sums.items()}
         metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
         return metrics, tokens, flops
 
@@ -233,15 +159,16 @@ class Trainer:
     def evaluate(self):
         """Metrics over the whole eval set (its share on each process), normalised as one global batch."""
         self.policy.eval()
-        sums, size, norm = {}, self.cfg.eval_batch_size, self.normalizer(self.eval_data)
+        sums, size, norm = {}, self.cfg.eval_batch_size, self.objective.normalizer(self.eval_data)
         local = self.layout.local_share(self.eval_data)
-        stats = self.global_statistics(local)  # the eval set as one global batch
+        stats = self.objective.prepare(self, local)  # the eval set as one global batch
         for start in range(0, len(local), size):
             with self.autocast():
-                _, mb_sums = self.batch_loss(self.to_batch(self.scored(local[start:start + size])), norm, stats)
+                batch = self.to_batch(self.objective.scored(local[start:start + size]))
+                _, mb_sums = self.objective.loss(self, batch, norm, stats)
             for k, v in mb_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"eval/{k}": v / norm[self.loss.unit] for k, v in self.layout.reduce_sums(sums).items()}
+        return {f"eval/{k}": v / norm[self.objective.unit] for k, v in self.layout.reduce_sums(sums).items()}
 
     @torch.no_grad()
     def sample(self, writer):
@@ -278,9 +205,7 @@ class Trainer:
         no grad), then the reference model is freed: each training step runs the policy alone. The cache file is
         keyed by the reference weights and the settings that change log-probs; inside it, by each example's tokens."""
         cfg = self.cfg
-        n_train = len(self.train_data)  # only the examples this run trains on (n_examples may stop mid-epoch)
-        used = range(n_train) if self.n_train_examples >= n_train else self.epoch_order(0)[:self.n_train_examples]
-        examples = [self.train_data[i] for i in used] + self.eval_data
+        examples = self.source.used() + self.eval_data  # only the examples this run trains on
         if not isinstance(self.reference, (models.FrozenReference, models.AdapterOffReference)):  # none, or done
             return
         settings = (cfg.model.reference_dtype or cfg.model.policy_dtype, self.device.type, self.tokenizer.name_or_path,
@@ -409,12 +334,6 @@ class Trainer:
             tqdm.write(f"step {self.step}: {summary}")
         if self.cfg.sample_during_eval:
             self.sample(writer)
-
-
-def kl_views(examples):
-    """Unpaired (KTO) examples' mismatched KL sequences alone, as single-sequence examples (for data.collate)."""
-    return [{"input_ids": ex["rejected_input_ids"], "labels": ex["rejected_labels"],
-             "prompt_input_ids": ex["prompt_input_ids"]} for ex in examples]
 
 
 def sample_text(tokenizer, ids, max_new_tokens) -> str:

@@ -193,16 +193,17 @@ def test_fsdp_matches_one_device(name, tmp_path):
 
 
 def test_kto_micro_batches_forward_the_completions_only(tmp_path):
-    """A KTO micro-batch forwards and back-propagates only its completions (Trainer.scored): its mismatched KL
+    """A KTO micro-batch forwards and back-propagates only its completions (its objective's `scored`): its mismatched KL
     sequences are scored once per global batch without grad (batch_kl). The loss, its metrics and the gradient equal
     those of the micro-batch that also carries the KL sequences, to float32 rounding."""
     trainer = tiny("kto", tmp_path, "n_eval_examples=0")
     examples = next(trainer.global_batches())
-    norm, stats = trainer.normalizer(examples), trainer.global_statistics(examples)
+    objective = trainer.objective
+    norm, stats = objective.normalizer(examples), objective.prepare(trainer, examples)
     results = []
-    for batch in (trainer.to_batch(examples), trainer.to_batch(trainer.scored(examples))):
+    for batch in (trainer.to_batch(examples), trainer.to_batch(objective.scored(examples))):
         trainer.policy.zero_grad(set_to_none=True)
-        loss, sums = trainer.batch_loss(batch, norm, stats)
+        loss, sums = objective.loss(trainer, batch, norm, stats)
         loss.backward()
         results.append((batch["n_seqs"], loss.item(), sums, [p.grad.clone() for p in trainer.policy.parameters()]))
     (n_full, loss_full, sums_full, grads_full), (n_scored, loss_scored, sums_scored, grads_scored) = results

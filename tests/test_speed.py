@@ -128,15 +128,15 @@ def test_unwritable_reference_cache_folder_is_not_fatal(tiny_model_dir, tmp_path
 def test_group_by_length_is_a_deterministic_shuffle_of_similar_lengths(tiny_model_dir):
     plain = build("sft", tiny_model_dir, "total_batch_size=4")
     grouped = build("sft", tiny_model_dir, "total_batch_size=4", "group_by_length=true")
-    order = grouped.epoch_order(0)
-    assert sorted(order) == list(range(len(grouped.train_data))) and order == grouped.epoch_order(0)
-    assert order != grouped.epoch_order(1) and order != plain.epoch_order(0)
+    order = grouped.source.epoch_order(0)
+    assert sorted(order) == list(range(len(grouped.train_data))) and order == grouped.source.epoch_order(0)
+    assert order != grouped.source.epoch_order(1) and order != plain.source.epoch_order(0)
 
     def spread(trainer, order):  # mean (longest - shortest) within a global batch: the padding it costs
         lengths = [data.example_length(trainer.train_data[i]) for i in order]
         batches = [lengths[i:i + 4] for i in range(0, len(lengths) - 3, 4)]
         return sum(max(b) - min(b) for b in batches) / len(batches)
-    assert spread(grouped, order) < 0.3 * spread(plain, plain.epoch_order(0))
+    assert spread(grouped, order) < 0.3 * spread(plain, plain.source.epoch_order(0))
     first = [data.example_length(grouped.train_data[i]) for i in order[:64 * 4:4]]
     assert first != sorted(first, reverse=True)  # the batches themselves still come in random order
 
