@@ -19,9 +19,14 @@ def lora_linear_names(model) -> list:
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
-def apply_lora(model, lora, base_dtype, archive=None):
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+
+
+def apply_lora(model, lora, base_dtype, archive=None, head="causal_lm"):
     """The policy as a peft LoRA model: float32 adapter weights (the only trainable ones) on a frozen base stored in
-    `base_dtype` (a torch dtype; autocast computes in policy_dtype anyway). `archive`: an adapter folder whose weights the adapter starts from."""
+    `base_dtype` (a torch dtype; autocast computes in policy_dtype anyway). `archive`: an adapter folder whose weights
+    the adapter starts from. `head` (models.HEADS): peft's task type, which for a classification head also trains
+    the new head itself (its score layer is not in the base)."""
     import peft
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     if not isinstance(targets, str):
@@ -32,7 +37,7 @@ def apply_lora(model, lora, base_dtype, archive=None):
                             f"of this model; its linear layers are: {', '.join(known)}")
         refuse_tied_head_adapter(model, targets)
     config = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                             task_type="CAUSAL_LM", bias="none")
+                             task_type=TASK_TYPES[head], bias="none")
     with quiet_peft():
         model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     for name, param in model.named_parameters():

@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import adapters
+import losses
 import models
 from layouts import TRAINED_ONLY
 from config import config_yaml
@@ -183,8 +184,8 @@ def load(trainer, folder):
         load_sharded_state(trainer, folder)
     else:
         if state.get("master_weights") is None:  # written before the masters were always kept: the export
-            from transformers import AutoModelForCausalLM  # through transformers, which knows its key names
-            state["master_weights"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+            head = models.auto_class(losses.LOSSES[trainer.cfg.loss.name].head)  # through transformers, which knows
+            state["master_weights"] = head.from_pretrained(folder, dtype=torch.float32).state_dict()  # its key names
         load_weights(trainer, folder, state["master_weights"])
         try:
             trainer.optimizer.load_state_dict(state["optimizer"])

@@ -346,6 +346,7 @@ class Loss:
     running_mean: bool = False    # shifts its rewards by their running mean (training state, checkpointed)
     ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as config.num) where narrower than the schema's
     usual: dict = field(default_factory=dict)   # {loss.* key: (low, high)}: what its paper and TRL use; outside is noted
+    head: str = "causal_lm"       # what it trains (models.HEADS): the LM head, or a scalar head (reward, value)
 
     @property
     def unit(self) -> str:

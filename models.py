@@ -31,6 +31,23 @@ from config import DTYPE_NAMES, choices
 from utils import UserError, check_hub_reachable
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
+# What a loss trains (losses.Loss.head) -> the transformers class that builds, loads and exports it. A classification
+# head has one output: a sequence's reward (reward models), a token's value (a critic).
+HEADS = {"causal_lm": "AutoModelForCausalLM", "sequence_classification": "AutoModelForSequenceClassification",
+         "token_classification": "AutoModelForTokenClassification"}
+
+
+def auto_class(head):
+    """The transformers Auto class of a head kind (HEADS)."""
+    import transformers
+    return getattr(transformers, HEADS[head])
+
+
+def with_head(config, head):
+    """A model config for `head`: classification heads with one output (num_labels=1)."""
+    if head != "causal_lm":
+        config.num_labels = 1
+    return config
 
 
 def is_main_process() -> bool:
@@ -169,10 +186,10 @@ def load_archive(model, path):
         raise UserError(f"config: model.archive: {path}: does not match the model architecture: {detail}") from e
 
 
-def model_from_config(arch, tokenizer, kwargs):
+def model_from_config(arch, tokenizer, kwargs, head="causal_lm"):
     """A randomly initialised model from `model.from_config`; any mistake in it is one line naming that key."""
     from huggingface_hub.errors import StrictDataclassError  # what transformers' config validators raise
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     arch = dict(arch)
     model_type = arch.pop("model_type", None)
@@ -183,17 +200,18 @@ def model_from_config(arch, tokenizer, kwargs):
                         f"{choices(model_type, sorted(CONFIG_MAPPING.keys()), limit=8)}")
     arch.setdefault("vocab_size", len(tokenizer))
     try:  # the config checks its own fields (heads that do not divide hidden_size, ...), the model class the rest
-        config = disable_dropout(AutoConfig.for_model(model_type, **arch))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+        config = with_head(disable_dropout(AutoConfig.for_model(model_type, **arch)), head)
+        return auto_class(head).from_config(config, dtype=torch.float32, **kwargs)
     except (ValueError, TypeError, StrictDataclassError) as e:
         detail = " ".join(str(e).split())
         raise UserError(f"config: model.from_config: {detail if len(detail) <= 400 else detail[:400] + ' ...'}") from e
 
 
-def load_policy(cfg, tokenizer, meta=False):
-    """The trainable model, float32 master weights (autocast supplies the compute dtype), on the CPU. meta=True: the
-    same model without its weights (on the meta device: no memory, nothing read), for `fill_from_main_process`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_policy(cfg, tokenizer, meta=False, head="causal_lm"):
+    """The trainable model with the `head` its loss trains (HEADS), float32 master weights (autocast supplies the
+    compute dtype), on the CPU. meta=True: the same model without its weights (on the meta device: no memory,
+    nothing read), for `fill_from_main_process`."""
+    from transformers import AutoConfig
     m = cfg.model
     kwargs = {"trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
@@ -205,15 +223,16 @@ def load_policy(cfg, tokenizer, meta=False):
     try:
         if m.name_or_path is None and not archive_is_folder:
             with torch.device("meta") if meta else contextlib.nullcontext():
-                model = model_from_config(m.from_config, tokenizer, kwargs)
+                model = model_from_config(m.from_config, tokenizer, kwargs, head)
         else:
             source, key = (m.archive, "model.archive") if archive_is_folder else (m.name_or_path, "model.name_or_path")
             config = disable_dropout(from_pretrained(AutoConfig, source, key, trust_remote_code=m.trust_remote_code))
+            config = with_head(config, head)
             if meta:
                 with torch.device("meta"):
-                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+                    model = auto_class(head).from_config(config, dtype=torch.float32, **kwargs)
             else:
-                model = from_pretrained(AutoModelForCausalLM, source, key, config=config, dtype=torch.float32, **kwargs)
+                model = from_pretrained(auto_class(head), source, key, config=config, dtype=torch.float32, **kwargs)
     except ImportError as e:  # flash_attention_2 / _3 without their package
         if not m.attn_implementation:
             raise
@@ -246,18 +265,26 @@ class AdapterOffReference:
         with self.policy.disable_adapter():
             return batch_logps(self.policy, batch, n_seqs)
 
+    @torch.no_grad()
+    def token_logps(self, batch):
+        """[N] float32 log-probs of each labelled token (as models.token_logps), for per-token KL terms."""
+        with self.policy.disable_adapter():
+            return token_logps(self.policy, batch)[0]
+
     def fingerprint(self, settings) -> str:
         """The base weights under their plain names: the same cache file as a full run from the same weights."""
         return state_digest(base_state(self.policy.state_dict()), settings)
 
 
 def initial_policy(cfg, tokenizer, base_dtype, meta=False):
-    """The policy before its first step: the model (load_policy), as a LoRA model (model.lora), or with an adapter
-    folder given as model.archive merged in. meta=True: its structure only (load_policy)."""
-    policy = load_policy(cfg, tokenizer, meta)
+    """The policy before its first step, with the head its loss trains (losses.Loss.head): the model (load_policy),
+    as a LoRA model (model.lora), or with an adapter folder given as model.archive merged in. meta=True: its
+    structure only (load_policy)."""
+    head = losses.LOSSES[cfg.loss.name].head
+    policy = load_policy(cfg, tokenizer, meta, head)
     adapter = cfg.model.archive if is_adapter_folder(cfg.model.archive) and not meta else None
     if cfg.model.lora is not None:
-        return apply_lora(policy, cfg.model.lora, DTYPES[base_dtype], adapter)
+        return apply_lora(policy, cfg.model.lora, DTYPES[base_dtype], adapter, head)
     return merge_adapter_folder(policy, adapter) if adapter else policy
 
 
@@ -336,7 +363,7 @@ def shard_policy_and_reference(cfg, layout, policy, reference):
             module.set_force_sum_reduction_for_comms(True)
     if reference is not None and cfg.fsdp.shard_reference:
         half = cfg.model.reference_dtype in ("bfloat16", "float16")  # else exactly the policy's compute
-        shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload)
+        shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload, frozen=True)
     # else: a full replica on every device (filled there by fill_from_main_process): no communication in its forward
 
 
@@ -393,6 +420,11 @@ class FrozenReference:
         """[n_seqs] float32 summed log-probs of the batch's sequences."""
         return batch_logps(self.model, batch, n_seqs)
 
+    @torch.no_grad()
+    def token_logps(self, batch):
+        """[N] float32 log-probs of each labelled token (as models.token_logps), for per-token KL terms."""
+        return token_logps(self.model, batch)[0]
+
     def fingerprint(self, settings) -> str:
         """Names the disk cache of its log-probs: its weights plus the settings that change log-probs."""
         return weights_digest(self.model, settings)
@@ -412,6 +444,9 @@ class NoReference:
     runs_forward, model = False, None
 
     def logps(self, batch, n_seqs):
+        return None
+
+    def token_logps(self, batch):
         return None
 
 
@@ -438,13 +473,21 @@ def find_block_class(model, name):
                     f"to one of {', '.join(sorted(classes))}")
 
 
-def shard_model(model, block_class, mesh, mixed, offload):
-    """fully_shard every transformer block, then the root (embeddings, final norm, head): one all-gather per block."""
+def shard_model(model, block_class, mesh, mixed, offload, frozen=False):
+    """fully_shard every transformer block, an untied input embedding and output head each on its own (a tied pair
+    is one parameter: it stays with the root), then the root (the final norm): one all-gather per unit. A unit's
+    full weights and gradients exist only while it computes, so the two vocabulary-sized matrices are never full
+    together, nor through a whole backward (as one root unit they were: FSDP keeps the root gathered from its
+    forward to the end of its backward). frozen (the reference, no backward): the root is also resharded after its
+    forward; by default FSDP keeps it gathered for the backward that follows, which never comes."""
     keep_checkpoint_renamings(model)
-    blocks = [m for m in model.modules() if isinstance(m, block_class)]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    units = [m for m in model.modules() if isinstance(m, block_class)]
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embedding.weight:
+        units += [embedding, head]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mixed, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload, reshard_after_forward=True if frozen else None)
 
 
 def keep_checkpoint_renamings(model):

@@ -172,3 +172,41 @@ def test_checkpoint_names_revert_renames_and_refuse_tensor_conversions():
     neox = models.checkpoint_names(built["gpt_neox"], built["gpt_neox"].state_dict())
     assert "embed_out.weight" in neox and "lm_head.weight" not in neox
     assert models.checkpoint_names(built["mixtral"], built["mixtral"].state_dict()) is None
+
+
+@pytest.mark.parametrize("head, lora", [("sequence_classification", False), ("sequence_classification", True),
+                                        ("token_classification", False)])
+def test_models_are_built_with_the_head_their_loss_trains(head, lora, tmp_path, tiny_model_dir):
+    """Building, LoRA and export take the head kind (models.HEADS): a scalar head (a reward per sequence, a value
+    per token) on the same base, saved as a folder that its transformers Auto class loads with the same outputs."""
+    import transformers
+    from adapters import apply_lora
+    cfg = load_config(TINY["dpo"], [*local_model_overrides(tiny_model_dir), "model.lora={r: 4}" if lora else "seed=0"])
+    tokenizer = models.build_tokenizer(cfg)
+    model = models.load_policy(cfg, tokenizer, head=head)
+    assert type(model).__name__.endswith({"sequence_classification": "ForSequenceClassification",
+                                          "token_classification": "ForTokenClassification"}[head])
+    if lora:
+        model = apply_lora(model, cfg.model.lora, torch.float32, head=head)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any("score" in n for n in trainable) and any("lora_" in n for n in trainable)  # the new head trains
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    out = model(input_ids=ids).logits
+    assert out.shape == ((2, 1) if head == "sequence_classification" else (2, 4, 1))
+    export = model.merge_and_unload() if lora else model
+    export.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, models.HEADS[head]).from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_gives_per_token_log_probs_that_sum_to_its_sequence_log_probs(lora, tiny_model_dir):
+    import logprobs
+    trainer = build("dpo", tiny_model_dir, *(["model.lora={r: 4}"] if lora else []))
+    examples = next(trainer.global_batches())[:4]
+    batch = trainer.to_batch(examples)
+    per_token = trainer.reference.token_logps(batch)
+    _, seq_ids, _ = models.token_logps(trainer.policy, batch)
+    assert per_token.shape == seq_ids.shape
+    torch.testing.assert_close(logprobs.sequence_logps(per_token, seq_ids, batch["n_seqs"]),
+                               trainer.reference.logps(batch, batch["n_seqs"]))
