@@ -70,6 +70,12 @@ class ModelConfig:
     lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; docs/lora.md)
 
 
+# loss.name's choices, here for the check before torch is imported; the loss table (losses.LOSSES, which needs torch)
+# is what each one does, and a test keeps the two equal
+LOSS_NAMES = ("sft", "dft", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+              "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto")
+
+
 @dataclass
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is ignored (a warning)
     name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
@@ -254,8 +260,9 @@ def range_text(value, bounds) -> str:
                                                                           for op, b in bounds.items())
 
 
-def _validate(cfg, notes):
-    """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed."""
+def _validate(cfg, notes, light=False):
+    """Choices, ranges and the checks across keys; what needs torch or transformers comes last, and only if needed
+    (light=True: stop before it)."""
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check_choice("lr_scheduler", cfg.lr_scheduler, SCHEDULES)
     for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
@@ -282,6 +289,10 @@ def _validate(cfg, notes):
         raise UserError(f"config: max_prompt_length ({cfg.max_prompt_length}) must be < max_length ({cfg.max_length}); "
                         "leave it null for half of max_length")
     _check_wandb_login(cfg)
+    _check_choice("loss.name", cfg.loss.name, LOSS_NAMES)
+    _check_fsdp(cfg, cuda_available=None)  # where the number of processes is known without torch
+    if light:
+        return
     if cfg.model.attn_implementation is not None and cfg.model.attn_implementation not in ATTN_IMPLEMENTATIONS:
         from transformers import AttentionInterface  # the registry, only for a value outside the usual ones
         allowed = list(dict.fromkeys([*ATTN_IMPLEMENTATIONS, *AttentionInterface().valid_keys()]))
@@ -315,8 +326,7 @@ def _check_loss(loss_cfg, notes):
     loss's own range where it has one. A key the loss does not use (the seed's `beta: 0.1` left in the file with
     `name: sft`) is set to null, so the saved config does not claim it ran, with a note unless it was null or its
     neutral value (losses.NEUTRAL); an explicit value outside what the loss's paper uses is noted too."""
-    import losses  # imports torch: after every check that does not need it
-    _check_choice("loss.name", loss_cfg.name, list(losses.LOSSES))
+    import losses  # imports torch: after every check that does not need it (loss.name was checked before)
     spec, uses = losses.LOSSES[loss_cfg.name], losses.parameters_of(loss_cfg.name)
     for f in dataclasses.fields(LossConfig):
         value = loss_cfg[f.name]
@@ -358,15 +368,23 @@ def check_replicate(cfg, world_size):
 
 
 def _check_fsdp(cfg, cuda_available):
-    """fsdp.replicate against the world size where the config alone tells it: WORLD_SIZE under torchrun (and in the
-    own launcher's workers), fsdp.world_size for the own launcher's CPU workers (before any is started). The own
-    launcher on GPUs starts one worker per GPU: each checks it there (layouts.FSDPRanks)."""
-    if cfg.trainer != "FSDPTrainer" or cfg.fsdp.replicate == 1:
+    """The batch split and fsdp.replicate against the world size where the config alone tells it: WORLD_SIZE under
+    torchrun (and in the own launcher's workers), fsdp.world_size for the own launcher's CPU workers (before any is
+    started). The own launcher on GPUs starts one worker per GPU: each checks it there (layouts.FSDPRanks).
+    cuda_available None: not known yet (torch not imported); a machine without an NVIDIA driver has no CUDA."""
+    if cfg.trainer != "FSDPTrainer":
         return
+    if cuda_available is None:  # before torch: only a machine without an NVIDIA driver surely has no CUDA
+        cuda_available = None if os.path.exists("/proc/driver/nvidia") else False
+    device = cfg.device or (None if cuda_available is None else "cuda" if cuda_available else "cpu")  # as models.device_type
     if "WORLD_SIZE" in os.environ:
-        check_replicate(cfg, int(os.environ["WORLD_SIZE"]))
-    elif (cfg.device or ("cuda" if cuda_available else "cpu")).split(":")[0] == "cpu":  # as models.device_type
-        check_replicate(cfg, cfg.fsdp.world_size)
+        world_size = int(os.environ["WORLD_SIZE"])
+    elif device is not None and device.split(":")[0] == "cpu":
+        world_size = cfg.fsdp.world_size
+    else:
+        return
+    check_batch_split(cfg, world_size)
+    check_replicate(cfg, world_size)
 
 
 def _check_wandb_login(cfg):
@@ -411,10 +429,10 @@ def _check_relative_paths(cfg, config_path):
                             "you run from)")
 
 
-def load_config(path, overrides=(), notes=None) -> DictConfig:
+def load_config(path, overrides=(), notes=None, light=False) -> DictConfig:
     """YAML file merged over the schema defaults, then `key=value` overrides (dotted keys, YAML values), resolved.
     `notes`: a list that receives the warnings about the config (keys that are ignored, unusual values), for the
-    caller to print once."""
+    caller to print once. light=True: only the checks that need no torch (train.py's first, fast check)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: config file not found")
     try:
@@ -442,7 +460,7 @@ def load_config(path, overrides=(), notes=None) -> DictConfig:
         msg = str(e).splitlines()[0]
         raise UserError(f"config: {key + ': ' if key else ''}{msg}") from e
     _check_relative_paths(cfg, path)
-    _validate(cfg, [] if notes is None else notes)
+    _validate(cfg, [] if notes is None else notes, light)
     if cfg.max_prompt_length is None:  # the default: half of max_length, so every later reader sees an int
         cfg.max_prompt_length = cfg.max_length // 2
     return cfg

@@ -40,11 +40,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_dir_of(cfg) -> str:
+    return os.path.abspath(os.path.expanduser(cfg.output_dirs))
+
+
+def refuse_a_second_run(cfg):
+    """A run folder holds one run: a new run (no resume) in a folder that holds one is refused, unless overwrite."""
+    run_dir = run_dir_of(cfg)
+    old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
+    if cfg.resume is None and old_run and not cfg.overwrite:
+        raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, start "
+                        "afresh with overwrite=true (removes its files), or pick another folder with "
+                        "exp_name=NAME or output_dirs=PATH")
+
+
 def check_config_first(argv=None):
-    """`python train.py`: the config is loaded and checked before torch and transformers are imported (seconds), so
-    that a mistake in it is reported in about a second. cli loads it again."""
+    """`python train.py`: the config is checked before torch and transformers are imported, so that a mistake in it
+    (or a run folder that holds a run already) is reported in well under a second; then the checks that need torch
+    (seconds). cli loads it again."""
     args = parse_args(argv)
     try:
+        refuse_a_second_run(load_config(args.config, args.overrides, light=True))
         load_config(args.config, args.overrides)
     except UserError as e:
         if args.traceback:
@@ -84,21 +100,13 @@ def build_data(cfg, tokenizer):
     return train, evaluation
 
 
-def run_dir_of(cfg) -> str:
-    return os.path.abspath(os.path.expanduser(cfg.output_dirs))
-
-
 def resolve_resume(cfg) -> list:
     """The checkpoints to continue from, the preferred first ([] to start afresh); refuses to mix a new run into an
     old run's folder. resume=auto lists the run's resumable checkpoints newest first, leaving out (with a warning)
     any whose files were cut short or removed since they were written."""
     run_dir = run_dir_of(cfg)
     if cfg.resume is None:
-        old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
-        if old_run and not cfg.overwrite:
-            raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, start "
-                            "afresh with overwrite=true (removes its files), or pick another folder with "
-                            "exp_name=NAME or output_dirs=PATH")
+        refuse_a_second_run(cfg)
         return []
     if cfg.resume == "auto":
         found = []

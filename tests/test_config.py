@@ -242,3 +242,25 @@ def test_overrides_before_or_after_the_config_file(argv, capsys):
 def test_overrides_first_through_the_real_entry_point():
     proc = run_cli("train.py", "--overrides", "lrr=1", "example/tiny-dpo.yml", timeout=60)
     assert_one_line_error(proc, "unknown key 'lrr'", "did you mean 'lr'")
+
+
+def test_loss_names_for_the_check_before_torch_are_the_tables():
+    import losses
+    assert config.LOSS_NAMES == tuple(losses.LOSSES)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.name=dpoo"], "loss.name='dpoo' is not one of"),
+    (["trainer=FSDPTrainer", "fsdp.world_size=3", "device=cpu"], "is not divisible by gradient_accumulation_steps=1 x world size 3"),
+    (["output_dirs=RUN"], "already holds a run"),
+])
+def test_mistakes_that_need_no_model_are_found_before_torch(overrides, needle, tmp_path):
+    """An unknown loss, an FSDP batch split that does not divide, a run folder that holds a run: reported by the
+    first check, before torch and transformers are imported."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    overrides = [o.replace("RUN", str(tmp_path / "run")) for o in overrides]
+    proc = run_cli("-X", "importtime", "train.py", "example/tiny-dpo.yml", "--overrides", *overrides, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
+    assert "omegaconf" in imported and not imported & {"torch", "transformers"}
