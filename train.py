@@ -201,6 +201,11 @@ def prepare_run_dir(cfg, n_params=0, fresh=True, lock=None, old_config_to=None):
     existing = run_dir
     while not os.path.exists(existing):  # the disk it will be on
         existing = os.path.dirname(existing)
+    try:  # first: a read-only file system is not "too little space" (its free space is what it is)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise UserError(f"config: output_dirs: cannot write to '{run_dir}' ({e.strerror or e} at {existing}): choose "
+                        "another output_dirs") from e
     export_bytes = models.DTYPES[cfg.model.policy_dtype].itemsize
     state_bytes = 12 if cfg.save_optimizer else 0  # Adam moments + float32 masters
     need, free = n_params * (export_bytes + state_bytes), shutil.disk_usage(existing).free
@@ -328,6 +333,19 @@ def worker(local_rank, world_size, port, config_path, overrides, error_dir):
     os._exit(code)
 
 
+def killed_worker(context, first):
+    """(rank, pid, signal name) of a worker that a signal other than SIGTERM ended (kill -9, an OOM killer), or
+    None; the first failure the launcher saw (rank `first`) before the others. When rank 0 dies, rank 1 fails in
+    its next collective and may be the first failure seen: the killed one is the cause to report. SIGTERM is what
+    the launcher itself sends the others when one fails (SIGKILL only to one that ignores it for 30 s)."""
+    for rank in [first] + [r for r in range(len(context.processes)) if r != first]:
+        process = context.processes[rank]
+        code = process.exitcode
+        if code is not None and code < 0 and -code != signal.SIGTERM:
+            return rank, process.pid, signal.Signals(-code).name
+    return None
+
+
 def launch_workers(args, cfg) -> int:
     """Plain `python train.py ... trainer=FSDPTrainer`: one worker per visible GPU, or fsdp.world_size CPU workers
     (gloo) on a machine without one. When any worker fails, the others are stopped (no hang) and we exit non-zero.
@@ -348,7 +366,17 @@ def launch_workers(args, cfg) -> int:
         try:
             while not context.join():
                 pass
-        except mp.ProcessExitedException as e:
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+            killed = killed_worker(context, e.error_index)  # the cause: its peers' errors follow from it
+            if killed is not None:
+                rank, pid, name = killed
+                print(f"error: worker rank {rank} (pid {pid}) was killed by {name}; all {world_size} workers were "
+                      "stopped", file=sys.stderr)
+                return 1
+            if isinstance(e, mp.ProcessRaisedException):
+                print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}",
+                      file=sys.stderr)
+                return 1
             messages = sorted(os.listdir(error_dir))
             if messages:
                 with open(os.path.join(error_dir, messages[0])) as f:
@@ -359,10 +387,6 @@ def launch_workers(args, cfg) -> int:
             how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
             print(f"error: worker rank {e.error_index} (pid {e.error_pid}) {how}; all {world_size} workers were "
                   "stopped", file=sys.stderr)
-            return 1
-        except mp.ProcessRaisedException as e:
-            print(f"error: worker rank {e.error_index} failed; all {world_size} workers were stopped:\n{e.msg}",
-                  file=sys.stderr)
             return 1
         finally:
             for s, handler in previous.items():

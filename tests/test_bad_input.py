@@ -1,6 +1,7 @@
 """Bad input through the real entry point: one line naming file/record/field (or key), exit 2, run folder untouched."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -302,3 +303,24 @@ def test_bfloat16_on_a_cpu_without_bf16_instructions(flags, dtype, warned, monke
     assert models.pick_device(cfg).type == "cpu"
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [] if not warned else (len(err) == 1 and "bfloat16" in err[0] and "float32" in err[0]), err
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare (mount namespace)")
+def test_read_only_output_folder_is_reported_as_such(tmp_path):
+    """output_dirs on a read-only file system was reported as too little free space ('has 1.0 MiB free but one
+    checkpoint needs about 2.1 MiB'): it is reported as not writable, checked before the space. A small read-only
+    tmpfs (1 MiB, less than a checkpoint needs) in a private mount namespace that ends with the command."""
+    import subprocess
+    import sys
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    script = (f"mount -t tmpfs -o size=1m,ro tmpfs {mnt} && exec {sys.executable} train.py "
+              f"example/tiny-dpo.yml --overrides output_dirs={mnt}/run")
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m,ro tmpfs {mnt}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount here: {probe.stderr.decode()[:200]}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "cannot write to" in lines[0] and "Read-only file system" in lines[0] and "free" not in lines[0]

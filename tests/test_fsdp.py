@@ -157,8 +157,11 @@ def worker_pids(parent):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads child processes from /proc (Linux)")
-def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
-    """A rank killed mid-training (as when its node dies): the launcher stops the other one and exits non-zero."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_dying_worker_stops_every_worker(rank, tiny_model_dir, tmp_path):
+    """A rank killed mid-training (as when its node dies): the launcher stops the other one, exits non-zero and
+    names the rank and pid that died, also when it is rank 0 (whose death the other rank reports as a failed
+    collective, sometimes first)."""
     run = tmp_path / "run"
     args = ["train.py", TINY["sft"], "--overrides", "trainer=FSDPTrainer", f"output_dirs={run}", "n_epochs=50",
             "n_eval_examples=0", "print_log_step=1", *local_model_overrides(tiny_model_dir)]
@@ -171,12 +174,15 @@ def test_a_dying_worker_stops_every_worker(tiny_model_dir, tmp_path):
             time.sleep(0.2)
         workers = worker_pids(proc.pid)
         assert len(workers) == 2
-        os.kill(workers[-1], signal.SIGKILL)
+        first = int((run / ".lock").read_text())  # rank 0 holds the run folder's lock
+        workers = sorted(workers, key=lambda pid: pid != first)  # by rank
+        os.kill(workers[rank], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 1, stderr[-2000:]
-    assert "was killed by SIGKILL" in stderr and "all 2 workers were stopped" in stderr
+    assert f"worker rank {rank} (pid {workers[rank]}) was killed by SIGKILL" in stderr, stderr[-2000:]
+    assert "all 2 workers were stopped" in stderr
     assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
                    for pid in workers)
 

@@ -343,3 +343,16 @@ def test_run_header_states_the_loss_and_a_short_last_batch(tiny_model_dir, capsy
     out, err = capsys.readouterr()
     assert "| 3 steps of 8 examples (the last of 4)" in out and err == "warning: a note\n"
     assert "loss: simpo beta=2.0 simpo_gamma=1.0 label_smoothing=0.0 nll_weight=0.0 length_normalize=False" in out
+
+
+def test_the_launcher_blames_the_killed_worker_not_the_peer_whose_collective_broke():
+    """Rank 0 killed (-9), rank 1 then failed in a collective (exit 1) and was the first failure seen: rank 0 is
+    named. A worker that the launcher itself stopped (SIGTERM) is not a cause."""
+    import signal
+    import types
+    ctx = lambda *codes: types.SimpleNamespace(processes=[types.SimpleNamespace(exitcode=c, pid=100 + i)  # noqa: E731
+                                                           for i, c in enumerate(codes)])
+    assert train.killed_worker(ctx(-signal.SIGKILL, 1), first=1) == (0, 100, "SIGKILL")
+    assert train.killed_worker(ctx(-signal.SIGTERM, -signal.SIGKILL), first=1) == (1, 101, "SIGKILL")
+    assert train.killed_worker(ctx(-signal.SIGKILL, -signal.SIGKILL), first=1) == (1, 101, "SIGKILL")  # seen first
+    assert train.killed_worker(ctx(-signal.SIGTERM, 1), first=1) is None
