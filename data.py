@@ -311,7 +311,7 @@ def sequences_of(examples: list[dict]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of every sequence of a batch, in sequence-id order: SFT one per example; preference the
     B chosen responses, then the B rejected ones (sequence i < B is the chosen of example i, B + i its rejected);
     unpaired (KTO) examples are laid out the same way: their completions, then their KL sequences (kl_pairs), or
-    their completions alone when the examples hold no KL sequences (the loss's micro-batches: Trainer.scored)."""
+    their completions alone when the examples hold no KL sequences (a KTO micro-batch: objectives.OfflineObjective.scored)."""
     prefixes = [p for p in ("chosen_", "rejected_") if f"{p}input_ids" in examples[0]] or [""]
     return [(ex[f"{p}input_ids"], ex[f"{p}labels"]) for p in prefixes for ex in examples]
 

@@ -1,18 +1,37 @@
 """What a loss does around the trainer's micro-batches, on the loss's side of the loop.
 
-The trainer (trainers.py) runs the same step for every loss: the global batch's normaliser, what the loss needs from
-the whole batch before its first micro-batch, the micro-batches' losses (each already divided by the global
-normaliser, so 1 x 8 and 8 x 1 micro-batches give one gradient), and what the loss updates after a successful step.
-An objective answers each of these for its loss and keeps the loss's own training state (checkpointed through
-`state_dict`). `OfflineObjective` serves every row of the loss table (losses.LOSSES) over fixed examples; what a row
-declares beyond its loss function is done here and nowhere else: KTO's reference point over the batch's mismatched
-pairs (`batch_kl`), BCO's running mean of the rewards (`running_mean`).
+The trainer (trainers.py) runs the same step for every loss: `prepare` the global batch (its normaliser, what the
+loss needs from the whole batch before its first micro-batch, the items this process trains on: a `Work`), then for
+each of its passes the micro-batches' losses (each already divided by the global normaliser, so 1 x 8 and 8 x 1
+micro-batches give one gradient) and an optimizer step, after which the loss updates its own state (`finish`).
+An objective answers each of these for its loss, evaluates it, and keeps the loss's own training state
+(checkpointed through `state_dict`). `OfflineObjective` serves the offline rows of the loss table (losses.LOSSES)
+over fixed examples; what a row declares beyond its loss function is done here and nowhere else: KTO's reference
+point over the batch's mismatched pairs (`batch_kl`), BCO's running mean of the rewards (`running_mean`). The online
+methods' objective (rollouts, rewards, advantages) is online.OnlineObjective.
 """
+import math
+from dataclasses import dataclass, field
+
 import torch
 
 import data
 import losses
 import models
+
+
+@dataclass
+class Work:
+    """A global batch made ready for its micro-batches: what they are divided by (`norm`, global counts), what the
+    loss needs from the whole batch (`stats`), this process's items and how many go in a micro-batch, the optimizer
+    passes over them, the FLOPs spent preparing them and the metrics that preparing measured (global values)."""
+    norm: dict
+    items: list
+    micro: int
+    stats: dict = field(default_factory=dict)
+    passes: int = 1
+    flops: float = 0.0
+    metrics: dict = field(default_factory=dict)
 
 
 class OfflineObjective:
@@ -40,21 +59,24 @@ class OfflineObjective:
         return {"examples": len(examples), "tokens": sum(counts), "chosen_tokens": sum(counts[:len(examples)]),
                 "desirable": sum(bool(ex.get("desirable")) for ex in examples)}
 
-    def prepare(self, trainer, local) -> dict:
-        """What the loss needs from the whole global batch before its first micro-batch (the same for any split
-        into micro-batches and processes; `local`: this process's share): bco_pair's running reward mean (of the
-        steps before this one), KTO's KL estimate over the batch's mismatched pairs."""
-        stats = {"delta": self.running["reward_mean"]} if self.spec.running_mean else {}
+    def prepare(self, trainer, examples, local) -> Work:
+        """The global batch's normaliser and what the loss needs from all of it before its first micro-batch (the
+        same for any split into micro-batches and processes; `local`: this process's share): bco_pair's running
+        reward mean (of the steps before this one), KTO's KL estimate over the batch's mismatched pairs, whose
+        forward passes (no backward) count in the FLOPs."""
+        stats, flops = {"delta": self.running["reward_mean"]} if self.spec.running_mean else {}, 0.0
         if self.spec.batch_kl:
             stats["kl"] = batch_kl(trainer, local)
-        return stats
+            flops = models.model_flops(trainer.flop_shape, data.sequences_of(kl_views(local)),
+                                       trainer.reference.runs_forward, backward=False)[1]
+        cfg = trainer.cfg
+        micro = math.ceil(cfg.total_batch_size / (cfg.gradient_accumulation_steps * trainer.world_size))
+        return Work(self.normalizer(examples), local, micro, stats, flops=flops)
 
-    def prepare_flops(self, trainer, local) -> float:
-        """The FLOPs of `prepare`'s forward passes (KTO's KL sequences, no backward): they count towards MFU."""
-        if not self.spec.batch_kl:
-            return 0.0
-        return models.model_flops(trainer.flop_shape, data.sequences_of(kl_views(local)),
-                                  trainer.reference.runs_forward, backward=False)[1]
+    def micro_batch(self, trainer, items):
+        """(the examples a micro-batch's loss forwards, their batch on the device)."""
+        scored = self.scored(items)
+        return scored, trainer.to_batch(scored)
 
     def scored(self, examples):
         """What a micro-batch's loss forwards: every sequence of the examples, but for a loss with a batch KL (KTO)
@@ -63,8 +85,9 @@ class OfflineObjective:
             return examples
         return [{k: v for k, v in ex.items() if not k.startswith("rejected_")} for ex in examples]
 
-    def loss(self, trainer, batch, norm, stats):
-        """Loss of one micro-batch, already divided by the global batch's normaliser (`norm`), and metric sums."""
+    def loss(self, trainer, batch, work):
+        """Loss of one micro-batch, already divided by the global batch's normaliser, and metric sums."""
+        norm, stats = work.norm, work.stats
         logps, seq_ids, logits = models.token_logps(trainer.policy, batch)
         reference_logps = trainer.reference.logps(batch, batch["n_seqs"])
         with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
@@ -73,13 +96,33 @@ class OfflineObjective:
         return losses.micro_batch_loss(self.spec, self.hp, logps, seq_ids, batch["n_seqs"], reference_logps, norm,
                                        mean_logits, extra)
 
-    def finish(self, sums, norm):
+    def finish(self, sums, work):
         """After a step that was taken: bco_pair's running mean takes this step's mean reward (used from the next
         step on)."""
         if self.spec.running_mean:
             self.running["reward_mean"], self.running["reward_count"] = losses.running_mean_update(
                 self.running["reward_mean"], self.running["reward_count"],
-                (sums["rewards/chosen"] + sums["rewards/rejected"]) / (2 * norm["examples"]))
+                (sums["rewards/chosen"] + sums["rewards/rejected"]) / (2 * work.norm["examples"]))
+
+    def averages(self, sums, work) -> dict:
+        """The step's metrics: sums over the global batch divided by what the loss averages over (grad_norm as is)."""
+        return {k: v if k == "grad_norm" else v / work.norm[self.unit] for k, v in sums.items()}
+
+    def evaluate(self, trainer) -> dict:
+        """eval/* metrics over the whole eval set (its share on each process), normalised as one global batch."""
+        local = trainer.layout.local_share(trainer.eval_data)
+        work = self.prepare(trainer, trainer.eval_data, local)
+        sums, size = {}, trainer.cfg.eval_batch_size
+        for start in range(0, len(local), size):
+            with trainer.autocast():
+                _, mb_sums = self.loss(trainer, trainer.to_batch(self.scored(local[start:start + size])), work)
+            for k, v in mb_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval/{k}": v / work.norm[self.unit] for k, v in trainer.layout.reduce_sums(sums).items()}
+
+    def sample(self, trainer, writer):
+        """Completions of the first eval prompts from the policy and the reference (Trainer.sample)."""
+        trainer.sample(writer)
 
 
 @torch.no_grad()

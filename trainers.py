@@ -100,41 +100,65 @@ class Trainer:
 
     # ---- one optimizer step --------------------------------------------------------------------------------------
     def train_step(self, examples):
-        """Forward/backward over micro-batches of one global batch, then clip and step. Returns the step's metrics."""
+        """One global batch: what the loss needs first (objective.prepare: an online method's rollout), then for each
+        of its passes forward/backward over the micro-batches, clip and an optimizer step; the schedule steps once.
+        Returns the step's metrics (averaged over the passes), its trained tokens and FLOPs."""
         self.policy.train()
         objective = self.objective
-        norm = objective.normalizer(examples)  # of the GLOBAL batch, so every share is weighted right
         local = self.layout.local_share(examples)
-        stats = objective.prepare(self, local)
-        micro = math.ceil(self.cfg.total_batch_size / (self.cfg.gradient_accumulation_steps * self.world_size))
-        sums, tokens, flops, starts = {}, 0, objective.prepare_flops(self, local), range(0, len(local), micro)
+        work = objective.prepare(self, examples, local)  # normalised over the GLOBAL batch: every share weighs right
+        totals, tokens, flops = {}, 0, work.flops
+        for _ in range(work.passes):
+            sums, pass_tokens, pass_flops = self.accumulate(work)
+            lr = self.optimizer.param_groups[0]["lr"]
+            sums["grad_norm"], taken = self.update(sums)
+            if taken:  # the loss's own state follows the steps that were taken
+                objective.finish(sums, work)
+            for k, v in objective.averages(sums, work).items():
+                totals[k] = totals.get(k, 0.0) + v / work.passes
+            tokens, flops = tokens + pass_tokens, flops + pass_flops
+        # The schedule follows the step count, skipped steps included, on purpose: torch's warning that the scheduler
+        # stepped before the optimizer (after a skipped first step) is about a mistake that this is not.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
+        self.step += 1
+        self.examples_seen += len(examples)
+        totals.update(work.metrics, lr=lr, examples_seen=self.examples_seen)
+        return totals, tokens, flops
+
+    def accumulate(self, work):
+        """Forward/backward over this process's micro-batches of a global batch. Returns the metric sums over the
+        global batch (one sync for all of them), its trained tokens and FLOPs (all processes)."""
+        sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(work.items), work.micro)
         for start in starts:
             if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
                 self.policy.set_requires_all_reduce(start == starts[-1])  # micro-batch (no-op on a 1-D mesh)
-            examples_mb = objective.scored(local[start:start + micro])
-            batch = self.to_batch(examples_mb)
+            examples_mb, batch = self.objective.micro_batch(self, work.items[start:start + work.micro])
             with self.autocast():
-                loss, mb_sums = objective.loss(self, batch, norm, stats)
+                loss, mb_sums = self.objective.loss(self, batch, work)
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
             mb_tokens, mb_flops = models.model_flops(self.flop_shape, data.sequences_of(examples_mb),
                                                      with_reference=self.reference.runs_forward)
             tokens, flops = tokens + mb_tokens, flops + mb_flops
-        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))  # one sync for all metrics
+        sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
         sums = self.layout.reduce_sums({**sums, "tokens": tokens, "flops": flops})  # before deciding on the step: all alike
-        tokens, flops = sums.pop("tokens"), sums.pop("flops")
+        return sums, sums.pop("tokens"), sums.pop("flops")
+
+    def update(self, sums):
+        """Clip and take the optimizer step (skipped when the loss or gradient is not finite; too many in a row stop
+        the run). Returns the gradient norm and whether the step was taken."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = self.layout.clip_gradients(self.policy, max_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
         # fp16: the grad scaler skips steps with inf gradients by itself (that is how it finds its scale)
         finite = math.isfinite(sums["loss"]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            objective.finish(sums, norm)
         else:
             tqdm.write(f"warning: step {self.step + 1}: non-finite loss or gradient (loss={sums['loss']}, "
                        f"grad_norm={grad_norm}): step skipped ({self.nonfinite_streak} in a row)")
@@ -142,33 +166,15 @@ class Trainer:
                 raise TrainingError(f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient: training "
                                     "diverged (lower lr, check the data, or use bfloat16 instead of float16); the last "
                                     "good checkpoint is kept")
-        # The schedule follows the step count, skipped steps included, on purpose: torch's warning that the scheduler
-        # stepped before the optimizer (after a skipped first step) is about a mistake that this is not.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.examples_seen += len(examples)
-        metrics = {k: v / norm[objective.unit] for k, v in sums.items()}
-        metrics.update(grad_norm=grad_norm, lr=lr, examples_seen=self.examples_seen)
-        return metrics, tokens, flops
+        return grad_norm, finite
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Metrics over the whole eval set (its share on each process), normalised as one global batch."""
+        """eval/* metrics over the whole eval set (its share on each process), as the objective evaluates."""
         self.policy.eval()
-        sums, size, norm = {}, self.cfg.eval_batch_size, self.objective.normalizer(self.eval_data)
-        local = self.layout.local_share(self.eval_data)
-        stats = self.objective.prepare(self, local)  # the eval set as one global batch
-        for start in range(0, len(local), size):
-            with self.autocast():
-                batch = self.to_batch(self.objective.scored(local[start:start + size]))
-                _, mb_sums = self.objective.loss(self, batch, norm, stats)
-            for k, v in mb_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return {f"eval/{k}": v / norm[self.objective.unit] for k, v in self.layout.reduce_sums(sums).items()}
+        return self.objective.evaluate(self)
 
     @torch.no_grad()
     def sample(self, writer):
@@ -327,13 +333,15 @@ class Trainer:
                 signal.signal(s, handler)
 
     def evaluate_and_log(self, writer):
+        """The objective's evaluation (eval/* metrics) logged and summed up in a line; samples if asked for."""
         metrics = self.evaluate()
         writer.log(metrics, self.step)
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("eval/loss", "eval/rewards/accuracies"))
+        shown = ("eval/loss", "eval/rewards/accuracies", "eval/reward", "eval/pass@1")
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in shown)
         if self.is_main:
             tqdm.write(f"step {self.step}: {summary}")
         if self.cfg.sample_during_eval:
-            self.sample(writer)
+            self.objective.sample(self, writer)
 
 
 def sample_text(tokenizer, ids, max_new_tokens) -> str:

@@ -199,11 +199,11 @@ def test_kto_micro_batches_forward_the_completions_only(tmp_path):
     trainer = tiny("kto", tmp_path, "n_eval_examples=0")
     examples = next(trainer.global_batches())
     objective = trainer.objective
-    norm, stats = objective.normalizer(examples), objective.prepare(trainer, examples)
+    work = objective.prepare(trainer, examples, examples)
     results = []
     for batch in (trainer.to_batch(examples), trainer.to_batch(objective.scored(examples))):
         trainer.policy.zero_grad(set_to_none=True)
-        loss, sums = objective.loss(trainer, batch, norm, stats)
+        loss, sums = objective.loss(trainer, batch, work)
         loss.backward()
         results.append((batch["n_seqs"], loss.item(), sums, [p.grad.clone() for p in trainer.policy.parameters()]))
     (n_full, loss_full, sums_full, grads_full), (n_scored, loss_scored, sums_scored, grads_scored) = results
