@@ -1,0 +1,167 @@
+"""Rollouts for the online methods (the GRPO family): the policy samples completions of prompts, and the completions
+become examples that the offline machinery (data.collate, models.token_logps) scores token by token.
+
+    completions, truncated = generate(model, prompts, num_generations=G, ...)   # prompt p's G completions adjacent
+    with gathered(model): ...                                                   # FSDP2: weights gathered once
+    batch = data.collate(as_examples(prompts, completions), pad_id)             # prompt + completion, labelled
+    logps, seq_ids, _ = models.token_logps(model, batch)
+    per_token, mask = completion_rows(logps, seq_ids, batch["n_seqs"])         # [N, T], as rl_losses takes them
+
+Sampling is reproducible and invisible: seeded by the caller's number (from seed, step and process), inside
+`torch.random.fork_rng`, so the global RNG stream that exact resume depends on is left as it was. It is exactly
+softmax(logits / temperature) within top_p (or greedy): the knobs a model's own generation_config may ship (Qwen's
+top_k 20 and repetition_penalty 1.05, transformers' global top_k 50) are switched off, because the losses score the
+completions under that plain distribution.
+"""
+import contextlib
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+# Logits processors that a model's generation_config or transformers' defaults would add, at their no-op values:
+# for every decoding, and for sampling only (set while greedy, transformers warns that they are ignored).
+NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1)
+NEUTRAL_SAMPLING = dict(top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+def generate(model, prompts, *, num_generations, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
+             seed, micro_batch, synced=False, device=None):
+    """Sample `num_generations` completions of each prompt (token-id lists), prompt 0's first, then prompt 1's, ...
+
+    Batched generate with the KV cache, prompts LEFT-padded with pad_token_id (the mask keeps padding out of
+    attention and positions), at most `micro_batch` sequences per call; temperature 0 is greedy. synced=True (FSDP
+    outside `gathered`): every process keeps running forward passes until all are done, as sharded weights are
+    gathered collectively; every process must then pass the same number of prompts (the same number of calls).
+    eos_token_id: an id or a list of ids. device: where the inputs go (default: the model's parameters').
+
+    Returns (completions: N = len(prompts) x num_generations token-id lists, cut after the first eos, which is kept;
+    truncated: N bools, True where max_new_tokens ran out before any eos)."""
+    rows = [list(p) for p in prompts for _ in range(num_generations)]
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    how = dict(NEUTRAL, do_sample=temperature > 0)
+    if temperature > 0:
+        how.update(NEUTRAL_SAMPLING, temperature=temperature, top_p=top_p)
+        if getattr(model.generation_config, "min_p", None) is not None:  # applied when set: 0 keeps every token
+            how["min_p"] = 0.0
+    device = device or input_device(model)
+    completions, truncated = [], []
+    with torch.no_grad(), eval_mode(model), seeded(seed, device):
+        for start in range(0, len(rows), micro_batch):
+            input_ids, attention_mask = left_padded(rows[start:start + micro_batch], pad_token_id, device)
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=sorted(eos), pad_token_id=pad_token_id, use_cache=True,
+                                 synced_gpus=synced, **how)
+            for ids in out[:, input_ids.shape[1]:].tolist():
+                end = next((i for i, t in enumerate(ids) if t in eos), None)
+                completions.append(ids if end is None else ids[:end + 1])  # after eos: padding only
+                truncated.append(end is None)
+    return completions, truncated
+
+
+def left_padded(rows, pad_token_id, device):
+    """(input_ids, attention_mask) [B, longest], rows aligned to the right, where generation continues them."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def input_device(model):
+    """Where the model computes: its parameters' device; for sharded (DTensor) ones the mesh's device type (under
+    CPU offload the shards live on the CPU but compute runs on the current GPU)."""
+    param = next(model.parameters())
+    if isinstance(param, DTensor) and param.device_mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return param.device
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() (no dropout while sampling), then every submodule's own train/eval mode back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def seeded(seed, device):
+    """The CPU generator and `device`'s CUDA generator (only it: torch.manual_seed would reseed every GPU of the
+    node) seeded with `seed`, and both restored afterwards."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: every sharded unit's full weights gathered ONCE and kept for the whole block (a rollout's many
+    generate calls and forward passes), instead of one all-gather per block per generated token; resharded after.
+    Each unit's reshard-after-forward setting is switched off inside and restored exactly afterwards. A no-op for a
+    model without FSDP units. Costs one full copy of the weights (in FSDP's compute dtype) per process meanwhile.
+    Entering is collective (every process enters, once); inside, forward passes run no collective at all, so
+    generate(synced=False) is safe there and spares the finished processes' idle forward passes.
+
+    PeftModel.generate calls the wrapped model's generate, so the root's forward hook (which gathers what the root
+    unit holds: final norm, tied embedding) never runs in generation; gathered up front, those weights are there."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield model
+        return
+    # The root decides at its first forward that it keeps its own weights after forward; a rollout may be that
+    # first forward, and the setting changed below would hide the root from that decision: decide it now.
+    units[0]._get_fsdp_state()._lazy_init()
+    states = {id(s): s for s in (unit._get_fsdp_state() for unit in units)}.values()  # private: torch 2.13's FSDP2
+    saved = [(s, s._auto_reshard_after_forward, [(g, g.post_forward_mesh_info) for g in s._fsdp_param_groups])
+             for s in states]
+    try:
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
+
+
+def as_examples(prompts, completions):
+    """Prompt + completion sequences shaped as SFT examples (data.tokenize_example, kind "sft"), for data.collate
+    (packing=False) and models.token_logps: labels -100 on the prompt and the completion tokens on the completion,
+    so exactly the completion tokens (its eos included) are scored, in order. prompts: one per completion, or one per
+    group of adjacent completions (as `generate` lays them out)."""
+    if not prompts or len(completions) % len(prompts):
+        raise ValueError(f"{len(completions)} completions are not groups of {len(prompts)} prompts")
+    group = len(completions) // len(prompts)
+    examples = []
+    for i, completion in enumerate(completions):
+        prompt = list(prompts[i // group])
+        if not prompt or not completion:  # the first token of a sequence is never scored: nothing predicts it
+            raise ValueError(f"completion {i}: empty prompt or completion")
+        examples.append({"input_ids": prompt + list(completion), "labels": [-100] * len(prompt) + list(completion),
+                         "prompt_input_ids": prompt})
+    return examples
+
+
+def completion_rows(values, seq_ids, n_seqs, width=None):
+    """Flat per-token values of sequences ([M], e.g. the log-probs models.token_logps returns, each sequence's tokens
+    contiguous and in order) as rows: (padded [n_seqs, T] with 0 after each sequence's end, mask [n_seqs, T] float,
+    1 on its tokens), T = width or the longest sequence. Differentiable in `values`. Pass width (max completion
+    length, known from the examples) to spare a device sync."""
+    counts = torch.bincount(seq_ids, minlength=n_seqs)
+    width = int(counts.max()) if width is None else width
+    starts = counts.cumsum(0) - counts
+    positions = torch.arange(len(seq_ids), device=seq_ids.device) - starts[seq_ids]
+    padded = values.new_zeros(n_seqs, width).index_put((seq_ids, positions), values)
+    mask = (torch.arange(width, device=seq_ids.device) < counts[:, None]).to(values.dtype)
+    return padded, mask
