@@ -73,13 +73,14 @@ class ModelConfig:
 # loss.name's choices, here for the check before torch is imported; the loss table (losses.LOSSES, which needs torch)
 # is what each one does, and a test keeps the two equal
 LOSS_NAMES = ("sft", "dft", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
-              "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto")
+              "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto", "grpo", "dr_grpo", "dapo", "gspo", "rloo",
+              "reinforce_pp")
 
 
 @dataclass
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is ignored (a warning)
-    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto
-    beta: Optional[float] = num(None, gt=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda)
+    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto | online: grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
+    beta: Optional[float] = num(None, ge=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda); online: the KL coefficient (0 builds no reference; rloo, reinforce_pp 0.05)
     label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)
     simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
     discopop_tau: Optional[float] = num(None, gt=0)  # discopop: temperature of its log-ratio modulation (0.05)
@@ -88,6 +89,29 @@ class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the ch
     nll_weight: Optional[float] = num(None, ge=0)  # any pair loss: + this x NLL of the chosen responses (RPO; 0; cpo, orpo: 1.0)
     length_normalize: Optional[bool] = None  # any pair loss: length-averaged instead of summed log-probs (false; simpo, orpo always)
     reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
+    epsilon: Optional[float] = num(None, gt=0, lt=1)  # online: clip range below 1 (and above, unless epsilon_high is set) (0.2; gspo 3e-4)
+    epsilon_high: Optional[float] = num(None, gt=0)  # online: clip range above 1 (epsilon; dapo's clip-higher 0.28; gspo 4e-4)
+
+
+@dataclass
+class RolloutConfig:  # online methods: how completions of the prompts are sampled and used
+    num_generations: int = num(8, ge=1)     # completions per prompt (the group); group methods need >= 2
+    max_new_tokens: int = num(256, ge=1)    # length limit of a completion
+    temperature: float = num(1.0, ge=0)     # sampling temperature (0 = greedy, no exploration)
+    top_p: float = num(1.0, gt=0, le=1)     # nucleus sampling
+    num_iterations: int = num(1, ge=1)      # optimizer passes over each rollout (>1: off-policy, the ratio and clip matter)
+    mask_truncated: bool = False            # completions cut by max_new_tokens get no loss
+    dynamic_sampling: bool = False          # DAPO: drop groups whose rewards are all equal and sample more prompts to fill the batch
+    max_sampling_rounds: int = num(4, ge=1)  # dynamic_sampling: rollouts at most per step before training on what it has
+
+
+@dataclass
+class RewardConfig:  # one entry of `rewards:`; the rewards are summed with their weights, each is logged on its own
+    function: Optional[str] = None          # math | format | overlong (built-ins) | path/to/file.py:name | module:name
+    weight: float = num(1.0, ge=-1e6, le=1e6)  # its weight in the sum
+    pattern: Optional[str] = None           # format: the regex the whole completion must match (null: <think>.*?</think>.*)
+    max_length: Optional[int] = num(None, ge=1)  # overlong: completions longer than this get -1
+    buffer: Optional[int] = num(None, ge=1)  # overlong: the last `buffer` tokens before max_length are penalised linearly
 
 
 @dataclass
@@ -138,6 +162,7 @@ class Config:
     sample_during_eval: bool = False        # generate completions from eval prompts at every evaluation
     n_eval_model_samples: int = num(4, ge=1)  # how many prompts to sample completions for
     max_new_tokens: int = num(64, ge=1)     # length limit of those completions
+    eval_num_generations: int = num(1, ge=1)  # online methods: completions per eval prompt (k of pass@k; 1: greedy pass@1 only)
     sample_temperature: float = num(1.0, ge=0)  # sampling temperature of the eval samples; 0 = greedy decoding
     sample_top_p: float = num(0.95, gt=0, le=1)  # nucleus sampling of the eval samples
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -159,6 +184,8 @@ class Config:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: List[RewardConfig] = field(default_factory=list)  # online methods: what scores a completion (see RewardConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -299,6 +326,7 @@ def _validate(cfg, notes, light=False):
         _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
     _check_lora(cfg)
     _check_loss(cfg.loss, notes)
+    _check_online(cfg)
     import torch  # last: a config with a mistake elsewhere fails before torch is imported
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
@@ -327,7 +355,9 @@ def _check_loss(loss_cfg, notes):
     `name: sft`) is set to null, so the saved config does not claim it ran, with a note unless it was null or its
     neutral value (losses.NEUTRAL); an explicit value outside what the loss's paper uses is noted too."""
     import losses  # imports torch: after every check that does not need it (loss.name was checked before)
+    import rl_losses
     spec, uses = losses.LOSSES[loss_cfg.name], losses.parameters_of(loss_cfg.name)
+    explicit = {k: loss_cfg[k] for k in uses}
     for f in dataclasses.fields(LossConfig):
         value = loss_cfg[f.name]
         if f.name == "name" or value is None and f.name not in uses:
@@ -347,6 +377,33 @@ def _check_loss(loss_cfg, notes):
             notes.append(f"warning: loss.{f.name}={value} is far from what {loss_cfg.name}'s paper uses ({low:g} to "
                          f"{high:g}; its default is {uses[f.name]}): leave it null for the default")
         loss_cfg[f.name] = uses[f.name] if value is None else value
+    if spec.online is not None:  # an explicit epsilon is the clip range on both sides unless epsilon_high is set
+        loss_cfg.update(rl_losses.resolve(spec.online, **explicit))
+
+def _check_online(cfg):
+    """What an online method needs before any model is loaded: reward functions that load and take TRL's arguments,
+    groups of >= 2 completions for a group baseline, and none of the options that apply to fixed examples only."""
+    import losses
+    spec = losses.LOSSES[cfg.loss.name]
+    if spec.online is None:
+        return
+    name = f"loss.name={cfg.loss.name}"
+    if not cfg.rewards:
+        raise UserError(f"config: {name} needs rewards, e.g. rewards: [{{function: math}}] or "
+                        "[{function: my_rewards.py:my_function}] (docs/online.md)")
+    if spec.online.groups and cfg.rollout.num_generations < 2:
+        raise UserError(f"config: {name} compares each completion with the others of its prompt: "
+                        f"rollout.num_generations must be >= 2, got {cfg.rollout.num_generations}")
+    for key in ("packing", "precompute_reference_logps"):
+        if cfg[key]:
+            raise UserError(f"config: {key}=true does not apply to {name} (its completions are sampled each step); "
+                            "set it to false")
+    for i, entry in enumerate(cfg.rewards):
+        if not entry.function:
+            raise UserError(f"config: rewards[{i}].function is required: math | format | overlong | file.py:name")
+    import online
+    import rewards
+    rewards.load_rewards(online.reward_entries(cfg))  # a missing file or function, a wrong signature: one line
 
 
 def check_batch_split(cfg, world_size):

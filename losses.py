@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import rl_losses
 from logprobs import sequence_logps
 
 def sft_loss(token_logps: torch.Tensor, num_loss_tokens: int | torch.Tensor) -> torch.Tensor:
@@ -347,6 +348,7 @@ class Loss:
     ranges: dict = field(default_factory=dict)  # {loss.* key: {op: bound}} (as config.num) where narrower than the schema's
     usual: dict = field(default_factory=dict)   # {loss.* key: (low, high)}: what its paper and TRL use; outside is noted
     head: str = "causal_lm"       # what it trains (models.HEADS): the LM head, or a scalar head (reward, value)
+    online: object = None         # an online method's row (rl_losses.Online): trains on its own sampled completions
 
     @property
     def unit(self) -> str:
@@ -355,7 +357,8 @@ class Loss:
 
 
 B01 = {"beta": 0.1}
-EPS = {"label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0.5 makes chosen and rejected alike (rDPO: 1/0)
+BETA = {"beta": {"gt": 0}}  # a temperature: 0 is no loss at all (an online method's beta 0 means no KL term)
+EPS = {**BETA, "label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0.5 makes chosen and rejected alike
 # beta as the papers sweep it, widened: DPO-style log-ratio temperatures 0.01-0.5 (DPO, IPO's tau, KTO, BCO, APO),
 # SimPO's 2-10 on length-averaged log-probs, ORPO's lambda 0.1-1, SPPO's 1/eta down to 1e-3. A value from another
 # loss's range (simpo with DPO's 0.1, after `loss.name=simpo` on a DPO config) is noted in the run header.
@@ -366,25 +369,33 @@ LOSSES = {  # docs/losses.md lists them with their papers
     "dpo": Loss(dpo_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.0}, ranges=EPS, usual=USUAL),
     "robust": Loss(robust_loss, "preference", reference=True, params={**B01, "label_smoothing": 0.1}, ranges=EPS,
                    usual=USUAL),
-    "ipo": Loss(ipo_loss, "preference", reference=True, params=B01, usual=USUAL),
-    "hinge": Loss(hinge_loss, "preference", reference=True, params=B01, usual=USUAL),
+    "ipo": Loss(ipo_loss, "preference", reference=True, params=B01, ranges=BETA, usual=USUAL),
+    "hinge": Loss(hinge_loss, "preference", reference=True, params=B01, ranges=BETA, usual=USUAL),
     "exo_pair": Loss(exo_pair_loss, "preference", reference=True, params={**B01, "label_smoothing": 1e-3},
-                     ranges={"label_smoothing": {"gt": 0, "lt": 1}}, usual=USUAL),
-    "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01, usual=USUAL),
-    "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01, usual={"beta": (1e-3, 1.0)}),
-    "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01, usual=USUAL),
-    "apo_down": Loss(apo_down_loss, "preference", reference=True, params=B01, usual=USUAL),
-    "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}, usual=USUAL),
-    "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True, usual=USUAL),
+                     ranges={**BETA, "label_smoothing": {"gt": 0, "lt": 1}}, usual=USUAL),
+    "nca_pair": Loss(nca_pair_loss, "preference", reference=True, params=B01, ranges=BETA, usual=USUAL),
+    "sppo_hard": Loss(sppo_hard_loss, "preference", reference=True, params=B01, ranges=BETA, usual={"beta": (1e-3, 1.0)}),
+    "apo_zero": Loss(apo_zero_loss, "preference", reference=True, params=B01, ranges=BETA, usual=USUAL),
+    "apo_down": Loss(apo_down_loss, "preference", reference=True, params=B01, ranges=BETA, usual=USUAL),
+    "discopop": Loss(discopop_loss, "preference", reference=True, params={**B01, "discopop_tau": 0.05}, ranges=BETA,
+                     usual=USUAL),
+    "bco_pair": Loss(bco_pair_loss, "preference", reference=True, params=B01, running_mean=True, ranges=BETA,
+                     usual=USUAL),
     "simpo": Loss(simpo_loss, "preference", average=True,
                   params={"beta": 2.0, "simpo_gamma": 1.0, "label_smoothing": 0.0, "nll_weight": 0.0}, ranges=EPS,
                   usual={"beta": (1.0, 20.0)}),
     "cpo": Loss(cpo_loss, "preference", params={**B01, "label_smoothing": 0.0, "nll_weight": 1.0}, ranges=EPS,
                 usual=USUAL),
     "orpo": Loss(orpo_loss, "preference", average=True, params={**B01, "nll_weight": 1.0},
-                 metrics=("log_odds_ratio", "log_odds_chosen"), usual={"beta": (0.01, 2.0)}),
+                 metrics=("log_odds_ratio", "log_odds_chosen"), ranges=BETA, usual={"beta": (0.01, 2.0)}),
     "kto": Loss(kto_loss, "unpaired", reference=True, batch_kl=True,
-                params={**B01, "desirable_weight": 1.0, "undesirable_weight": 1.0}, metrics=("kl",), usual=USUAL),
+                params={**B01, "desirable_weight": 1.0, "undesirable_weight": 1.0}, metrics=("kl",), ranges=BETA,
+                usual=USUAL),
+    # the online methods (rl_losses.ONLINE: advantage, ratio, aggregation, KL placement): completions of the prompts
+    # sampled and scored by the rewards each step (online.py); a reference only when beta > 0
+    **{name: Loss(rl_losses.micro_batch_loss, "prompt", reference=True, online=method,
+                  params={"beta": method.beta, "epsilon": method.epsilon, "epsilon_high": method.epsilon_high})
+       for name, method in rl_losses.ONLINE.items()},
 }
 # loss.* keys that every pair loss takes (reference_free: those with a reference), and their defaults; they are
 # not arguments of the loss functions but of `micro_batch_loss`
@@ -402,8 +413,10 @@ def parameters_of(name) -> dict:
 
 
 def needs_reference(loss_cfg) -> bool:
-    """Whether a run with this `loss:` section needs reference log-probs (reference_free drops them)."""
-    return LOSSES[loss_cfg.name].reference and not loss_cfg.reference_free
+    """Whether a run with this `loss:` section needs reference log-probs (reference_free drops them; an online
+    method needs them only for a KL term, beta > 0)."""
+    spec = LOSSES[loss_cfg.name]
+    return spec.reference and not loss_cfg.reference_free and (spec.online is None or loss_cfg.beta > 0)
 
 
 def hyperparameters(loss_cfg) -> dict:

@@ -66,13 +66,15 @@ class MetricsWriter:
 
 
 def plot_curves(history, path):
-    """PNG of train/eval loss (and reward accuracy, for losses that define rewards) against the optimizer step."""
+    """PNG of train/eval loss (and reward accuracy for the preference losses, mean reward for the online methods)
+    against the optimizer step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rewards = any("rewards/accuracies" in r or "eval/rewards/accuracies" in r for r in history)
-    panels = [("loss", "loss")] + ([("rewards/accuracies", "reward accuracy")] if rewards else [])
+    shown = lambda key: any(key in r or "eval/" + key in r for r in history)  # noqa: E731
+    panels = [("loss", "loss")] + [(key, title) for key, title in (("rewards/accuracies", "reward accuracy"),
+                                                                   ("reward", "mean reward")) if shown(key)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for prefix, style in (("", "-"), ("eval/", "o-")):

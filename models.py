@@ -266,10 +266,10 @@ class AdapterOffReference:
             return batch_logps(self.policy, batch, n_seqs)
 
     @torch.no_grad()
-    def token_logps(self, batch):
+    def token_logps(self, batch, temperature=1.0):
         """[N] float32 log-probs of each labelled token (as models.token_logps), for per-token KL terms."""
         with self.policy.disable_adapter():
-            return token_logps(self.policy, batch)[0]
+            return token_logps(self.policy, batch, temperature)[0]
 
     def fingerprint(self, settings) -> str:
         """The base weights under their plain names: the same cache file as a full run from the same weights."""
@@ -370,7 +370,7 @@ def shard_policy_and_reference(cfg, layout, policy, reference):
 # ----------------------------------------------------------------------------------------------------------------
 # The forward pass to log-probs
 # ----------------------------------------------------------------------------------------------------------------
-def token_logps(model, batch):
+def token_logps(model, batch, temperature=1.0):
     """Log-probs of every labelled token of a batch, in ONE forward pass over its rows (padded or packed:
     data.collate puts chosen and rejected responses side by side, so one pass scores both).
 
@@ -378,6 +378,8 @@ def token_logps(model, batch):
     float32 log-softmax runs in chunks (logprobs.label_logps): a [rows, tokens, vocab] float32 tensor never exists.
     A padded batch brings its attention_mask; a packed one its position_ids and no mask, so that attention stays
     within each sequence (see data.collate); with `attn_implementation: varlen_attn` both bring their segments.
+
+    temperature: the log-probs of softmax(logits / temperature), the distribution an online method samples from.
 
     Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
     """
@@ -388,6 +390,7 @@ def token_logps(model, batch):
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                       max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    logits = logits if temperature == 1.0 else logits / temperature
     return logprobs.label_logps(logits, targets), target_seqs, logits
 
 
@@ -421,9 +424,9 @@ class FrozenReference:
         return batch_logps(self.model, batch, n_seqs)
 
     @torch.no_grad()
-    def token_logps(self, batch):
+    def token_logps(self, batch, temperature=1.0):
         """[N] float32 log-probs of each labelled token (as models.token_logps), for per-token KL terms."""
-        return token_logps(self.model, batch)[0]
+        return token_logps(self.model, batch, temperature)[0]
 
     def fingerprint(self, settings) -> str:
         """Names the disk cache of its log-probs: its weights plus the settings that change log-probs."""
@@ -446,7 +449,7 @@ class NoReference:
     def logps(self, batch, n_seqs):
         return None
 
-    def token_logps(self, batch):
+    def token_logps(self, batch, temperature=1.0):
         return None
 
 

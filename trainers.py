@@ -21,9 +21,11 @@ from tqdm import tqdm
 import checkpoints
 import data
 import logprobs
+import losses
 import models
 from metrics import MetricsWriter, plot_curves
 from objectives import OfflineObjective
+from online import OnlineObjective
 from sources import DatasetSource
 from utils import TrainingError, UserError, abort_now, rng_state, set_rng_state
 
@@ -35,7 +37,9 @@ class Trainer:
         self.cfg, self.layout, self.policy, self.reference, self.tokenizer = cfg, layout, policy, reference, tokenizer
         self.train_data, self.run_dir = train_data, run_dir
         self.rank, self.world_size, self.device = layout.rank, layout.world_size, layout.device
-        self.objective, self.source = OfflineObjective(cfg.loss), DatasetSource(train_data, cfg, self.world_size)
+        online = losses.LOSSES[cfg.loss.name].online is not None  # the row says: sampled completions, or examples
+        self.objective = OnlineObjective(cfg, tokenizer) if online else OfflineObjective(cfg.loss)
+        self.source = DatasetSource(train_data, cfg, self.world_size)
         self.compute_dtype = models.DTYPES[cfg.model.policy_dtype]
         self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))
         self.n_train_examples, self.total_steps = self.source.n_examples, self.source.total_steps
@@ -281,8 +285,7 @@ class Trainer:
                         if self.peak_flops:
                             metrics["mfu"] = window_flops / seconds / (self.peak_flops * self.world_size)
                         writer.log(metrics, self.step)
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                                        **({"mfu": f"{metrics['mfu']:.1%}"} if "mfu" in metrics else {}))
+                        bar.set_postfix(progress_fields(metrics))
                         window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
                     paused = time.perf_counter()
                     if do_eval and (self.step % cfg.eval_every_steps == 0 or self.step == self.total_steps):
@@ -351,6 +354,14 @@ def sample_text(tokenizer, ids, max_new_tokens) -> str:
         ids = ids[:ids.index(tokenizer.eos_token_id)]
         return tokenizer.decode(ids, skip_special_tokens=True) + tokenizer.eos_token
     return tokenizer.decode(ids, skip_special_tokens=True) + f" [truncated at max_new_tokens={max_new_tokens}]"
+
+
+def progress_fields(metrics) -> dict:
+    """What the bar shows: the loss (and an online method's mean reward), training tokens/s (and generated tokens/s),
+    MFU where the GPU's peak is known."""
+    shown = {"loss": ("loss", ".4f"), "reward": ("reward", ".3f"), "tok_s": ("tokens_per_second", ".0f"),
+             "gen_tok_s": ("generation/tokens_per_second", ".0f"), "mfu": ("mfu", ".1%")}
+    return {name: format(metrics[key], spec) for name, (key, spec) in shown.items() if key in metrics}
 
 
 def exclude_from_bar(bar, seconds) -> float:

@@ -1,0 +1,225 @@
+"""The online methods' objective (loss.name grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp; losses.LOSSES rows with
+`online`): each global batch of prompts becomes a rollout, and the loss trains on it.
+
+    prompts -> rollouts.generate (rollout.num_generations completions each, the weights gathered once under FSDP)
+            -> rewards.score (the `rewards:` functions, weighted) -> rl_losses.advantages (the method's estimator)
+            -> rollout.num_iterations optimizer passes of rl_losses.micro_batch_loss over the completions
+
+A prompt's completions are sampled on the process that holds the prompt, seeded by (seed, step, the prompt's place in
+the global batch): the same completions on one device or many, in any micro-batch split, and a resumed run samples
+what the uninterrupted one did (the global RNG is left alone). Everything that is normalised over the global batch
+(token counts, whitening statistics, reward metrics) is summed over the processes first.
+"""
+import math
+import os
+import time
+
+import torch
+
+import logprobs
+import losses
+import models
+import rewards as reward_fns
+import rl_losses
+import rollouts
+from objectives import Work
+
+
+def reward_entries(cfg) -> list:
+    """The `rewards:` section as rewards.load_rewards takes it: each entry's set keys."""
+    return [{k: v for k, v in dict(entry).items() if v is not None} for entry in cfg.rewards]
+
+
+def rollout_seed(seed, step, index) -> int:
+    """The sampling seed of the prompt at `index` of the global batch of step `step` (evaluation: step -1 - k)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + index
+
+
+class OnlineObjective:
+    """Rollouts, rewards and advantages before the micro-batches; the method's clipped policy loss in them."""
+
+    def __init__(self, cfg, tokenizer):
+        self.spec = losses.LOSSES[cfg.loss.name]
+        self.method, self.tokenizer, self.rollout = self.spec.online, tokenizer, cfg.rollout
+        self.hp = rl_losses.resolve(self.method, cfg.loss.beta, cfg.loss.epsilon, cfg.loss.epsilon_high)
+        # the loss scores the distribution the completions were sampled from: softmax(logits / temperature), as TRL
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.rewards = reward_fns.load_rewards(reward_entries(cfg))
+        self.shown = []  # the last evaluation's completions, for the samples file
+
+    def state_dict(self) -> dict:
+        return {}  # nothing beyond the step: the rollouts' seeds follow from it
+
+    def load_state_dict(self, state):
+        pass
+
+    # ---- the rollout -------------------------------------------------------------------------------------------
+    def generate(self, trainer, prompts, indices, num_generations, step, temperature):
+        """(completions, truncated) of each prompt, num_generations each, prompt by prompt (each its own seed)."""
+        completions, truncated = [], []
+        with rollouts.gathered(trainer.policy), trainer.autocast():  # gathered: no collective per forward pass
+            for prompt, index in zip(prompts, indices):
+                out, cut = rollouts.generate(
+                    trainer.policy, [prompt], num_generations=num_generations,
+                    max_new_tokens=self.rollout.max_new_tokens, temperature=temperature, top_p=self.rollout.top_p,
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                    seed=rollout_seed(trainer.cfg.seed, step, index), micro_batch=trainer.cfg.eval_batch_size,
+                    synced=False, device=trainer.device)
+                completions += out
+                truncated += cut
+        return completions, truncated
+
+    def score(self, examples, completions, num_generations):
+        """(total [N], per function {name: [N]}) rewards of the completions of `examples` (num_generations each),
+        called as TRL calls reward functions: prompts and completions as text, or as messages when the prompt is a
+        conversation; every other field of the record as a keyword argument, one value per completion."""
+        repeat = lambda values: [v for v in values for _ in range(num_generations)]  # noqa: E731
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
+        prompts = repeat([ex["prompt"][-1]["content"] if ex["prompt_is_text"] else ex["prompt"] for ex in examples])
+        conversational = repeat([not ex["prompt_is_text"] for ex in examples])
+        shown = [[{"role": "assistant", "content": t}] if chat else t for t, chat in zip(texts, conversational)]
+        names = sorted({k for ex in examples for k in ex["columns"]} - set(reward_fns.ARGUMENTS))
+        columns = {k: repeat([ex["columns"].get(k) for ex in examples]) for k in names}
+        return reward_fns.score(self.rewards, prompts, shown, completions, columns)
+
+    def prepare(self, trainer, examples, local) -> Work:
+        """Sample, score and weigh the completions of this process's prompts; the per-token log-probs the loss
+        compares against (the rollout policy's, when there is more than one pass or a KL in the reward; the
+        reference's when beta > 0), all no grad, before the first micro-batch."""
+        G, cfg = self.rollout.num_generations, trainer.cfg
+        indices = trainer.layout.local_share(list(range(len(examples))))
+        prompts = [ex["prompt_input_ids"] for ex in local]
+        started = time.perf_counter()
+        completions, truncated = self.generate(trainer, prompts, indices, G, trainer.step, self.rollout.temperature)
+        seconds = time.perf_counter() - started
+        total, per_function = self.score(local, completions, G)
+        items = rollouts.as_examples(prompts, completions)
+        for i, item in enumerate(items):
+            item["rollout_index"] = i
+        width = max(len(c) for c in completions)
+        mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+        if self.rollout.mask_truncated:  # a cut completion has no reward for its ending: no loss either
+            mask[torch.tensor(truncated)] = 0.0
+        reference, old = self.token_logps(trainer, items, width)
+        kl = old - reference if reference is not None and old is not None else None
+        reduce = lambda t: torch.tensor(list(trainer.layout.reduce_sums(dict(enumerate(t.tolist()))).values()),  # noqa: E731
+                                        dtype=t.dtype)
+        advantages = rl_losses.advantages(self.method, total, G, mask, kl, self.hp["beta"], reduce)
+        if self.rollout.num_iterations == 1:
+            old = None  # on-policy: the ratio is 1 with the gradient of the log-probs (as logps.detach())
+        metrics, norm = self.rollout_metrics(trainer, total, per_function, completions, truncated, mask, G, seconds)
+        micro = math.ceil(len(items) / cfg.gradient_accumulation_steps)
+        stats = {"mask": mask, "advantages": advantages, "old": old, "reference": reference, "width": width}
+        return Work(norm, items, micro, stats, passes=self.rollout.num_iterations, metrics=metrics)
+
+    @torch.no_grad()
+    def token_logps(self, trainer, items, width):
+        """([N, width] reference log-probs or None, [N, width] the rollout policy's or None) of the completions."""
+        need_old = self.rollout.num_iterations > 1 or (self.method.kl == "reward" and self.hp["beta"] > 0)
+        need_reference = self.hp["beta"] > 0
+        reference, old = [], []
+        for start in range(0, len(items), trainer.cfg.eval_batch_size):
+            chunk = items[start:start + trainer.cfg.eval_batch_size]
+            batch = trainer.to_batch(chunk)
+            seq_ids = logprobs.scored_positions(batch["labels"], batch["seq_ids"])[2]  # each scored token's sequence
+            with trainer.autocast():
+                if need_reference:
+                    values = trainer.reference.token_logps(batch, self.temperature)
+                    reference.append(rollouts.completion_rows(values, seq_ids, len(chunk), width)[0].cpu())
+                if need_old:
+                    values = models.token_logps(trainer.policy, batch, self.temperature)[0]
+                    old.append(rollouts.completion_rows(values.float(), seq_ids, len(chunk), width)[0].cpu())
+        return (torch.cat(reference) if reference else None), (torch.cat(old) if old else None)
+
+    def rollout_metrics(self, trainer, total, per_function, completions, truncated, mask, G, seconds):
+        """TRL's rollout metrics over the global batch, and the normaliser: completions, loss tokens, the length
+        limit (Dr.GRPO's constant)."""
+        std, zero_std = rl_losses.reward_std(total, G) if G > 1 else (torch.zeros(len(total)), torch.ones(len(total)))
+        scored = ~torch.isnan(total)
+        sums = {"n": len(total), "scored": float(scored.sum()), "reward": float(total[scored].sum()),
+                "reward_sq": float((total[scored] ** 2).sum()), "groups": len(total) / G,
+                "zero_std": float(zero_std.float().sum()) / G, "length": sum(map(len, completions)),
+                "truncated": sum(truncated), "tokens": float(mask.sum()), "seconds": seconds}
+        for name, values in per_function.items():
+            ok = ~torch.isnan(values)
+            sums[f"f/{name}"], sums[f"n/{name}"] = float(values[ok].sum()), float(ok.sum())
+        sums = trainer.layout.reduce_sums(sums)
+        mean = sums["reward"] / max(sums["scored"], 1)
+        var = (sums["reward_sq"] - sums["scored"] * mean ** 2) / max(sums["scored"] - 1, 1)  # Bessel, as TRL
+        metrics = {"reward": mean, "reward_std": math.sqrt(max(var, 0.0)),
+                   "frac_reward_zero_std": sums["zero_std"] / sums["groups"],
+                   "frac_reward_unscored": 1 - sums["scored"] / sums["n"],
+                   "completions/mean_length": sums["length"] / sums["n"],
+                   "completions/clipped_ratio": sums["truncated"] / sums["n"],
+                   "generation/tokens_per_second": sums["length"] / max(sums["seconds"] / trainer.world_size, 1e-9),
+                   **{f"rewards/{name}/mean": sums[f"f/{name}"] / max(sums[f"n/{name}"], 1) for name in per_function}}
+        norm = {"sequences": sums["n"], "tokens": sums["tokens"], "max_new_tokens": self.rollout.max_new_tokens}
+        return metrics, norm
+
+    # ---- the micro-batches -------------------------------------------------------------------------------------
+    def micro_batch(self, trainer, items):
+        batch = trainer.to_batch(items)
+        batch["rollout_index"] = torch.tensor([item["rollout_index"] for item in items])
+        return items, batch
+
+    def loss(self, trainer, batch, work):
+        """The method's loss of one micro-batch of completions (rl_losses.micro_batch_loss), divided by the global
+        batch's normaliser, and its metrics' sums."""
+        stats, rows = work.stats, batch["rollout_index"]
+        values, seq_ids, logits = models.token_logps(trainer.policy, batch, self.temperature)
+        logps, _ = rollouts.completion_rows(values, seq_ids, len(rows), stats["width"])
+        with torch.no_grad():
+            entropy, _ = rollouts.completion_rows(token_entropy(logits), seq_ids, len(rows), stats["width"])
+        pick = lambda t: None if t is None else t[rows].to(logps.device)  # noqa: E731
+        return rl_losses.micro_batch_loss(self.method, self.hp, logps, pick(stats["old"]), pick(stats["reference"]),
+                                          pick(stats["advantages"]), pick(stats["mask"]), work.norm, entropy)
+
+    def finish(self, sums, work):
+        pass  # no state of its own
+
+    def averages(self, sums, work) -> dict:
+        """rl_losses already divides each micro-batch's metrics by the global counts: the sums are the values."""
+        return dict(sums)
+
+    # ---- evaluation --------------------------------------------------------------------------------------------
+    def evaluate(self, trainer) -> dict:
+        """Mean reward and pass@1 of greedy completions of the eval prompts; with eval_num_generations k > 1 also
+        pass@k and mean@k of k sampled ones. A completion passes when its reward is >= 1 (the math reward's
+        correct answer)."""
+        k = trainer.cfg.eval_num_generations
+        local = trainer.layout.local_share(trainer.eval_data)
+        indices = trainer.layout.local_share(list(range(len(trainer.eval_data))))
+        prompts = [ex["prompt_input_ids"] for ex in local]
+        greedy, _ = self.generate(trainer, prompts, indices, 1, -1, temperature=0.0)
+        total, _ = self.score(local, greedy, 1)
+        sums = {"n": len(local), "reward": float(total.nan_to_num(0.0).sum()), "pass@1": float((total >= 1).sum())}
+        if k > 1:
+            sampled, _ = self.generate(trainer, prompts, indices, k, -2 - trainer.step, self.rollout.temperature)
+            rewards_k = self.score(local, sampled, k)[0].view(len(local), k)
+            sums[f"pass@{k}"] = float((rewards_k >= 1).any(1).sum())
+            sums[f"mean@{k}"] = float(rewards_k.nan_to_num(0.0).mean(1).sum())
+        self.shown = [(self.tokenizer.decode(p, skip_special_tokens=False), self.tokenizer.decode(c), float(r))
+                      for p, c, r in zip(prompts, greedy, total)][:trainer.cfg.n_eval_model_samples]
+        sums = trainer.layout.reduce_sums(sums)
+        return {f"eval/{key}": value / max(sums["n"], 1) for key, value in sums.items() if key != "n"}
+
+    def sample(self, trainer, writer):
+        """The last evaluation's greedy completions of the first eval prompts, with their rewards, into
+        samples/step-N.txt (and a WandB table)."""
+        if not trainer.is_main:
+            return
+        rows = [{"prompt": p, "policy": c, "reward": f"{r:.4f}"} for p, c, r in self.shown]
+        os.makedirs(os.path.join(trainer.run_dir, "samples"), exist_ok=True)
+        with open(os.path.join(trainer.run_dir, "samples", f"step-{trainer.step:06d}.txt"), "w") as f:
+            for row in rows:
+                f.write("\n".join(f"### {k}\n{v}" for k, v in row.items()) + "\n\n" + "=" * 80 + "\n\n")
+        writer.log_samples(rows, trainer.step)
+
+
+def token_entropy(logits):
+    """[N] entropy of each scored position's next-token distribution (float32, in chunks: never [N, V] float32)."""
+    out = []
+    for chunk in logits.split(1024):
+        logp = chunk.float().log_softmax(-1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
