@@ -35,7 +35,6 @@ import os
 import subprocess
 import sys
 import time
-from config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
@@ -80,13 +79,20 @@ def free_port() -> int:
 
 def run_workers(model_dir, kind, world_size=2, path="new", timeout=900):
     """Start `world_size` worker processes (one process group); returns rank 0's records, one dict per rank."""
+    return run_worker_processes([os.path.abspath(__file__), "--worker", "--kind", kind, "--model-dir", model_dir,
+                                 "--path", path], world_size, "SHARDED_LOAD ", timeout)
+
+
+def run_worker_processes(argv, world_size, prefix, timeout=900, env=None):
+    """`python argv` as `world_size` processes of one process group (RANK / WORLD_SIZE / MASTER_* set, as torchrun
+    would, plus `env`); returns the JSON records that rank 0 printed on lines starting with `prefix`, one per rank."""
     port, procs = str(free_port()), []
     for rank in range(world_size):
-        env = {**os.environ, **OFFLINE, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--kind", kind,
-                                       "--model-dir", model_dir, "--path", path], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        rank_env = {**os.environ, **OFFLINE, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                    "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=rank_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
         for proc in procs:
@@ -98,8 +104,7 @@ def run_workers(model_dir, kind, world_size=2, path="new", timeout=900):
     failed = [(i, p.returncode, err[-3000:]) for i, (p, (_, err)) in enumerate(zip(procs, outputs)) if p.returncode]
     if failed:
         raise RuntimeError(f"worker(s) failed: {failed}")
-    records = [json.loads(line.split(" ", 1)[1]) for line in outputs[0][0].splitlines()
-               if line.startswith("SHARDED_LOAD ")]
+    records = [json.loads(line[len(prefix):]) for line in outputs[0][0].splitlines() if line.startswith(prefix)]
     if len(records) != world_size:
         raise RuntimeError(f"expected {world_size} records from rank 0, got: {outputs[0][0][-2000:]}")
     return records
@@ -230,6 +235,7 @@ def worker(kind, model_dir, path):
     torch.set_num_threads(1)
     import models
     import utils
+    from config import load_config
     from layouts import FSDPRanks
     overrides = ["trainer=FSDPTrainer", f"model.name_or_path={model_dir}", "model.from_config=null",
                  f"model.tokenizer_name_or_path={os.path.join(ROOT, 'example', 'tokenizer')}", "device=cpu",
