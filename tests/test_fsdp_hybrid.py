@@ -108,11 +108,12 @@ def test_replicate_not_dividing_the_world_size_is_one_line_error(tmp_path):
 def test_replicate_checked_against_torchrun_world_size(monkeypatch):
     """Under torchrun the world size is WORLD_SIZE (fsdp.world_size does not apply): checked from the config in every
     rank, and again by the layout itself (layouts.FSDPRanks: the own launcher on GPUs, one worker per GPU)."""
-    cfg = load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])  # passes
+    three = ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3", "total_batch_size=24"]
+    cfg = load_config(TINY["sft"], three)  # passes
     for key, value in {"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
-        load_config(TINY["sft"], ["trainer=FSDPTrainer", "fsdp.world_size=3", "fsdp.replicate=3"])
+        load_config(TINY["sft"], three)
     with pytest.raises(utils.UserError, match=r"fsdp.replicate=3 does not divide the world size 8"):
         layouts.FSDPRanks(cfg)  # before any process group is started
     assert not torch.distributed.is_initialized()

@@ -330,6 +330,11 @@ def test_changed_architecture_on_resume_is_one_line(uninterrupted, tmp_path, cap
     code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}", *RUN,
                       "resume=auto", "model.from_config.intermediate_size=96"])
     err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model.from_config.intermediate_size: 128 -> 96" in err[0], err
+    # continued anyway: the weights do not fit the new shape, said in one line too
+    code = train.cli([os.path.join(ROOT, "example", "tiny-dpo.yml"), "--overrides", f"output_dirs={run_dir}", *RUN,
+                      "resume=auto", "model.from_config.intermediate_size=96", "resume_allow_changes=true"])
+    err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "does not match the model" in err[0] and "final" in err[0] and "mlp" in err[0] and "[96, 64]" in err[0], err
 

@@ -1,0 +1,146 @@
+"""The online methods end to end: one step's update for any micro-batch split, FSDP == one process, exact resume after
+SIGKILL, LoRA, a run that learns (and a control that does not), and the mistakes refused before any model loads."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl_losses
+import train
+from config import load_config
+from conftest import OFFLINE_ENV, ROOT, params_of, run_cli
+from utils import UserError
+
+GRPO = os.path.join(ROOT, "example", "tiny-grpo.yml")
+# 4 prompts a step, 4 completions each, 6 new tokens; SGD with lr 1 makes the update large enough to compare tightly
+STEP = ["optimizer=SGD", "lr=1.0", "max_grad_norm=0", "total_batch_size=4", "rollout.num_generations=4",
+        "rollout.max_new_tokens=6", "n_eval_examples=0", "report_to_tensorboard=false", "print_log_step=1"]
+METHODS = {  # what each exercises besides its own maths
+    "grpo": ["loss.beta=0.04"],                       # k3 KL in the loss: a reference model
+    "dr_grpo": [],
+    "dapo": [],                                       # token mean over the global batch
+    "gspo": ["rollout.num_iterations=2"],             # the sequence ratio off-policy (second pass)
+    "rloo": [],                                       # k1 folded into the reward (beta 0.05): a reference model
+    "reinforce_pp": ["rollout.num_generations=1"],    # whitened over the global batch, one completion per prompt
+}
+
+
+def weights(folder):
+    """A checkpoint's tensors, one file (BasicTrainer) or the FSDP export's shards."""
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def trainer_for(name, *overrides):
+    return train.build_trainer(load_config(GRPO, [f"loss.name={name}", *STEP, *METHODS[name], *overrides]))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_one_step_is_the_same_for_any_micro_batch_split(name):
+    """The same rollout (seeded per prompt) trained in 1 micro-batch and in 4: the same update, the same metrics.
+    The loss of each micro-batch is normalised over the whole global batch (tokens, sequences, whitening)."""
+    updates, metrics = [], []
+    for accumulation in (1, 4):
+        trainer = trainer_for(name, f"gradient_accumulation_steps={accumulation}")
+        before = params_of(trainer.policy)
+        step_metrics, *_ = trainer.train_step(next(trainer.global_batches()))
+        after = params_of(trainer.policy)
+        updates.append({k: after[k] - before[k] for k in before})
+        metrics.append(step_metrics)
+    largest = max(u.abs().max().item() for u in updates[0].values())
+    assert largest > 1e-4, "the step changed nothing"
+    for k in updates[0]:
+        torch.testing.assert_close(updates[1][k], updates[0][k], rtol=0, atol=2e-5 * largest)
+    for k in ("loss", "reward", "clip_ratio/region_mean", "completions/mean_length"):
+        assert metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-4, abs=1e-6), k
+    assert {"reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio", "entropy",
+            "rewards/write_what_is_asked/mean", "clip_ratio/low_mean", "clip_ratio/high_mean"} <= set(metrics[0])
+    assert ("kl" in metrics[0]) == (rl_losses.resolve(rl_losses.ONLINE[name], *(
+        [0.04] if name == "grpo" else [None]))["beta"] > 0)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo"])
+def test_fsdp_two_processes_match_one(name, tmp_path):
+    """FSDPTrainer, 2 gloo processes (each samples its prompts' groups), against BasicTrainer: the same weights to
+    1e-5 of the update after 2 steps; dapo's token normaliser and the reward metrics span both processes."""
+    common = [f"loss.name={name}", *STEP, *METHODS[name], "n_examples=8", "n_epochs=null"]
+    basic = tmp_path / "basic"
+    assert train.main(GRPO, [*common, f"output_dirs={basic}"]) == 0
+    proc = run_cli("train.py", GRPO, "--overrides", "trainer=FSDPTrainer", f"output_dirs={tmp_path / 'fsdp'}", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    initial = params_of(trainer_for(name).policy)
+    one, two = weights(basic / "final"), weights(tmp_path / "fsdp" / "final")
+    assert one.keys() == two.keys()
+    largest = max((one[k] - initial[k]).abs().max().item() for k in one if k in initial)
+    assert largest > 1e-4
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-5 * largest)
+    rows = lambda run: [r for r in map(json.loads, open(run / "metrics.jsonl")) if "reward" in r]  # noqa: E731
+    for a, b in zip(rows(basic), rows(tmp_path / "fsdp")):
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-6) and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    """SIGKILL after the step-2 checkpoint, then resume=auto: the final weights are bit-identical to an uninterrupted
+    run's (the rollouts' seeds follow the step; sampling leaves the global RNG alone)."""
+    common = ["loss.name=grpo", *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05"]
+    whole = tmp_path / "whole"
+    assert train.main(GRPO, [*common, f"output_dirs={whole}"]) == 0
+    run = tmp_path / "run"
+    args = [sys.executable, "train.py", GRPO, "--overrides", *common, f"output_dirs={run}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "step-000002" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert train.main(GRPO, [*common, f"output_dirs={run}", "resume=auto"]) == 0
+    a, b = weights(whole / "final"), weights(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(run / "final" / "trainer_state.json"))["step"] == 6
+
+
+def test_truncated_completions_can_be_left_out_of_the_loss():
+    """rollout.mask_truncated: a completion cut by max_new_tokens gets no loss. The model from scratch never ends a
+    reply within 6 tokens: every completion is cut, so nothing is trained, while the rewards are still measured."""
+    trainer = trainer_for("dapo", "rollout.mask_truncated=true")
+    before = params_of(trainer.policy)
+    metrics, *_ = trainer.train_step(next(trainer.global_batches()))
+    assert metrics["completions/clipped_ratio"] == 1.0 and metrics["reward"] > 0
+    assert all(torch.equal(before[k], v) for k, v in params_of(trainer.policy).items())
+
+
+def test_lora_trains_the_adapter_against_the_base_as_reference():
+    trainer = trainer_for("grpo", "model.lora={r: 4}", "loss.beta=0.1")
+    before = params_of(trainer.policy)
+    metrics, *_ = trainer.train_step(next(trainer.global_batches()))
+    after = params_of(trainer.policy)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-7)  # on-policy, first step: the adapter starts at zero
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["rollout.num_generations=1"], "rollout.num_generations must be >= 2"),
+    (["rewards=[]"], "needs rewards"),
+    (["rewards=[{function: nope.py:f}]"], "nope.py"),
+    (["rewards=[{function: example/rewards.py:missing}]"], "missing"),
+    (["rewards=[{function: os.path:join}]"], "join"),
+    (["packing=true"], "packing=true does not apply to loss.name=grpo"),
+    (["precompute_reference_logps=true"], "precompute_reference_logps=true does not apply"),
+    (["rewards=[{function: format, pattern: '('}]"], "not a regular expression"),
+])
+def test_mistakes_are_one_line_before_any_model_loads(overrides, needle, tmp_path, capsys):
+    code = train.cli([GRPO, "--overrides", *overrides, f"output_dirs={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError):
+        load_config(GRPO, overrides)
