@@ -1,8 +1,6 @@
 """The loss table in use (issue 12): every loss.name trains end to end, the table's declarations drive the config
 check and the reference, and each kind of loss keeps the guarantees of the pipeline (gradient accumulation, packing,
 precomputed reference log-probs, resume, FSDP)."""
-import os
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
