@@ -394,6 +394,9 @@ def _check_online(cfg):
     if spec.online.groups and cfg.rollout.num_generations < 2:
         raise UserError(f"config: {name} compares each completion with the others of its prompt: "
                         f"rollout.num_generations must be >= 2, got {cfg.rollout.num_generations}")
+    if cfg.rollout.dynamic_sampling and cfg.rollout.num_generations < 2:
+        raise UserError(f"config: rollout.dynamic_sampling=true drops groups whose rewards are all equal: it needs "
+                        f"rollout.num_generations >= 2, got {cfg.rollout.num_generations}")
     for key in ("packing", "precompute_reference_logps"):
         if cfg[key]:
             raise UserError(f"config: {key}=true does not apply to {name} (its completions are sampled each step); "

@@ -82,17 +82,49 @@ class OnlineObjective:
         columns = {k: repeat([ex["columns"].get(k) for ex in examples]) for k in names}
         return reward_fns.score(self.rewards, prompts, shown, completions, columns)
 
+    def roll_out(self, trainer, examples, local):
+        """(prompts, completions, truncated, total rewards, per-function rewards, seconds generating) of this
+        process's prompts. With rollout.dynamic_sampling (DAPO) a group whose rewards are all equal teaches a group
+        baseline nothing: it is dropped, and further rounds draw global batches of prompts at random from the
+        training set (seeded by seed, step and round: a resumed run draws the same) until every process has its share
+        of groups with a spread, or rollout.max_sampling_rounds have run; what is still missing is then filled with
+        dropped groups (no advantage: only their KL term trains)."""
+        G, B, share = self.rollout.num_generations, len(examples), len(local)
+        kept, dropped, seconds, rounds = [], [], 0.0, 0
+        while True:
+            if rounds:  # a refill round: every process enters it (the weights are gathered collectively)
+                g = torch.Generator().manual_seed(rollout_seed(trainer.cfg.seed, trainer.step, -1 - rounds))
+                drawn = torch.randint(len(trainer.train_data), (B,), generator=g).tolist()
+                local = trainer.layout.local_share([trainer.train_data[i] for i in drawn])
+            indices = [rounds * B + i for i in trainer.layout.local_share(list(range(B)))]
+            prompts = [ex["prompt_input_ids"] for ex in local] if len(kept) < share else []
+            started = time.perf_counter()
+            completions, truncated = self.generate(trainer, prompts, indices, G, trainer.step, self.rollout.temperature)
+            seconds += time.perf_counter() - started
+            total, per_function = self.score(local, completions, G) if prompts else (None, {})
+            flat = rl_losses.reward_std(total, G)[1] if prompts and self.rollout.dynamic_sampling else None
+            for i, prompt in enumerate(prompts):
+                group = (prompt, completions[i * G:(i + 1) * G], truncated[i * G:(i + 1) * G], total[i * G:(i + 1) * G],
+                         {name: values[i * G:(i + 1) * G] for name, values in per_function.items()})
+                (dropped if flat is not None and flat[i] else kept).append(group)
+            rounds += 1
+            missing = trainer.layout.reduce_sums({"missing": max(share - len(kept), 0)})["missing"]
+            if not missing or rounds >= self.rollout.max_sampling_rounds:
+                break
+        groups = (kept + dropped)[:share]
+        self.sampling = {"rounds": rounds, "filled": share - min(len(kept), share)}  # for the metrics
+        prompts = [g[0] for g in groups]
+        completions, truncated = [c for g in groups for c in g[1]], [t for g in groups for t in g[2]]
+        total = torch.cat([g[3] for g in groups])
+        per_function = {name: torch.cat([g[4][name] for g in groups]) for name in groups[0][4]}
+        return prompts, completions, truncated, total, per_function, seconds
+
     def prepare(self, trainer, examples, local) -> Work:
         """Sample, score and weigh the completions of this process's prompts; the per-token log-probs the loss
         compares against (the rollout policy's, when there is more than one pass or a KL in the reward; the
         reference's when beta > 0), all no grad, before the first micro-batch."""
         G, cfg = self.rollout.num_generations, trainer.cfg
-        indices = trainer.layout.local_share(list(range(len(examples))))
-        prompts = [ex["prompt_input_ids"] for ex in local]
-        started = time.perf_counter()
-        completions, truncated = self.generate(trainer, prompts, indices, G, trainer.step, self.rollout.temperature)
-        seconds = time.perf_counter() - started
-        total, per_function = self.score(local, completions, G)
+        prompts, completions, truncated, total, per_function, seconds = self.roll_out(trainer, examples, local)
         items = rollouts.as_examples(prompts, completions)
         for i, item in enumerate(items):
             item["rollout_index"] = i
@@ -138,8 +170,9 @@ class OnlineObjective:
         scored = ~torch.isnan(total)
         sums = {"n": len(total), "scored": float(scored.sum()), "reward": float(total[scored].sum()),
                 "reward_sq": float((total[scored] ** 2).sum()), "groups": len(total) / G,
-                "zero_std": float(zero_std.float().sum()) / G, "length": sum(map(len, completions)),
-                "truncated": sum(truncated), "tokens": float(mask.sum()), "seconds": seconds}
+                "zero_std": float(zero_std.float().sum()), "length": sum(map(len, completions)),
+                "truncated": sum(truncated), "tokens": float(mask.sum()), "seconds": seconds,
+                "filled": self.sampling["filled"]}
         for name, values in per_function.items():
             ok = ~torch.isnan(values)
             sums[f"f/{name}"], sums[f"n/{name}"] = float(values[ok].sum()), float(ok.sum())
@@ -153,6 +186,9 @@ class OnlineObjective:
                    "completions/clipped_ratio": sums["truncated"] / sums["n"],
                    "generation/tokens_per_second": sums["length"] / max(sums["seconds"] / trainer.world_size, 1e-9),
                    **{f"rewards/{name}/mean": sums[f"f/{name}"] / max(sums[f"n/{name}"], 1) for name in per_function}}
+        if self.rollout.dynamic_sampling:  # rounds: the same on every process; filled: groups with no spread trained
+            metrics.update({"dynamic_sampling/rounds": self.sampling["rounds"],
+                            "dynamic_sampling/filled_ratio": sums["filled"] / sums["groups"]})
         norm = {"sequences": sums["n"], "tokens": sums["tokens"], "max_new_tokens": self.rollout.max_new_tokens}
         return metrics, norm
 

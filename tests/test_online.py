@@ -85,10 +85,48 @@ def test_fsdp_two_processes_match_one(name, tmp_path):
         assert b["reward"] == pytest.approx(a["reward"], abs=1e-6) and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+# a reward with no spread for the prompts of odd length (their groups teach a group baseline nothing) and a spread for
+# the others: what dynamic sampling drops and refills
+HALF_FLAT = f"rewards=[{{function: {os.path.join(ROOT, 'tests', 'fixtures', 'half_flat_reward.py')}:half_flat}}]"
+DYNAMIC = ["loss.name=dapo", "rollout.dynamic_sampling=true", HALF_FLAT]
+
+
+def test_dynamic_sampling_trains_only_groups_with_a_spread():
+    """DAPO's dynamic sampling: the groups of the odd-length prompts (all rewards equal) are dropped and refilled
+    from further rounds of prompts until the batch is full; without it they are trained (advantage 0)."""
+    trainer = trainer_for("dapo", *DYNAMIC[1:])
+    metrics = trainer.train_step(next(trainer.global_batches()))[0]
+    assert metrics["dynamic_sampling/rounds"] >= 2 and metrics["dynamic_sampling/filled_ratio"] == 0, metrics
+    assert metrics["frac_reward_zero_std"] == 0, metrics
+    plain = trainer_for("dapo", HALF_FLAT)
+    examples = next(plain.global_batches())
+    flat = sum(len(ex["prompt"][-1]["content"]) % 2 for ex in examples) / len(examples)  # the groups surely flat
+    metrics = plain.train_step(examples)[0]
+    assert flat <= metrics["frac_reward_zero_std"] < 1 and "dynamic_sampling/rounds" not in metrics, (flat, metrics)
+    # rounds run out: the missing groups are filled with dropped ones (and said so)
+    trainer = trainer_for("dapo", *DYNAMIC[1:], "rollout.max_sampling_rounds=1")
+    metrics = trainer.train_step(next(trainer.global_batches()))[0]
+    assert metrics["dynamic_sampling/rounds"] == 1
+    assert metrics["dynamic_sampling/filled_ratio"] == metrics["frac_reward_zero_std"] > 0, metrics
+
+
+def test_fsdp_dynamic_sampling_fills_every_process(tmp_path):
+    """2 gloo processes: each fills its own share of groups with a spread; the refill rounds run on every process
+    until all are full (a process that is full still takes part: the weights are gathered collectively)."""
+    run = tmp_path / "fsdp"
+    proc = run_cli("train.py", GRPO, "--overrides", "trainer=FSDPTrainer", f"output_dirs={run}", *STEP, *DYNAMIC,
+                   "n_examples=8", "n_epochs=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in map(json.loads, open(run / "metrics.jsonl")) if "reward" in r]
+    assert len(rows) == 2 and all(r["dynamic_sampling/rounds"] >= 2 and r["frac_reward_zero_std"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", [["loss.name=grpo"], DYNAMIC], ids=["grpo", "dapo-dynamic"])
+def test_killed_run_resumes_exactly(method, tmp_path):
     """SIGKILL after the step-2 checkpoint, then resume=auto: the final weights are bit-identical to an uninterrupted
-    run's (the rollouts' seeds follow the step; sampling leaves the global RNG alone)."""
-    common = ["loss.name=grpo", *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05"]
+    run's (the rollouts' seeds follow the step, dynamic sampling's refill prompts too; sampling leaves the global
+    RNG alone)."""
+    common = [*method, *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05"]
     whole = tmp_path / "whole"
     assert train.main(GRPO, [*common, f"output_dirs={whole}"]) == 0
     run = tmp_path / "run"
@@ -136,6 +174,8 @@ def test_lora_trains_the_adapter_against_the_base_as_reference():
     (["packing=true"], "packing=true does not apply to loss.name=grpo"),
     (["precompute_reference_logps=true"], "precompute_reference_logps=true does not apply"),
     (["rewards=[{function: format, pattern: '('}]"], "not a regular expression"),
+    (["loss.name=reinforce_pp", "rollout.num_generations=1", "rollout.dynamic_sampling=true"],
+     "rollout.dynamic_sampling=true drops groups"),
 ])
 def test_mistakes_are_one_line_before_any_model_loads(overrides, needle, tmp_path, capsys):
     code = train.cli([GRPO, "--overrides", *overrides, f"output_dirs={tmp_path / 'run'}"])
