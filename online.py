@@ -87,8 +87,8 @@ class OnlineObjective:
         process's prompts. With rollout.dynamic_sampling (DAPO) a group whose rewards are all equal teaches a group
         baseline nothing: it is dropped, and further rounds draw global batches of prompts at random from the
         training set (seeded by seed, step and round: a resumed run draws the same) until every process has its share
-        of groups with a spread, or rollout.max_sampling_rounds have run; what is still missing is then filled with
-        dropped groups (no advantage: only their KL term trains)."""
+        of groups with a spread, or rollout.max_sampling_rounds rounds (the first included) have run; what is still
+        missing is then filled with dropped groups (under a group baseline: no advantage, only a KL term trains)."""
         G, B, share = self.rollout.num_generations, len(examples), len(local)
         kept, dropped, seconds, rounds = [], [], 0.0, 0
         while True:
@@ -166,26 +166,16 @@ class OnlineObjective:
     def rollout_metrics(self, trainer, total, per_function, completions, truncated, mask, G, seconds):
         """TRL's rollout metrics over the global batch, and the normaliser: completions, loss tokens, the length
         limit (Dr.GRPO's constant)."""
-        std, zero_std = rl_losses.reward_std(total, G) if G > 1 else (torch.zeros(len(total)), torch.ones(len(total)))
-        scored = ~torch.isnan(total)
-        sums = {"n": len(total), "scored": float(scored.sum()), "reward": float(total[scored].sum()),
-                "reward_sq": float((total[scored] ** 2).sum()), "groups": len(total) / G,
+        zero_std = rl_losses.reward_std(total, G)[1] if G > 1 else torch.ones(len(total))
+        sums = {**reward_fns.reward_sums(total, per_function), "groups": len(total) / G,
                 "zero_std": float(zero_std.float().sum()), "length": sum(map(len, completions)),
                 "truncated": sum(truncated), "tokens": float(mask.sum()), "seconds": seconds,
                 "filled": self.sampling["filled"]}
-        for name, values in per_function.items():
-            ok = ~torch.isnan(values)
-            sums[f"f/{name}"], sums[f"n/{name}"] = float(values[ok].sum()), float(ok.sum())
         sums = trainer.layout.reduce_sums(sums)
-        mean = sums["reward"] / max(sums["scored"], 1)
-        var = (sums["reward_sq"] - sums["scored"] * mean ** 2) / max(sums["scored"] - 1, 1)  # Bessel, as TRL
-        metrics = {"reward": mean, "reward_std": math.sqrt(max(var, 0.0)),
-                   "frac_reward_zero_std": sums["zero_std"] / sums["groups"],
-                   "frac_reward_unscored": 1 - sums["scored"] / sums["n"],
+        metrics = {**reward_fns.reward_metrics(sums), "frac_reward_zero_std": sums["zero_std"] / sums["groups"],
                    "completions/mean_length": sums["length"] / sums["n"],
                    "completions/clipped_ratio": sums["truncated"] / sums["n"],
-                   "generation/tokens_per_second": sums["length"] / max(sums["seconds"] / trainer.world_size, 1e-9),
-                   **{f"rewards/{name}/mean": sums[f"f/{name}"] / max(sums[f"n/{name}"], 1) for name in per_function}}
+                   "generation/tokens_per_second": sums["length"] / max(sums["seconds"] / trainer.world_size, 1e-9)}
         if self.rollout.dynamic_sampling:  # rounds: the same on every process; filled: groups with no spread trained
             metrics.update({"dynamic_sampling/rounds": self.sampling["rounds"],
                             "dynamic_sampling/filled_ratio": sums["filled"] / sums["groups"]})

@@ -318,17 +318,25 @@ def score(rewards: list[Reward], prompts, completions, completion_ids, columns: 
     return total, per_function
 
 
-def _nanstd(x: torch.Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return x.std().item() if len(x) > 1 else math.nan  # Bessel, as TRL's nanstd
+def reward_sums(total: torch.Tensor, per_function: dict) -> dict:
+    """What TRL's reward metrics are made of, as sums that add up over processes: for the total and for each
+    function, the count, sum and sum of squares of the scored (non-None) rewards; and the number of completions."""
+    sums = {"n": len(total)}
+    for name, values in [("reward", total), *((f"rewards/{k}", v) for k, v in per_function.items())]:
+        scored = values[~torch.isnan(values)].double()
+        sums.update({f"{name}:count": len(scored), f"{name}:sum": scored.sum().item(),
+                     f"{name}:squares": (scored ** 2).sum().item()})
+    return sums
 
 
-def reward_metrics(total: torch.Tensor, per_function: dict) -> dict:
-    """TRL's reward metrics over a (gathered) global batch: reward, reward_std, rewards/<name>/mean and /std, over
-    the scored completions; and frac_reward_unscored, the share that every function left unscored (None)."""
-    out = {"reward": total.nanmean().item(), "reward_std": _nanstd(total),
-           "frac_reward_unscored": torch.isnan(total).float().mean().item()}
-    for name, values in per_function.items():
-        out[f"rewards/{name}/mean"] = values.nanmean().item()
-        out[f"rewards/{name}/std"] = _nanstd(values)
+def reward_metrics(sums: dict) -> dict:
+    """TRL's reward metrics from the global batch's reward_sums: reward, reward_std, rewards/<name>/mean and /std
+    (over the scored completions; std with Bessel's correction, as TRL's nanstd) and frac_reward_unscored, the
+    share that every function left unscored."""
+    out = {"frac_reward_unscored": 1 - sums["reward:count"] / max(sums["n"], 1)}
+    for name in [k[:-len(":count")] for k in sums if k.endswith(":count")]:
+        n, total, squares = sums[f"{name}:count"], sums[f"{name}:sum"], sums[f"{name}:squares"]
+        mean = total / n if n else math.nan
+        std = math.sqrt(max(squares - n * mean ** 2, 0.0) / (n - 1)) if n > 1 else math.nan
+        out.update({name: mean, "reward_std": std} if name == "reward" else {f"{name}/mean": mean, f"{name}/std": std})
     return out

@@ -59,7 +59,8 @@ def test_one_step_is_the_same_for_any_micro_batch_split(name):
     for k in ("loss", "reward", "clip_ratio/region_mean", "completions/mean_length"):
         assert metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-4, abs=1e-6), k
     assert {"reward", "reward_std", "frac_reward_zero_std", "completions/clipped_ratio", "entropy",
-            "rewards/write_what_is_asked/mean", "clip_ratio/low_mean", "clip_ratio/high_mean"} <= set(metrics[0])
+            "rewards/write_what_is_asked/mean", "rewards/write_what_is_asked/std", "clip_ratio/low_mean",
+            "clip_ratio/high_mean", "frac_reward_unscored"} <= set(metrics[0])
     assert ("kl" in metrics[0]) == (rl_losses.resolve(rl_losses.ONLINE[name], *(
         [0.04] if name == "grpo" else [None]))["beta"] > 0)
 

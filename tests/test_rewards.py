@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from rewards import (Reward, call_reward, completion_text, extract_answer, load_reward, load_rewards,  # noqa: E402
-                     math_reward, reward_metrics, score)
+                     math_reward, reward_metrics, reward_sums, score)
 from utils import TrainingError, UserError  # noqa: E402
 
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
@@ -228,12 +228,15 @@ def test_score_weighted_sum_with_none_as_trl():
     total, per_function = score([first, second], ["p"] * 4, ["c"] * 4, [[]] * 4, {})
     torch.testing.assert_close(total, torch.tensor([2.25, 1.0, math.nan, 0.5]), equal_nan=True)
     torch.testing.assert_close(per_function["first"], torch.tensor([1.0, math.nan, math.nan, 0.0]), equal_nan=True)
-    metrics = reward_metrics(total, per_function)
+    halves = [reward_sums(total[:2], {k: v[:2] for k, v in per_function.items()}),
+              reward_sums(total[2:], {k: v[2:] for k, v in per_function.items()})]
+    metrics = reward_metrics({k: halves[0][k] + halves[1][k] for k in halves[0]})  # as summed over 2 processes
     assert metrics["reward"] == pytest.approx((2.25 + 1.0 + 0.5) / 3)
     assert metrics["reward_std"] == pytest.approx(torch.tensor([2.25, 1.0, 0.5]).std().item())
     assert metrics["frac_reward_unscored"] == pytest.approx(0.25)
     assert metrics["rewards/first/mean"] == pytest.approx(0.5)
     assert metrics["rewards/second/mean"] == pytest.approx(3.5 / 3)
+    assert metrics["rewards/second/std"] == pytest.approx(torch.tensor([0.5, 2.0, 1.0]).std().item())
 
 
 def test_score_passes_columns_and_message_completions():
