@@ -6,8 +6,8 @@
             -> rollout.num_iterations optimizer passes of rl_losses.micro_batch_loss over the completions
 
 A prompt's completions are sampled on the process that holds the prompt, seeded by (seed, step, the prompt's place in
-the global batch): the same completions on one device or many, in any micro-batch split, and a resumed run samples
-what the uninterrupted one did (the global RNG is left alone). Everything that is normalised over the global batch
+the global batch): the same completions on one device or many, in any micro-batch split or generation batch, and a
+resumed run samples what the uninterrupted one did (the global RNG is left alone). Everything that is normalised over the global batch
 (token counts, whitening statistics, reward metrics) is summed over the processes first.
 """
 import math
@@ -55,19 +55,15 @@ class OnlineObjective:
 
     # ---- the rollout -------------------------------------------------------------------------------------------
     def generate(self, trainer, prompts, indices, num_generations, step, temperature):
-        """(completions, truncated) of each prompt, num_generations each, prompt by prompt (each its own seed)."""
-        completions, truncated = [], []
+        """(completions, truncated) of each prompt, num_generations each, in batches of eval_batch_size sequences;
+        each prompt's completions seeded by (seed, step, its index in the global batch)."""
+        seeds = [rollout_seed(trainer.cfg.seed, step, index) for index in indices]
         with rollouts.gathered(trainer.policy), trainer.autocast():  # gathered: no collective per forward pass
-            for prompt, index in zip(prompts, indices):
-                out, cut = rollouts.generate(
-                    trainer.policy, [prompt], num_generations=num_generations,
-                    max_new_tokens=self.rollout.max_new_tokens, temperature=temperature, top_p=self.rollout.top_p,
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                    seed=rollout_seed(trainer.cfg.seed, step, index), micro_batch=trainer.cfg.eval_batch_size,
-                    synced=False, device=trainer.device)
-                completions += out
-                truncated += cut
-        return completions, truncated
+            return rollouts.generate(
+                trainer.policy, prompts, num_generations=num_generations, max_new_tokens=self.rollout.max_new_tokens,
+                temperature=temperature, top_p=self.rollout.top_p, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, seed=seeds, micro_batch=trainer.cfg.eval_batch_size,
+                synced=False, device=trainer.device)
 
     def score(self, examples, completions, num_generations):
         """(total [N], per function {name: [N]}) rewards of the completions of `examples` (num_generations each),

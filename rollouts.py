@@ -7,56 +7,77 @@ become examples that the offline machinery (data.collate, models.token_logps) sc
     logps, seq_ids, _ = models.token_logps(model, batch)
     per_token, mask = completion_rows(logps, seq_ids, batch["n_seqs"])         # [N, T], as rl_losses takes them
 
-Sampling is reproducible and invisible: seeded by the caller's number (from seed, step and process), inside
-`torch.random.fork_rng`, so the global RNG stream that exact resume depends on is left as it was. It is exactly
-softmax(logits / temperature) within top_p (or greedy): the knobs a model's own generation_config may ship (Qwen's
-top_k 20 and repetition_penalty 1.05, transformers' global top_k 50) are switched off, because the losses score the
-completions under that plain distribution.
+Sampling is reproducible and invisible: each completion draws from a generator of its own, seeded by the caller's
+number for its prompt (from seed, step and the prompt's place in the global batch) and its place in the group, so the
+global RNG stream that exact resume depends on is left as it was. It is exactly softmax(logits / temperature) within
+top_p (or greedy): the knobs a model's own generation_config may ship (Qwen's top_k 20 and repetition_penalty 1.05,
+transformers' global top_k 50) are switched off, because the losses score the completions under that plain
+distribution.
 """
 import contextlib
+import math
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-# Logits processors that a model's generation_config or transformers' defaults would add, at their no-op values:
-# for every decoding, and for sampling only (set while greedy, transformers warns that they are ignored).
-NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1)
-NEUTRAL_SAMPLING = dict(top_k=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+# Logits processors that a model's generation_config or transformers' defaults would add, at their no-op values;
+# decoding is greedy over RowSampler's choice, so the sampling knobs (top_k, min_p, ...) are never applied
+NEUTRAL = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1, num_return_sequences=1,
+               do_sample=False)
 
 
 def generate(model, prompts, *, num_generations, max_new_tokens, temperature, top_p, eos_token_id, pad_token_id,
              seed, micro_batch, synced=False, device=None):
     """Sample `num_generations` completions of each prompt (token-id lists), prompt 0's first, then prompt 1's, ...
 
-    Batched generate with the KV cache, prompts LEFT-padded with pad_token_id (the mask keeps padding out of
-    attention and positions), at most `micro_batch` sequences per call; temperature 0 is greedy. synced=True (FSDP
-    outside `gathered`): every process keeps running forward passes until all are done, as sharded weights are
-    gathered collectively; every process must then pass the same number of prompts (the same number of calls).
+    Batched generate with the KV cache over all prompts' rows (shortest prompts together, at most `micro_batch`
+    sequences per call), prompts LEFT-padded with pad_token_id (the mask keeps padding out of attention and
+    positions); temperature 0 is greedy. Each row samples with a generator of its own, seeded by its prompt's seed
+    (`seed`: one per prompt, or one int: prompt i then takes seed x 1000033 + i) and its place in the group (RowSampler): a completion does
+    not depend on which other prompts share its batch, so one process or many sample the same completions.
+    synced=True (FSDP outside `gathered`): every process keeps running forward passes until all are done, as
+    sharded weights are gathered collectively; every process must then pass the same number of rows.
     eos_token_id: an id or a list of ids. device: where the inputs go (default: the model's parameters').
 
     Returns (completions: N = len(prompts) x num_generations token-id lists, cut after the first eos, which is kept;
     truncated: N bools, True where max_new_tokens ran out before any eos)."""
-    rows = [list(p) for p in prompts for _ in range(num_generations)]
+    seeds = [seed * 1_000_033 + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+    rows = [(list(p), (s * 1_000_003 + g) % 2 ** 63) for p, s in zip(prompts, seeds) for g in range(num_generations)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # less padding; the rows' order back at the end
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-    how = dict(NEUTRAL, do_sample=temperature > 0)
-    if temperature > 0:
-        how.update(NEUTRAL_SAMPLING, temperature=temperature, top_p=top_p)
-        if getattr(model.generation_config, "min_p", None) is not None:  # applied when set: 0 keeps every token
-            how["min_p"] = 0.0
     device = device or input_device(model)
-    completions, truncated = [], []
-    with torch.no_grad(), eval_mode(model), seeded(seed, device):
+    completions, truncated = [None] * len(rows), [None] * len(rows)
+    with torch.no_grad(), eval_mode(model):
         for start in range(0, len(rows), micro_batch):
-            input_ids, attention_mask = left_padded(rows[start:start + micro_batch], pad_token_id, device)
+            chunk = order[start:start + micro_batch]
+            input_ids, attention_mask = left_padded([rows[i][0] for i in chunk], pad_token_id, device)
+            # decoding is greedy over what RowSampler leaves (the sampled token): no global RNG is drawn from
+            sampler = [RowSampler([rows[i][1] for i in chunk], temperature, top_p, device)] if temperature > 0 else []
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                  eos_token_id=sorted(eos), pad_token_id=pad_token_id, use_cache=True,
-                                 synced_gpus=synced, **how)
-            for ids in out[:, input_ids.shape[1]:].tolist():
-                end = next((i for i, t in enumerate(ids) if t in eos), None)
-                completions.append(ids if end is None else ids[:end + 1])  # after eos: padding only
-                truncated.append(end is None)
+                                 synced_gpus=synced, logits_processor=LogitsProcessorList(sampler), **NEUTRAL)
+            for i, ids in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+                end = next((k for k, t in enumerate(ids) if t in eos), None)
+                completions[i] = ids if end is None else ids[:end + 1]  # after eos: padding only
+                truncated[i] = end is None
     return completions, truncated
+
+
+class RowSampler(LogitsProcessor):
+    """Samples each row's next token from softmax(logits / temperature) within top_p (transformers' own warpers),
+    with the row's own torch.Generator, and leaves only that token for the (greedy) decoding to take."""
+
+    def __init__(self, seeds, temperature, top_p, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), *(
+            [TopPLogitsWarper(top_p)] if top_p < 1 else [])])
+
+    def __call__(self, input_ids, scores):
+        probs = self.warpers(input_ids, scores.float()).softmax(-1)
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, picks[:, None], 0.0)
 
 
 def left_padded(rows, pad_token_id, device):
@@ -86,18 +107,6 @@ def eval_mode(model):
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextlib.contextmanager
-def seeded(seed, device):
-    """The CPU generator and `device`'s CUDA generator (only it: torch.manual_seed would reseed every GPU of the
-    node) seeded with `seed`, and both restored afterwards."""
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
 
 
 @contextlib.contextmanager

@@ -146,11 +146,9 @@ def test_killed_run_resumes_exactly(method, tmp_path):
     assert json.load(open(run / "final" / "trainer_state.json"))["step"] == 6
 
 
-# 40 steps of 8 prompts x 8 completions of 6 tokens: a shorter, smaller version of the example (the same model, data
-# and reward) with a larger step size, so that the test takes about a minute
-LEARN = ["total_batch_size=8", "rollout.max_new_tokens=6", "n_examples=320", "n_epochs=null", "lr=1e-2",
-         "eval_every_steps=40", "eval_num_generations=1", "report_to_tensorboard=false", "sample_during_eval=false",
-         "print_log_step=5"]
+# the example's settings, 40 steps of 16 prompts x 8 completions, evaluated greedily at the start and the end
+LEARN = ["n_examples=640", "eval_every_steps=40", "eval_num_generations=1", "report_to_tensorboard=false",
+         "sample_during_eval=false"]
 
 
 def eval_rewards(run):
