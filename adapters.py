@@ -9,6 +9,12 @@ import torch
 from utils import UserError
 
 LORA_MARK = "lora_"  # in the names of peft's adapter weights (lora_A, lora_B, ...)
+SAVED_MARK = ".modules_to_save."  # peft's trained copy of a module trained whole (a new score head: task SEQ_CLS)
+
+
+def is_adapter_key(name) -> bool:
+    """Whether a LoRA model's parameter or state-dict key is the adapter's (trained and saved with it)."""
+    return LORA_MARK in name or SAVED_MARK in name
 
 
 def lora_linear_names(model) -> list:
@@ -41,7 +47,7 @@ def apply_lora(model, lora, base_dtype, archive=None, head="causal_lm"):
     with quiet_peft():
         model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     for name, param in model.named_parameters():
-        param.data = param.data.to(torch.float32 if LORA_MARK in name else base_dtype)
+        param.data = param.data.to(torch.float32 if is_adapter_key(name) else base_dtype)
     if archive is not None:
         load_adapter_weights(model, archive)
     return model
@@ -70,7 +76,7 @@ def load_adapter_weights(model, folder):
         raise UserError(f"config: model.archive: {folder} has adapter_config.json but no adapter_model.safetensors")
     try:
         result = peft.set_peft_model_state_dict(model, load_file(path))
-        missing = [k for k in result.missing_keys if LORA_MARK in k]
+        missing = [k for k in result.missing_keys if is_adapter_key(k)]
     except RuntimeError as e:  # a shape that differs: another r
         missing, result = [" ".join(str(e).split())[:200]], None
     if missing or result.unexpected_keys:
@@ -99,14 +105,15 @@ def is_adapter_folder(path) -> bool:
 
 def adapter_state(model) -> dict:
     """The adapter's (float32, trainable) weights under the live model's names: what a LoRA checkpoint resumes."""
-    return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
 
 
 def base_state(state) -> dict:
     """A LoRA model's state dict -> its frozen base weights under the names the plain model gives them (peft's
-    `base_model.model.` prefix and `.base_layer` dropped, adapter weights left out)."""
+    `base_model.model.` prefix, `.base_layer` and `.original_module` dropped, adapter weights left out)."""
     prefix = "base_model.model."
-    return {k[len(prefix):].replace(".base_layer.", "."): v for k, v in state.items() if LORA_MARK not in k}
+    return {k[len(prefix):].replace(".base_layer.", ".").replace(".original_module.", "."): v
+            for k, v in state.items() if not is_adapter_key(k)}
 
 
 @torch.no_grad()
@@ -126,4 +133,8 @@ def merged_state(model, state) -> dict:
                     delta = b @ a * module.scaling[adapter]
                     delta = delta.T if module.fan_in_fan_out else delta  # GPT-2's Conv1D stores [in, out]
                     merged[f"{name}.weight"] = merged[f"{name}.weight"] + delta  # a new tensor: the policy's stays
+    for key, value in state.items():  # a module trained whole (the score head): its trained copy
+        if SAVED_MARK in key:
+            module, rest = key[len("base_model.model."):].split(SAVED_MARK, 1)
+            merged[f"{module}.{rest.split('.', 1)[1]}"] = value.float()
     return merged

@@ -51,7 +51,7 @@ def save(trainer, name):
     adapter = None
     if trainer.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
         full = trainer.layout.full_state_dict(trainer.policy, frozen=name == "final")  # collective
-        adapter = {k: v for k, v in full.items() if adapters.LORA_MARK in k}
+        adapter = {k: v for k, v in full.items() if adapters.is_adapter_key(k)}
         state = None if name != "final" else models.export_state(
             trainer.policy.get_base_model(), adapters.merged_state(trainer.policy, full), save_dtype)
     elif _export_shards(trainer, tmp, final, save_dtype):  # written by every process: nothing gathered
@@ -135,7 +135,7 @@ def write_files(trainer, folder, state, adapter=None):
         (trainer.policy.get_base_model() if lora else trainer.policy).save_pretrained(folder, state_dict=state)
     elif not lora:  # the weights were written by every process (export_shards): the rest of save_pretrained
         trainer.policy.config.save_pretrained(folder)
-        if trainer.policy.generation_config is not None:
+        if getattr(trainer.policy, "generation_config", None) is not None:  # a scalar head has none
             trainer.policy.generation_config.save_pretrained(folder)
     if state is not None or not lora:
         with open(os.path.join(folder, "config.json")) as f:  # save_pretrained records the float32 master dtype

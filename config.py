@@ -73,8 +73,8 @@ class ModelConfig:
 # loss.name's choices, here for the check before torch is imported; the loss table (losses.LOSSES, which needs torch)
 # is what each one does, and a test keeps the two equal
 LOSS_NAMES = ("sft", "dft", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
-              "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto", "grpo", "dr_grpo", "dapo", "gspo", "rloo",
-              "reinforce_pp")
+              "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto", "reward_model", "grpo", "dr_grpo", "dapo",
+              "gspo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -89,6 +89,7 @@ class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the ch
     nll_weight: Optional[float] = num(None, ge=0)  # any pair loss: + this x NLL of the chosen responses (RPO; 0; cpo, orpo: 1.0)
     length_normalize: Optional[bool] = None  # any pair loss: length-averaged instead of summed log-probs (false; simpo, orpo always)
     reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
+    center_rewards_coefficient: Optional[float] = num(None, ge=0)  # reward_model: weight of (r_c + r_r)^2, keeping scores near 0 (0.0; Eisenstein et al. use 0.01)
     epsilon: Optional[float] = num(None, gt=0, lt=1)  # online: clip range below 1 (and above, unless epsilon_high is set) (0.2; gspo 3e-4)
     epsilon_high: Optional[float] = num(None, gt=0)  # online: clip range above 1 (epsilon; dapo's clip-higher 0.28; gspo 4e-4)
 

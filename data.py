@@ -203,6 +203,8 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
         out[f"{side}_input_ids"], out[f"{side}_labels"] = prompt + ids, [-100] * len(prompt) + lab
     if kind == "unpaired":
         out["desirable"] = example["desirable"]
+    if "margin" in example:  # a pair's own margin (reward_model)
+        out["margin"] = example["margin"]
     return out, truncated
 
 
@@ -366,7 +368,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
       reference_logps [n_seqs] (in sequence order, like seq_ids): when the examples carry precomputed ones.
-      desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences)."""
+      desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences).
+      margin [B] float: the pairs' own margins (reward_model), when any example has one (0 for the others)."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
@@ -410,6 +413,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
         batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in sides for ex in examples])
     if "desirable" in examples[0]:
         batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
+    if any("margin" in ex for ex in examples):  # pairs without one: margin 0
+        batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples])
     return batch
 
 

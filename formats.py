@@ -472,6 +472,11 @@ def load_records(spec, kind):
                     raise DataError(f"format {FORMAT_NAMES[found]} but record 0 is {FORMAT_NAMES[fmt]} "
                                     "(one format per file)")
                 new = [_prompt_of(fmt, row)] if kind == "prompt" else PARSERS[fmt](row)
+                if kind == "preference" and row.get("margin") is not None:  # a pair's margin (reward_model)
+                    margin = _number(row["margin"], "margin")
+                    if margin != margin or abs(margin) == float("inf"):
+                        _fail("margin", f"must be a finite number, got {margin}")
+                    new = [{**r, "margin": margin} for r in new]
             except DataError as e:
                 raise DataError(f"{label}: record {i}: {e}") from None
             dropped += not new

@@ -54,7 +54,7 @@ class OneDevice:
     def full_state_dict(self, model, frozen=True):
         """The model's complete weights, on the main process (frozen=False: its trainable ones, a LoRA adapter)."""
         state = model.state_dict()
-        return state if frozen else {k: v for k, v in state.items() if adapters.LORA_MARK in k}
+        return state if frozen else {k: v for k, v in state.items() if adapters.is_adapter_key(k)}
 
     def save_sharded(self, model, optimizer, path, background=False):
         """Each process's shard of model and optimizer state (FSDPRanks); one device keeps them in training_state.pt.

@@ -273,6 +273,19 @@ def orpo_loss(chosen, rejected, ref_chosen=None, ref_rejected=None, *, beta):
     return -beta * ratio, cr, rr, {"log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
 
 
+def reward_model_loss(chosen, rejected, margin=None, *, center_rewards_coefficient=0.0):
+    """A reward model's Bradley-Terry loss (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155; the per-pair margin of
+    Llama 2, arXiv:2307.09288; the centring term of Eisenstein et al. 2023, arXiv:2312.09244; as TRL's RewardTrainer):
+
+        loss_i = -log sigmoid(r_c - r_r - margin_i) + center_rewards_coefficient * (r_c + r_r)^2
+
+    chosen, rejected: [B] the scalar head's scores of each pair's two replies; margin: [B] or None (0).
+    Returns (pair losses [B], chosen scores, rejected scores (detached: the rewards/* metrics), {})."""
+    diff = chosen - rejected - (0.0 if margin is None else margin.to(chosen.dtype))
+    losses_ = -F.logsigmoid(diff) + center_rewards_coefficient * (chosen + rejected) ** 2
+    return losses_, chosen.detach(), rejected.detach(), {}
+
+
 def kto_loss(logps, ref_logps, desirable, kl, *, beta, desirable_weight=1.0, undesirable_weight=1.0):
     """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7 with TRL's formula): unpaired, one label per example.
 
@@ -393,6 +406,9 @@ LOSSES = {  # docs/losses.md lists them with their papers
                 usual=USUAL),
     # the online methods (rl_losses.ONLINE: advantage, ratio, aggregation, KL placement): completions of the prompts
     # sampled and scored by the rewards each step (online.py); a reference only when beta > 0
+    # a scalar head on the model scores each reply (models.sequence_scores): a reward model for the online methods
+    "reward_model": Loss(reward_model_loss, "preference", params={"center_rewards_coefficient": 0.0},
+                         ranges={"center_rewards_coefficient": {"ge": 0}}, head="sequence_classification"),
     **{name: Loss(rl_losses.micro_batch_loss, "prompt", reference=True, online=method,
                   params={"beta": method.beta, "epsilon": method.epsilon, "epsilon_high": method.epsilon_high})
        for name, method in rl_losses.ONLINE.items()},
@@ -407,7 +423,7 @@ def parameters_of(name) -> dict:
     """{loss.* key: default} of every key that `loss.name=name` takes: its hyper-parameters and modifiers."""
     spec = LOSSES[name]
     modifiers = {k: v for k, v in MODIFIERS.items() if k != "reference_free" or spec.reference}
-    modifiers = modifiers if spec.data == "preference" else {}
+    modifiers = modifiers if spec.data == "preference" and spec.head == "causal_lm" else {}
     values = {**modifiers, **spec.params}  # the loss's own default wins (cpo's and orpo's nll_weight 1.0)
     return {k: values[k] for k in [*spec.params, *modifiers]}  # its own keys first
 
@@ -476,6 +492,16 @@ def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, no
         for name, side in (("chosen", chosen), ("rejected", ~chosen)):
             out[f"logits/{name}"] = mean_logits[side].sum() / max(n_tokens[name], 1) * norm["examples"]
     return loss, out
+
+
+def scalar_pairs_loss(spec, hp, scores, norm, margin=None):
+    """micro_batch_loss of a scalar head (reward_model): scores [2B] of the B chosen replies, then the B rejected;
+    the loss divided by the global batch's examples, and TRL's reward metrics' sums."""
+    B = len(scores) // 2
+    pair_losses, chosen, rejected, _ = spec.fn(scores[:B], scores[B:], margin, **hp)
+    return pair_losses.sum() / norm["examples"], {
+        "loss": pair_losses.detach().sum(), "rewards/chosen": chosen.sum(), "rewards/rejected": rejected.sum(),
+        "rewards/margins": (chosen - rejected).sum(), "rewards/accuracies": (chosen > rejected).float().sum()}
 
 
 def _unpaired(spec, hp, policy, reference, extra, norm):

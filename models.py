@@ -407,6 +407,28 @@ def batch_logps(model, batch, n_seqs):
     return logprobs.sequence_logps(logps, seq_ids, n_seqs)
 
 
+def sequence_scores(model, batch):
+    """[n_seqs] float32: a scalar head's (HEADS sequence_classification) score of each sequence at its last token,
+    for padded and packed rows alike. The head's output at every position is read by a forward hook on it, and each
+    sequence's last position picked: the model's own pooling (the last non-pad token of a row) would score a packed
+    row's last sequence only, and a reply ending in a pad-like eos at the wrong token."""
+    heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "score"]  # LoRA: peft's wrapper
+    if len(heads) != 1:
+        raise ValueError(f"expected one 'score' head in {type(model).__name__}, found {len(heads)}")
+    seen = []
+    handle = heads[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    seq_ids = batch["seq_ids"].flatten()
+    where = torch.arange(len(seq_ids), device=seq_ids.device)[seq_ids >= 0]
+    last = torch.zeros(batch["n_seqs"], dtype=torch.long, device=seq_ids.device).scatter_reduce(
+        0, seq_ids[seq_ids >= 0], where, "amax")
+    return seen[0].reshape(-1)[last].float()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The reference: one interface (logps of a batch, a model to sample from or None, whether it runs in the step),
 # four kinds (the disk cache of precomputed reference log-probs: logprobs.py)
@@ -542,8 +564,10 @@ def export_state(model, state, dtype):
 def model_flop_shape(model):
     """(matmul params outside the vocabulary projection, vocabulary-projection params, layers, hidden size) for
     `model_flops`, and with LoRA a fifth: the adapter's params (then `body` is the frozen base's). The input
-    embedding is a lookup (no FLOPs); a tied output head still multiplies."""
-    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    embedding is a lookup (no FLOPs); a tied output head still multiplies. A scalar head (reward_model) has no
+    vocabulary projection: it runs at every position, as the body does."""
+    embedding, output = model.get_input_embeddings().weight, model.get_output_embeddings()
+    head = output.weight if output is not None else embedding.new_empty(0, device="meta")
     params = dict(model.named_parameters())
     adapter = sum(p.numel() for n, p in params.items() if LORA_MARK in n)
     total = sum(p.numel() for p in params.values())  # a sharded DTensor counts its full size

@@ -88,6 +88,9 @@ class OfflineObjective:
     def loss(self, trainer, batch, work):
         """Loss of one micro-batch, already divided by the global batch's normaliser, and metric sums."""
         norm, stats = work.norm, work.stats
+        if self.spec.head != "causal_lm":  # a scalar head (reward_model): each reply's score, no log-probs
+            scores = models.sequence_scores(trainer.policy, batch)
+            return losses.scalar_pairs_loss(self.spec, self.hp, scores, norm, batch.get("margin"))
         logps, seq_ids, logits = models.token_logps(trainer.policy, batch)
         reference_logps = trainer.reference.logps(batch, batch["n_seqs"])
         with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
@@ -121,8 +124,10 @@ class OfflineObjective:
         return {f"eval/{k}": v / work.norm[self.unit] for k, v in trainer.layout.reduce_sums(sums).items()}
 
     def sample(self, trainer, writer):
-        """Completions of the first eval prompts from the policy and the reference (Trainer.sample)."""
-        trainer.sample(writer)
+        """Completions of the first eval prompts from the policy and the reference (Trainer.sample); a scalar head
+        (reward_model) writes none: it scores replies and generates nothing."""
+        if self.spec.head == "causal_lm":
+            trainer.sample(writer)
 
 
 @torch.no_grad()

@@ -435,7 +435,24 @@ BAD = [
     (GOOD_SFT, {"conversations": [{"from": "human", "value": "q"}]}, "one format per file"),
     (GOOD_SFT, ["not", "a", "dict"], "expected a JSON object"),
     ({"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}, "field 'rejected': missing"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1"},
+     "field 'margin': must be a number, got str"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b",
+                                                       "margin": float("nan")}, "field 'margin': must be a finite"),
 ]
+
+
+def test_a_pair_margin_reaches_the_batch(tmp_path, example_tok):
+    """A pair's own `margin` (reward_model, as TRL's RewardTrainer takes it) rides along to the batch; pairs of the
+    same file without one get 0."""
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2},
+                                {"prompt": "r", "chosen": "c", "rejected": "d"}]))
+    records = formats.load_examples({"type": "custom_dataset", "path": str(path)}, "preference")
+    assert [r.get("margin") for r in records] == [2, None]
+    examples = [data.tokenize_example(r, example_tok, "preference", 64, 32)[0] for r in records]
+    batch = data.collate(examples, example_tok.pad_token_id)
+    assert batch["margin"].tolist() == [2.0, 0.0]
 
 
 @pytest.mark.parametrize("good,bad,needle", BAD)

@@ -237,7 +237,7 @@ def test_bad_hyper_parameters_rejected():
         kto_loss(z, z, [True], 0.0, beta=-1.0)
     x = t([-1.0, -2.0])
     for name, spec in losses.LOSSES.items():
-        if spec.online is not None:  # sampled completions, not pairs: rl_losses' own tests
+        if spec.online is not None or spec.head != "causal_lm":  # not log-prob pairs: their own tests
             continue
         params = {k: v for k, v in spec.params.items() if k not in losses.MODIFIERS}
         params.update({"delta": 0.0} if spec.running_mean else {})  # BCO's running mean comes from the trainer
@@ -605,3 +605,34 @@ def test_cdpo_and_hinge_match_torchtune(beta, eps):
             torch.testing.assert_close(a, b, **TOL)
         for a, b in zip(torch.autograd.grad(ours[0].sum(), (c, r)), torch.autograd.grad(theirs[0].sum(), (c, r))):
             torch.testing.assert_close(a, b, **TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reward model's Bradley-Terry loss against TRL's RewardTrainer.compute_loss on the same scores (and its gradient).
+# ---------------------------------------------------------------------------------------------------------------------
+def trl_reward_loss(chosen, rejected, margin, coefficient):
+    """TRL's RewardTrainer.compute_loss with a model that returns the given scores (chosen rows, then rejected)."""
+    from trl import RewardTrainer
+    scores = torch.cat([chosen, rejected])[:, None]
+    accelerator = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x)
+    stub = SimpleNamespace(model=SimpleNamespace(training=False), accelerator=accelerator,
+                           args=SimpleNamespace(center_rewards_coefficient=coefficient),
+                           _metrics={"eval": collections.defaultdict(list)}, _total_train_tokens=0)
+    inputs = {"input_ids": None, **({"margin": margin} if margin is not None else {})}
+    return RewardTrainer.compute_loss(stub, lambda **kw: SimpleNamespace(logits=scores), inputs)
+
+
+@pytest.mark.parametrize("margin, coefficient", [(False, None), (True, None), (True, 0.01)])
+def test_reward_model_loss_matches_trl(margin, coefficient):
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = (torch.randn(8, generator=g, dtype=F64) * 2 for _ in range(2))
+    margins = torch.rand(8, generator=g, dtype=F64) if margin else None
+    ours_c, ours_r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    pair, *_ = losses.reward_model_loss(ours_c, ours_r, margins, center_rewards_coefficient=coefficient or 0.0)
+    theirs_c, theirs_r = chosen.clone().requires_grad_(), rejected.clone().requires_grad_()
+    want = trl_reward_loss(theirs_c, theirs_r, margins, coefficient)
+    torch.testing.assert_close(pair.mean(), want, rtol=1e-12, atol=1e-12)
+    pair.mean().backward()
+    want.backward()
+    torch.testing.assert_close(ours_c.grad, theirs_c.grad)
+    torch.testing.assert_close(ours_r.grad, theirs_r.grad)

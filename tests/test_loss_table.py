@@ -3,7 +3,6 @@ check and the reference, and each kind of loss keeps the guarantees of the pipel
 precomputed reference log-probs, resume, FSDP)."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import checkpoints
 import losses
@@ -59,9 +58,21 @@ def test_every_loss_learns_and_its_checkpoint_reloads(name, tmp_path):
     if losses.LOSSES[name].data == "unpaired":
         assert last["eval/rewards/margins"] > 0 and "eval/kl" in last, last
     path = checkpoints.save(trainer, "final")
-    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    reloaded = models.auto_class(losses.LOSSES[name].head).from_pretrained(path)
     want = params_of(trainer.policy)
     assert all(torch.equal(v, want[k]) for k, v in params_of(reloaded).items())
+    if name == "reward_model":  # scored by transformers' own pooling: held-out pairs ordered as the eval said
+        assert reloaded_accuracy(reloaded, trainer) == pytest.approx(last["eval/rewards/accuracies"])
+
+
+def reloaded_accuracy(model, trainer):
+    """The share of eval pairs whose chosen reply a reloaded reward model (AutoModelForSequenceClassification, its
+    own last-non-pad-token pooling over right-padded rows) scores above the rejected one."""
+    batch = trainer.to_batch(trainer.eval_data)
+    with torch.no_grad():
+        scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    B = len(trainer.eval_data)
+    return (scores[:B] > scores[B:]).float().mean().item()
 
 
 def test_hyperparameter_defaults_come_from_the_table_and_unused_keys_are_noted_and_dropped():
@@ -121,7 +132,8 @@ def step_update(name, tmp_path, accumulation, *overrides):
 
 
 @pytest.mark.parametrize("name, overrides", [("simpo", []), ("cpo", []), ("dpo", ["loss.nll_weight=0.5"]),
-                                             ("kto", []), ("dft", [])])
+                                             ("kto", []), ("dft", []),
+                                             ("reward_model", ["loss.center_rewards_coefficient=0.01"])])
 def test_gradient_accumulation_1x8_equals_8x1(name, overrides, tmp_path):
     """A reference-free loss, NLL-mixing ones (CPO, RPO) and the unpaired one (its KL estimate over the whole global
     batch): the same update and metrics whether the batch of 8 is one micro-batch or eight."""
@@ -135,7 +147,7 @@ def test_gradient_accumulation_1x8_equals_8x1(name, overrides, tmp_path):
         assert m1["nll_loss"] > 0
 
 
-@pytest.mark.parametrize("name", ["simpo", "kto"])
+@pytest.mark.parametrize("name", ["simpo", "kto", "reward_model"])
 def test_packed_step_equals_padded_step(name, tmp_path):
     padded, mp = step_update(name, tmp_path, 1)
     packed, mk = step_update(name, tmp_path, 1, "packing=true")
@@ -172,10 +184,41 @@ def test_bco_running_mean_is_checkpointed_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("name", ["simpo", "kto"])
+def test_reward_model_resumes_exactly(tmp_path):
+    """A reward model run resumed from its step-2 checkpoint ends bit-identical to the whole run (the score head and
+    its optimizer state are in the checkpoint)."""
+    from safetensors.torch import load_file
+    common = ["loss.name=reward_model", "loss.beta=null", "loss.label_smoothing=null", "model.reference_dtype=null",
+              "n_examples=64", "n_epochs=null", "total_batch_size=16", "save_model_step=2", "n_eval_examples=0"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert train.main(TINY["dpo"], [*common, f"output_dirs={whole}"]) == 0
+    assert train.main(TINY["dpo"], [*common, f"output_dirs={resumed}", f"resume={whole / 'step-000002'}"]) == 0
+    a, b = (load_file(p / "final" / "model.safetensors") for p in (whole, resumed))
+    assert "score.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reward_model_with_lora_exports_its_trained_head(tmp_path):
+    """LoRA on a reward model trains the adapter and the new score head whole (peft's SEQ_CLS task); final/ holds
+    both merged: reloaded by transformers it scores the eval replies as the trained policy does."""
+    trainer = tiny("reward_model", tmp_path, "loss.beta=null", "model.lora={r: 8, alpha: 16}", "lr=1e-2",
+                   "n_examples=48", "n_epochs=null", "n_eval_examples=16", "warmup_steps=0")
+    head_before = dict(trainer.policy.named_parameters())["base_model.model.score.modules_to_save.default.weight"]
+    head_before = head_before.detach().clone()
+    for examples in trainer.global_batches():
+        trainer.train_step(examples)
+    path = checkpoints.save(trainer, "final")
+    reloaded = models.auto_class("sequence_classification").from_pretrained(path)
+    batch = trainer.to_batch(trainer.eval_data)
+    with torch.no_grad():
+        want, got = models.sequence_scores(trainer.policy, batch), models.sequence_scores(reloaded, batch)
+    assert not torch.equal(reloaded.score.weight, head_before)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["simpo", "kto", "reward_model"])
 def test_fsdp_matches_one_device(name, tmp_path):
-    """A reference-free and the unpaired loss (its KL estimate summed over both processes) under FSDPTrainer with 2
-    CPU processes: the weights of 3 SGD steps equal BasicTrainer's to 1e-5 of the update."""
+    """A reference-free and the unpaired loss (its KL estimate summed over both processes), and the scalar head,
+    under FSDPTrainer with 2 CPU processes: the weights of 3 SGD steps equal BasicTrainer's to 1e-5 of the update."""
     from conftest import run_cli
     common = [f"loss.name={name}", "loss.label_smoothing=null", "model.reference_dtype=null", "optimizer=SGD", "lr=1.0",
               "warmup_steps=0", "max_grad_norm=0", "total_batch_size=8", "gradient_accumulation_steps=2",
@@ -187,7 +230,7 @@ def test_fsdp_matches_one_device(name, tmp_path):
     initial = params_of(trainer.policy)
     for examples in trainer.global_batches():
         trainer.train_step(examples)
-    sharded = params_of(AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final"))
+    sharded = params_of(models.auto_class(losses.LOSSES[name].head).from_pretrained(tmp_path / "fsdp" / "final"))
     one = params_of(trainer.policy)
     close_updates({k: v - initial[k] for k, v in sharded.items()}, {k: v - initial[k] for k, v in one.items()},
                   rtol=1e-5)
