@@ -109,6 +109,7 @@ class RolloutConfig:  # online methods: how completions of the prompts are sampl
 @dataclass
 class RewardConfig:  # one entry of `rewards:`; the rewards are summed with their weights, each is logged on its own
     function: Optional[str] = None          # math | format | overlong (built-ins) | path/to/file.py:name | module:name
+    model: Optional[str] = None             # instead of a function: a reward model (loss.name=reward_model's final/, or a hub id) scoring prompt + completion
     weight: float = num(1.0, ge=-1e6, le=1e6)  # its weight in the sum
     pattern: Optional[str] = None           # format: the regex the whole completion must match (null: <think>.*?</think>.*)
     max_length: Optional[int] = num(None, ge=1)  # overlong: completions longer than this get -1
@@ -403,8 +404,9 @@ def _check_online(cfg):
             raise UserError(f"config: {key}=true does not apply to {name} (its completions are sampled each step); "
                             "set it to false")
     for i, entry in enumerate(cfg.rewards):
-        if not entry.function:
-            raise UserError(f"config: rewards[{i}].function is required: math | format | overlong | file.py:name")
+        if bool(entry.function) == bool(entry.model):
+            raise UserError(f"config: rewards[{i}] needs a function (math | format | overlong | file.py:name) or a "
+                            f"model (a reward model's folder or hub id){', not both' if entry.function else ''}")
     import online
     import rewards
     rewards.load_rewards(online.reward_entries(cfg))  # a missing file or function, a wrong signature: one line

@@ -255,12 +255,17 @@ def load_reward(function: str, weight: float = 1.0, columns=None, **options) -> 
 
 
 def load_rewards(entries, columns=None) -> list[Reward]:
-    """The `rewards:` list ({function, weight, options...} each) as Rewards with unique names (a repeated name gets
-    _2, _3, ...)."""
+    """The `rewards:` list ({function, weight, options...} or {model, weight} each) as Rewards with unique names (a
+    repeated name gets _2, _3, ...)."""
     out, seen = [], {}
-    for entry in entries:
+    for i, entry in enumerate(entries):
         entry = dict(entry)
-        reward = load_reward(entry.pop("function"), entry.pop("weight", 1.0), columns, **entry)
+        if "model" in entry:  # a trained reward model (reward_models.py)
+            from reward_models import ModelReward
+            fn = ModelReward(entry.pop("model"), f"rewards[{i}].model")
+            reward = Reward(fn.__name__, fn, float(entry.pop("weight", 1.0)))
+        else:
+            reward = load_reward(entry.pop("function"), entry.pop("weight", 1.0), columns, **entry)
         seen[reward.name] = seen.get(reward.name, 0) + 1
         name = reward.name if seen[reward.name] == 1 else f"{reward.name}_{seen[reward.name]}"
         out.append(Reward(name, reward.fn, reward.weight))

@@ -1,6 +1,7 @@
 """The online methods end to end: one step's update for any micro-batch split, FSDP == one process, exact resume after
 SIGKILL, LoRA, a run that learns (and a control that does not), and the mistakes refused before any model loads."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -210,3 +211,61 @@ def test_mistakes_are_one_line_before_any_model_loads(overrides, needle, tmp_pat
     assert not (tmp_path / "run").exists()
     with pytest.raises(UserError):
         load_config(GRPO, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A trained reward model as a reward
+# ---------------------------------------------------------------------------------------------------------------------
+QA_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"  # not the policy's template
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A reward model trained 4 steps on the demo pairs (loss.name=reward_model), its chat template then replaced by
+    another one: the reward must render conversations with the reward model's own."""
+    run = tmp_path_factory.mktemp("rm") / "tiny-rm"
+    overrides = ["loss.name=reward_model", "loss.beta=null", "n_examples=64", "n_epochs=null", "n_eval_examples=0",
+                 f"output_dirs={run}"]
+    assert train.main(os.path.join(ROOT, "example", "tiny-dpo.yml"), overrides) == 0
+    (run / "final" / "chat_template.jinja").write_text(QA_TEMPLATE)
+    return run / "final"
+
+
+def test_a_reward_model_scores_with_its_own_template(reward_model_dir):
+    """ModelReward against transformers alone: the reward model's tokenizer renders prompt + completion with its
+    template, and AutoModelForSequenceClassification's own pooling (the last non-pad token) gives the same scores."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import rewards
+    reward = rewards.load_rewards([{"model": str(reward_model_dir), "weight": 2.0}])[0]
+    assert (reward.name, reward.weight) == ("tiny-rm", 2.0)
+    prompts = [[{"role": "user", "content": "Please write words."}], "Write some numbers."]
+    completions = [[{"role": "assistant", "content": "hello there"}], "1 2 3"]
+    got = reward.fn(prompts=prompts, completions=completions, completion_ids=[[], []])
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir)
+    texts = ["user: Please write words.\nassistant: hello there\n", "user: Write some numbers.\nassistant: 1 2 3\n"]
+    want = [model(**tokenizer(text, add_special_tokens=False, return_tensors="pt")).logits.item() for text in texts]
+    assert got == pytest.approx(want, abs=1e-5) and got[0] != got[1]
+
+
+def test_grpo_trains_against_a_reward_model(reward_model_dir):
+    """Beside a reward function: both logged on their own, their weighted sum trained."""
+    both = f"rewards=[{{model: {reward_model_dir}}}, {{function: example/rewards.py:write_what_is_asked, weight: 0.5}}]"
+    trainer = trainer_for("grpo", both)
+    metrics = trainer.train_step(next(trainer.global_batches()))[0]
+    assert math.isfinite(metrics["rewards/tiny-rm/mean"]) and metrics["rewards/tiny-rm/std"] > 0, metrics
+    assert metrics["reward"] == pytest.approx(
+        metrics["rewards/tiny-rm/mean"] + 0.5 * metrics["rewards/write_what_is_asked/mean"], abs=1e-5)
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ("{model: TINY}", "is not a reward model (a LlamaForCausalLM without a scalar head)"),
+    ("{model: /nowhere/rm}", "rewards[0].model: '/nowhere/rm' does not exist"),
+    ("{model: TINY, function: math}", "rewards[0] needs a function"),
+])
+def test_reward_model_mistakes_are_one_line(entry, needle, tiny_model_dir, tmp_path, capsys):
+    code = train.cli([GRPO, "--overrides", f"rewards=[{entry.replace('TINY', tiny_model_dir)}]",
+                      f"output_dirs={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
