@@ -89,6 +89,7 @@ class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the ch
     nll_weight: Optional[float] = num(None, ge=0)  # any pair loss: + this x NLL of the chosen responses (RPO; 0; cpo, orpo: 1.0)
     length_normalize: Optional[bool] = None  # any pair loss: length-averaged instead of summed log-probs (false; simpo, orpo always)
     reference_free: bool = False            # any reference-based pair loss without a reference model (reference log-probs taken as 0)
+    online: Optional[bool] = None           # pair losses: sample each step's pairs from prompts (best and worst of rollout.num_generations completions by the rewards; TRL's OnlineDPO) (false)
     center_rewards_coefficient: Optional[float] = num(None, ge=0)  # reward_model: weight of (r_c + r_r)^2, keeping scores near 0 (0.0; Eisenstein et al. use 0.01)
     epsilon: Optional[float] = num(None, gt=0, lt=1)  # online: clip range below 1 (and above, unless epsilon_high is set) (0.2; gspo 3e-4)
     epsilon_high: Optional[float] = num(None, gt=0)  # online: clip range above 1 (epsilon; dapo's clip-higher 0.28; gspo 4e-4)
@@ -387,13 +388,13 @@ def _check_online(cfg):
     groups of >= 2 completions for a group baseline, and none of the options that apply to fixed examples only."""
     import losses
     spec = losses.LOSSES[cfg.loss.name]
-    if spec.online is None:
+    if not losses.is_online(cfg.loss):
         return
-    name = f"loss.name={cfg.loss.name}"
+    name = f"loss.name={cfg.loss.name}" + (" with loss.online=true" if spec.online is None else "")
     if not cfg.rewards:
         raise UserError(f"config: {name} needs rewards, e.g. rewards: [{{function: math}}] or "
                         "[{function: my_rewards.py:my_function}] (docs/online.md)")
-    if spec.online.groups and cfg.rollout.num_generations < 2:
+    if (spec.online is None or spec.online.groups) and cfg.rollout.num_generations < 2:
         raise UserError(f"config: {name} compares each completion with the others of its prompt: "
                         f"rollout.num_generations must be >= 2, got {cfg.rollout.num_generations}")
     if cfg.rollout.dynamic_sampling and cfg.rollout.num_generations < 2:

@@ -415,7 +415,7 @@ LOSSES = {  # docs/losses.md lists them with their papers
 }
 # loss.* keys that every pair loss takes (reference_free: those with a reference), and their defaults; they are
 # not arguments of the loss functions but of `micro_batch_loss`
-MODIFIERS = {"nll_weight": 0.0, "length_normalize": False, "reference_free": False}
+MODIFIERS = {"nll_weight": 0.0, "length_normalize": False, "reference_free": False, "online": False}
 NEUTRAL = {"label_smoothing": 0.0, **MODIFIERS}  # values that change nothing: allowed on any loss
 
 
@@ -426,6 +426,17 @@ def parameters_of(name) -> dict:
     modifiers = modifiers if spec.data == "preference" and spec.head == "causal_lm" else {}
     values = {**modifiers, **spec.params}  # the loss's own default wins (cpo's and orpo's nll_weight 1.0)
     return {k: values[k] for k in [*spec.params, *modifiers]}  # its own keys first
+
+
+def data_kind(loss_cfg) -> str:
+    """The data a run with this `loss:` section trains on: its row's kind, or prompts for a pair loss trained online
+    (loss.online: its pairs are sampled each step)."""
+    return "prompt" if loss_cfg.get("online") else LOSSES[loss_cfg.name].data
+
+
+def is_online(loss_cfg) -> bool:
+    """Whether the run samples its own completions: an online method's row, or a pair loss with loss.online."""
+    return LOSSES[loss_cfg.name].online is not None or bool(loss_cfg.get("online"))
 
 
 def needs_reference(loss_cfg) -> bool:
@@ -476,6 +487,12 @@ def micro_batch_loss(spec, hp, token_logps, seq_ids, n_seqs, reference_logps, no
     kwargs.update({"delta": extra["delta"]} if spec.running_mean else {})
     ref_c, ref_r = (None, None) if reference is None else (reference[:B], reference[B:])
     pair_losses, chosen_rewards, rejected_rewards, metrics = spec.fn(policy[:B], policy[B:], ref_c, ref_r, **kwargs)
+    weight = extra.get("pair_weight")  # online pairs: 0 where a group's best and worst tie (nothing to prefer)
+    if weight is not None:
+        pair_losses, chosen_rewards, rejected_rewards = (x * weight for x in (pair_losses, chosen_rewards,
+                                                                               rejected_rewards))
+        metrics, sums = {k: v * weight for k, v in metrics.items()}, sums * weight.repeat(len(sums) // B)
+        policy = policy * weight.repeat(len(policy) // B)
     loss = pair_losses.sum() / norm["examples"]
     out = {"loss": pair_losses.detach().sum(), "rewards/chosen": chosen_rewards.sum(),
            "rewards/rejected": rejected_rewards.sum(), "rewards/margins": (chosen_rewards - rejected_rewards).sum(),

@@ -95,7 +95,7 @@ class OfflineObjective:
         reference_logps = trainer.reference.logps(batch, batch["n_seqs"])
         with torch.no_grad():  # each position's mean logit (TRL's logits/*), a float32 sum
             mean_logits = logits.sum(-1, dtype=torch.float32) / logits.shape[-1]
-        extra = {**stats, **({"desirable": batch["desirable"]} if "desirable" in batch else {})}
+        extra = {**stats, **{k: batch[k] for k in ("desirable", "pair_weight") if k in batch}}
         return losses.micro_batch_loss(self.spec, self.hp, logps, seq_ids, batch["n_seqs"], reference_logps, norm,
                                        mean_logits, extra)
 

@@ -22,7 +22,7 @@ import models
 import rewards as reward_fns
 import rl_losses
 import rollouts
-from objectives import Work
+from objectives import OfflineObjective, Work
 
 
 def reward_entries(cfg) -> list:
@@ -41,7 +41,8 @@ class OnlineObjective:
     def __init__(self, cfg, tokenizer):
         self.spec = losses.LOSSES[cfg.loss.name]
         self.method, self.tokenizer, self.rollout = self.spec.online, tokenizer, cfg.rollout
-        self.hp = rl_losses.resolve(self.method, cfg.loss.beta, cfg.loss.epsilon, cfg.loss.epsilon_high)
+        self.hp = rl_losses.resolve(self.method, cfg.loss.beta, cfg.loss.epsilon, cfg.loss.epsilon_high) \
+            if self.method else {}
         # the loss scores the distribution the completions were sampled from: softmax(logits / temperature), as TRL
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
         self.rewards = reward_fns.load_rewards(reward_entries(cfg))
@@ -236,6 +237,60 @@ class OnlineObjective:
             for row in rows:
                 f.write("\n".join(f"### {k}\n{v}" for k, v in row.items()) + "\n\n" + "=" * 80 + "\n\n")
         writer.log_samples(rows, trainer.step)
+
+
+class OnlinePairs(OnlineObjective):
+    """A pair loss of the table trained on pairs it samples (loss.online: true; TRL's OnlineDPO, for the whole family):
+    each prompt's rollout.num_generations completions are scored by the rewards, the best and the worst become the
+    pair's chosen and rejected, and the loss's offline objective (its reference, metrics and options) trains on them.
+    A group whose best and worst rewards tie has nothing to prefer: its pair stays in the batch with weight 0 (every
+    process keeps its share of micro-batches) and is counted (pairs/tied_ratio). Evaluation and samples are the
+    online methods' (rewards of greedy completions)."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.offline = OfflineObjective(cfg.loss)
+
+    def state_dict(self) -> dict:
+        return self.offline.state_dict()
+
+    def load_state_dict(self, state):
+        self.offline.load_state_dict(state)
+
+    def prepare(self, trainer, examples, local) -> Work:
+        G = self.rollout.num_generations
+        prompts, completions, truncated, total, per_function, seconds = self.roll_out(trainer, examples, local)
+        items = []
+        for i, prompt in enumerate(prompts):
+            rewards = total[i * G:(i + 1) * G]
+            best, worst = int(rewards.nan_to_num(-math.inf).argmax()), int(rewards.nan_to_num(math.inf).argmin())
+            tied = not rewards[best] > rewards[worst]  # NaN (nothing scored) ties too
+            chosen, rejected = completions[i * G + best], completions[i * G + worst]
+            items.append({"prompt_input_ids": prompt, "pair_weight": 0.0 if tied else 1.0,
+                          **{f"{side}_{key}": value for side, ids in (("chosen", chosen), ("rejected", rejected))
+                             for key, value in (("input_ids", prompt + ids), ("labels", [-100] * len(prompt) + ids))}})
+        lengths = torch.tensor([float(len(c)) for c in completions])
+        metrics, _ = self.rollout_metrics(trainer, total, per_function, completions, truncated, lengths, G, seconds)
+        norm = trainer.layout.reduce_sums(self.offline.normalizer([x for x in items if x["pair_weight"]]))
+        metrics["pairs/tied_ratio"] = 1 - norm["examples"] / max(len(examples), 1)
+        norm["examples"] = max(norm["examples"], 1)  # all tied: a step of zero loss (weight 0 everywhere)
+        stats = self.offline.prepare(trainer, items, items).stats  # what the loss needs beside (bco: its mean)
+        micro = math.ceil(len(items) / trainer.cfg.gradient_accumulation_steps)
+        return Work(norm, items, micro, stats, metrics=metrics)
+
+    def micro_batch(self, trainer, items):
+        batch = trainer.to_batch(items)
+        batch["pair_weight"] = torch.tensor([x["pair_weight"] for x in items], device=trainer.device)
+        return items, batch
+
+    def loss(self, trainer, batch, work):
+        return self.offline.loss(trainer, batch, work)
+
+    def finish(self, sums, work):
+        self.offline.finish(sums, work)
+
+    def averages(self, sums, work) -> dict:
+        return self.offline.averages(sums, work)
 
 
 def token_entropy(logits):

@@ -90,7 +90,7 @@ from trainers import Trainer  # noqa: E402
 def build_data(cfg, tokenizer):
     specs = [dict(s) for s in cfg.datasets]
     eval_specs = [dict(s) for s in cfg.eval_datasets]
-    train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, losses.LOSSES[cfg.loss.name].data,
+    train, evaluation, stats = data.build_datasets(specs, eval_specs, tokenizer, losses.data_kind(cfg.loss),
                                                    cfg.max_length, cfg.max_prompt_length, cfg.n_eval_examples, cfg.seed)
     notes = stats.pop("warnings", [])
     if is_main_process():

@@ -25,7 +25,7 @@ import losses
 import models
 from metrics import MetricsWriter, plot_curves
 from objectives import OfflineObjective
-from online import OnlineObjective
+from online import OnlineObjective, OnlinePairs
 from sources import DatasetSource
 from utils import TrainingError, UserError, abort_now, rng_state, set_rng_state
 
@@ -37,8 +37,9 @@ class Trainer:
         self.cfg, self.layout, self.policy, self.reference, self.tokenizer = cfg, layout, policy, reference, tokenizer
         self.train_data, self.run_dir = train_data, run_dir
         self.rank, self.world_size, self.device = layout.rank, layout.world_size, layout.device
-        online = losses.LOSSES[cfg.loss.name].online is not None  # the row says: sampled completions, or examples
-        self.objective = OnlineObjective(cfg, tokenizer) if online else OfflineObjective(cfg.loss)
+        # the row says: completions sampled for a method's own loss, or examples; a pair loss may sample its pairs
+        self.objective = (OnlineObjective(cfg, tokenizer) if losses.LOSSES[cfg.loss.name].online is not None else
+                          OnlinePairs(cfg, tokenizer) if cfg.loss.online else OfflineObjective(cfg.loss))
         self.source = DatasetSource(train_data, cfg, self.world_size)
         self.compute_dtype = models.DTYPES[cfg.model.policy_dtype]
         self.optimizer = build_optimizer(policy, cfg.optimizer, cfg.lr, cfg.weight_decay, dict(cfg.optimizer_kwargs))

@@ -84,7 +84,8 @@ def test_hyperparameter_defaults_come_from_the_table_and_unused_keys_are_noted_a
     assert cfg.loss.nll_weight == 1.0  # CPO's NLL term (TRL's cpo_alpha)
     cfg = load_config(TINY["dpo"], ["loss.name=simpo", "loss.beta=null", "loss.discopop_tau=0.1"], notes)
     assert notes == ["warning: loss.discopop_tau=0.1 is not used by loss.name=simpo and is ignored (it takes "
-                     "loss.beta, loss.simpo_gamma, loss.label_smoothing, loss.nll_weight, loss.length_normalize)"]
+                     "loss.beta, loss.simpo_gamma, loss.label_smoothing, loss.nll_weight, loss.length_normalize, "
+                     "loss.online)"]
     assert cfg.loss.discopop_tau is None  # the saved config does not claim that it ran
     notes.clear()
     cfg = load_config(TINY["sft"], ["loss.beta=0.1", "loss.label_smoothing=0"], notes)  # the seed's `beta: 0.1`

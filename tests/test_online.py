@@ -123,7 +123,38 @@ def test_fsdp_dynamic_sampling_fills_every_process(tmp_path):
     assert len(rows) == 2 and all(r["dynamic_sampling/rounds"] >= 2 and r["frac_reward_zero_std"] == 0 for r in rows)
 
 
-@pytest.mark.parametrize("method", [["loss.name=grpo"], DYNAMIC], ids=["grpo", "dapo-dynamic"])
+ONLINE_DPO = ["loss.name=dpo", "loss.online=true", "loss.beta=0.1"]
+
+
+def test_online_pairs_are_the_best_and_worst_and_ties_weigh_nothing():
+    """loss.online on a pair loss: each prompt's best and worst completion by reward are its pair; a group whose
+    rewards tie is kept with weight 0 and counted. The step is the same in 1 micro-batch and in 4 (the normaliser
+    counts the untied pairs of the whole batch)."""
+    updates, metrics = [], []
+    for accumulation in (1, 4):
+        trainer = trainer_for("grpo", *ONLINE_DPO, HALF_FLAT, f"gradient_accumulation_steps={accumulation}")
+        examples = next(trainer.global_batches())
+        work = trainer.objective.prepare(trainer, examples, examples)
+        before = params_of(trainer.policy)
+        metrics.append(trainer.train_step(examples)[0])
+        updates.append({k: v - before[k] for k, v in params_of(trainer.policy).items()})
+    flat = sum(len(ex["prompt"][-1]["content"]) % 2 for ex in examples) / len(examples)
+    weights = [item["pair_weight"] for item in work.items]
+    assert metrics[0]["pairs/tied_ratio"] == pytest.approx(1 - sum(weights) / len(weights))
+    assert metrics[0]["pairs/tied_ratio"] >= flat > 0
+    assert work.norm["examples"] == sum(weights) and 0 < sum(weights) < len(weights)
+    for item in work.items:  # chosen and rejected: two of the prompt's completions, scored best and worst
+        n = len(item["prompt_input_ids"])
+        assert item["chosen_labels"][:n] == [-100] * n and item["chosen_input_ids"][:n] == item["prompt_input_ids"]
+    largest = max(u.abs().max().item() for u in updates[0].values())
+    assert largest > 1e-4
+    for k in updates[0]:
+        torch.testing.assert_close(updates[1][k], updates[0][k], rtol=0, atol=2e-5 * largest)
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "reward"):
+        assert metrics[1][k] == pytest.approx(metrics[0][k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("method", [["loss.name=grpo"], DYNAMIC, ONLINE_DPO], ids=["grpo", "dapo-dynamic", "online-dpo"])
 def test_killed_run_resumes_exactly(method, tmp_path):
     """SIGKILL after the step-2 checkpoint, then resume=auto: the final weights are bit-identical to an uninterrupted
     run's (the rollouts' seeds follow the step, dynamic sampling's refill prompts too; sampling leaves the global
@@ -203,6 +234,8 @@ def test_lora_trains_the_adapter_against_the_base_as_reference():
     (["rewards=[{function: format, pattern: '('}]"], "not a regular expression"),
     (["loss.name=reinforce_pp", "rollout.num_generations=1", "rollout.dynamic_sampling=true"],
      "rollout.dynamic_sampling=true drops groups"),
+    (["loss.name=dpo", "loss.online=true", "rollout.num_generations=1"],
+     "loss.name=dpo with loss.online=true compares each completion"),
 ])
 def test_mistakes_are_one_line_before_any_model_loads(overrides, needle, tmp_path, capsys):
     code = train.cli([GRPO, "--overrides", *overrides, f"output_dirs={tmp_path / 'run'}"])
