@@ -79,7 +79,7 @@ LOSS_NAMES = ("sft", "dft", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pa
 
 @dataclass
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is ignored (a warning)
-    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto | online: grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
+    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto | reward_model | online: grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
     beta: Optional[float] = num(None, ge=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda); online: the KL coefficient (0 builds no reference; rloo, reinforce_pp 0.05)
     label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)
     simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
