@@ -420,7 +420,8 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
 ONLINE_LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")  # rl_losses.ONLINE (it imports torch)
-LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "reward_model": "preference", **dict.fromkeys(ONLINE_LOSSES, "prompt")}  # --loss
+LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "reward_model": "preference",  # --loss
+              **dict.fromkeys(ONLINE_LOSSES, "prompt")}
 CONVERT_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "prompts": "prompt"}  # --to -> data kind
 LENGTHS = {"sft": {"sequence": "input_ids"}, "prompt": {"prompt": "prompt_input_ids"},  # check's statistics
            "unpaired": {"prompt": "prompt_input_ids", "prompt+completion": "chosen_input_ids"},
