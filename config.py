@@ -161,6 +161,7 @@ class Config:
     n_examples: Optional[int] = num(None, ge=1)  # stop after this many training examples (null: use n_epochs)
     n_eval_examples: int = num(256, ge=0)   # held-out examples for evaluation (0 = no evaluation, nothing held out)
     do_first_eval: bool = True              # evaluate before the first step
+    eval_only: bool = False                 # no training: evaluate the model (or the checkpoint resume= names) once, write eval.json in the run folder
     eval_every_steps: int = num(100, ge=1)  # evaluate every N optimizer steps (and at the end)
     sample_during_eval: bool = False        # generate completions from eval prompts at every evaluation
     n_eval_model_samples: int = num(4, ge=1)  # how many prompts to sample completions for
@@ -533,7 +534,7 @@ def load_config(path, overrides=(), notes=None, light=False) -> DictConfig:
 # What a resumed run may change without changing the maths of what it trains: run length, logging, evaluation,
 # saving, the process layout and memory/speed options. Any other difference from the saved config is refused.
 MAY_CHANGE_ON_RESUME = ("n_epochs", "n_examples", "print_log_step", "eval_every_steps", "eval_batch_size",
-                        "do_first_eval", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
+                        "eval_only", "do_first_eval", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
                         "sample_temperature", "sample_top_p", "save_model_step", "save_optimizer", "save_total_limit",
                         "report_to_tensorboard", "wandb", "resume", "overwrite", "resume_allow_changes", "debug",
                         "exp_name", "output_dirs", "device", "trainer", "fsdp", "gradient_accumulation_steps",

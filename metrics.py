@@ -68,24 +68,31 @@ class MetricsWriter:
 def plot_curves(history, path):
     """PNG of train/eval loss (and reward accuracy for the preference losses, mean reward for the online methods)
     against the optimizer step."""
+    plot_runs({"": history}, path)
+
+
+def plot_runs(runs: dict, path):
+    """plot_curves of several runs in one PNG ({label: history}): a colour per run, train solid, eval dotted."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = lambda key: any(key in r or "eval/" + key in r for r in history)  # noqa: E731
+    shown = lambda key: any(key in r or "eval/" + key in r for h in runs.values() for r in h)  # noqa: E731
     panels = [("loss", "loss")] + [(key, title) for key, title in (("rewards/accuracies", "reward accuracy"),
                                                                    ("reward", "mean reward")) if shown(key)]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        for prefix, style in (("", "-"), ("eval/", "o-")):
-            points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=("eval" if prefix else "train"), markersize=3)
+        for i, (name, history) in enumerate(runs.items()):
+            for prefix, style in (("", "-"), ("eval/", "o:" if name else "o-")):
+                points = [(r["step"], r[prefix + key]) for r in history if prefix + key in r]
+                if points:
+                    label = " ".join(filter(None, [name, "eval" if prefix else "train"]))
+                    ax.plot(*zip(*points), style, label=label, markersize=3, color=f"C{i}" if name else None)
         ax.set_xlabel("optimizer step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a run stopped before its first log or eval has nothing to label
-            ax.legend()
+            ax.legend(fontsize=8 if len(runs) > 1 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,7 +9,9 @@ Everything that can fail because of the user's input (config, data, model paths)
 written to the run folder, so a bad run never clobbers a good one. Such failures print one line and exit with code 2.
 """
 import argparse
+import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -48,7 +50,7 @@ def refuse_a_second_run(cfg):
     """A run folder holds one run: a new run (no resume) in a folder that holds one is refused, unless overwrite."""
     run_dir = run_dir_of(cfg)
     old_run = any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.yaml", "metrics.jsonl"))
-    if cfg.resume is None and old_run and not cfg.overwrite:
+    if cfg.resume is None and old_run and not cfg.overwrite and not cfg.eval_only:  # eval_only adds eval.json only
         raise UserError(f"config: output_dirs '{run_dir}' already holds a run: continue it with resume=auto, start "
                         "afresh with overwrite=true (removes its files), or pick another folder with "
                         "exp_name=NAME or output_dirs=PATH")
@@ -270,6 +272,8 @@ def main(config_path, overrides=()):
         resume_notes, maths_changed = check_resumed_config(cfg, candidates)
         trainer = build_trainer(cfg)
         resume_from = load_newest(trainer, candidates)
+        if cfg.eval_only:
+            return evaluate_only(trainer, resume_from)
         n_params = sum(p.numel() for p in trainer.policy.parameters())  # a sharded DTensor counts its full size
         failed = None
         if trainer.is_main:  # only now, once every input has been checked
@@ -292,6 +296,27 @@ def main(config_path, overrides=()):
     trainer.any_process(False)  # a barrier: no worker exits (a launcher then stops the rest) before rank 0 has reported
     trainer.layout.close()
     return 128 + trainer.stop_signal if status == "interrupted" else 0
+
+
+def evaluate_only(trainer, resume_from) -> int:
+    """eval_only=true: the loss's evaluation, once, of the model as configured (or of the checkpoint resume= names),
+    written to <run folder>/eval.json; nothing else in the folder is touched. SFT-side losses add the perplexity."""
+    if not trainer.eval_data:
+        raise UserError("config: eval_only=true needs eval data: n_eval_examples > 0 or eval_datasets")
+    metrics = trainer.evaluate()
+    if losses.data_kind(trainer.cfg.loss) == "sft" and "eval/loss" in metrics:
+        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 700.0))
+    if trainer.is_main:
+        run_dir = run_dir_of(trainer.cfg)
+        os.makedirs(run_dir, exist_ok=True)
+        model = resume_from or trainer.cfg.model.archive or trainer.cfg.model.name_or_path or "model.from_config"
+        report = {"model": model, "loss": trainer.cfg.loss.name, "n_eval_examples": len(trainer.eval_data), **metrics}
+        write_atomic(os.path.join(run_dir, "eval.json"), json.dumps(report, indent=1) + "\n")
+        print("\n".join(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}" for k, v in report.items()))
+        print(f"wrote {os.path.join(run_dir, 'eval.json')}")
+    trainer.any_process(False)
+    trainer.layout.close()
+    return 0
 
 
 def explain(error) -> tuple[str, int]:
