@@ -105,6 +105,7 @@ class RolloutConfig:  # online methods: how completions of the prompts are sampl
     mask_truncated: bool = False            # completions cut by max_new_tokens get no loss
     dynamic_sampling: bool = False          # DAPO: drop groups whose rewards are all equal and sample more prompts to fill the batch
     max_sampling_rounds: int = num(4, ge=1)  # dynamic_sampling: rollouts at most per step before training on what it has
+    generation_batch_size: Optional[int] = num(None, ge=1)  # sequences per generate call; null: all of a process's completions at once (as TRL)
 
 
 @dataclass

@@ -56,14 +56,16 @@ class OnlineObjective:
 
     # ---- the rollout -------------------------------------------------------------------------------------------
     def generate(self, trainer, prompts, indices, num_generations, step, temperature):
-        """(completions, truncated) of each prompt, num_generations each, in batches of eval_batch_size sequences;
-        each prompt's completions seeded by (seed, step, its index in the global batch)."""
+        """(completions, truncated) of each prompt, num_generations each, in batches of rollout.generation_batch_size
+        sequences (null: all of them in one call); each prompt's completions seeded by (seed, step, its index in the
+        global batch)."""
         seeds = [rollout_seed(trainer.cfg.seed, step, index) for index in indices]
+        batch = self.rollout.generation_batch_size or max(len(prompts) * num_generations, 1)
         with rollouts.gathered(trainer.policy), trainer.autocast():  # gathered: no collective per forward pass
             return rollouts.generate(
                 trainer.policy, prompts, num_generations=num_generations, max_new_tokens=self.rollout.max_new_tokens,
                 temperature=temperature, top_p=self.rollout.top_p, eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id, seed=seeds, micro_batch=trainer.cfg.eval_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id, seed=seeds, micro_batch=batch,
                 synced=False, device=trainer.device)
 
     def score(self, examples, completions, num_generations):
@@ -146,6 +148,8 @@ class OnlineObjective:
         """([N, width] reference log-probs or None, [N, width] the rollout policy's or None) of the completions."""
         need_old = self.rollout.num_iterations > 1 or (self.method.kl == "reward" and self.hp["beta"] > 0)
         need_reference = self.hp["beta"] > 0
+        if not (need_old or need_reference):
+            return None, None
         reference, old = [], []
         for start in range(0, len(items), trainer.cfg.eval_batch_size):
             chunk = items[start:start + trainer.cfg.eval_batch_size]

@@ -67,7 +67,9 @@ def generate(model, prompts, *, num_generations, max_new_tokens, temperature, to
 
 class RowSampler(LogitsProcessor):
     """Samples each row's next token from softmax(logits / temperature) within top_p (transformers' own warpers),
-    with the row's own torch.Generator, and leaves only that token for the (greedy) decoding to take."""
+    with the row's own torch.Generator, and leaves only that token for the (greedy) decoding to take. The draw is
+    the Gumbel-max one: argmax(logits - log(-log u)), u uniform from the row's generator, one vectorised argmax for
+    the batch (a multinomial call per row and token cost more than the model's forward on small models)."""
 
     def __init__(self, seeds, temperature, top_p, device):
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
@@ -75,8 +77,10 @@ class RowSampler(LogitsProcessor):
             [TopPLogitsWarper(top_p)] if top_p < 1 else [])])
 
     def __call__(self, input_ids, scores):
-        probs = self.warpers(input_ids, scores.float()).softmax(-1)
-        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        logits = self.warpers(input_ids, scores.float())  # -inf outside top_p: never drawn
+        vocab, device = logits.shape[1], logits.device
+        uniform = torch.stack([torch.rand(vocab, generator=g, device=device) for g in self.generators])
+        picks = (logits - torch.log(-torch.log(uniform.clamp(min=1e-30)))).argmax(-1)
         return torch.full_like(scores, -math.inf).scatter_(1, picks[:, None], 0.0)
 
 

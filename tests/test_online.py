@@ -204,13 +204,20 @@ def test_it_learns_and_shuffled_advantages_do_not(tmp_path, monkeypatch):
 
 
 def test_truncated_completions_can_be_left_out_of_the_loss():
-    """rollout.mask_truncated: a completion cut by max_new_tokens gets no loss. The model from scratch never ends a
-    reply within 6 tokens: every completion is cut, so nothing is trained, while the rewards are still measured."""
-    trainer = trainer_for("dapo", "rollout.mask_truncated=true")
-    before = params_of(trainer.policy)
-    metrics, *_ = trainer.train_step(next(trainer.global_batches()))
-    assert metrics["completions/clipped_ratio"] == 1.0 and metrics["reward"] > 0
-    assert all(torch.equal(before[k], v) for k, v in params_of(trainer.policy).items())
+    """rollout.mask_truncated: a completion cut by max_new_tokens (6 here; a model from scratch rarely ends a reply
+    that soon) gets no loss, one that ended with its eos keeps all its tokens; without it every token counts."""
+    for masked in (True, False):
+        trainer = trainer_for("dapo", f"rollout.mask_truncated={str(masked).lower()}")
+        examples = next(trainer.global_batches())
+        work = trainer.objective.prepare(trainer, examples, examples)
+        eos = trainer.tokenizer.eos_token_id
+        completions = [[t for t in item["labels"] if t != -100] for item in work.items]
+        cut = [len(c) == 6 and c[-1] != eos for c in completions]
+        assert sum(cut) > len(cut) // 2
+        kept = work.stats["mask"].sum(1).tolist()
+        assert kept == [0 if masked and c else len(ids) for c, ids in zip(cut, completions)]
+        assert work.metrics["completions/clipped_ratio"] == pytest.approx(sum(cut) / len(cut))
+        assert work.norm["tokens"] == sum(kept)
 
 
 def test_lora_trains_the_adapter_against_the_base_as_reference():

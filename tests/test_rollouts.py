@@ -284,3 +284,23 @@ def test_fsdp_gathers_weights_once_per_rollout(tiny_model_dir, tmp_path):
         assert out["resharded"], out
         assert out["keeps_after_forward"] == [True] + [False] * 4, out  # the root first (modules() order)
     assert json.loads((tmp_path / "rank0.json").read_text())["short"] == 2
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
+def test_row_sampler_draws_from_softmax_within_top_p(temperature, top_p):
+    """RowSampler, 20000 rows with their own seeds on one set of logits: the tokens' frequencies are softmax(logits /
+    temperature) renormalised within top_p (transformers' nucleus: the smallest set whose mass reaches top_p), to
+    within 4 standard errors; a token outside the nucleus is never drawn; each row keeps exactly one token."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    sampler = rollouts.RowSampler(range(20000), temperature, top_p, torch.device("cpu"))
+    out = sampler(None, logits.clone())
+    assert (torch.isfinite(out).sum(1) == 1).all()
+    counts = torch.bincount(out.argmax(1), minlength=5).double()
+    p = torch.softmax(logits[0].double() / temperature, 0)
+    if top_p < 1:  # [0.61, 0.22, 0.14, ...]: the nucleus of 0.8 is the first three tokens
+        keep = torch.cumsum(p, 0) - p < top_p
+        p = torch.where(keep, p, 0.0) / p[keep].sum()
+    stderr = (p * (1 - p) / 20000).sqrt()
+    assert ((counts / 20000 - p).abs() <= 4 * stderr + 1e-12).all(), (counts / 20000, p)
+    again = rollouts.RowSampler(range(20000), temperature, top_p, torch.device("cpu"))(None, logits.clone())
+    assert torch.equal(again, out)  # each row's own generator: the same draws
