@@ -64,8 +64,10 @@ def load(path, device):
 
 
 def sampling(args, tokenizer) -> dict:
-    how = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # exactly softmax(logits / temperature) within top_p, as training samples: the model's own generation_config
+    # knobs (top_k, repetition penalty) off
+    how = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=0, repetition_penalty=1.0) \
+        if args.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     return dict(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id, **how)
 

@@ -242,6 +242,11 @@ def load_reward(function: str, weight: float = 1.0, columns=None, **options) -> 
         unknown = sorted(set(options) - set(allowed))
         if unknown:
             raise UserError(f"reward {function!r} takes no option {unknown[0]!r} (it takes: {', '.join(allowed) or 'none'})")
+        required = [name for name, p in inspect.signature(factory).parameters.items()
+                    if p.default is inspect.Parameter.empty and name not in options]
+        if required:
+            raise UserError(f"reward {function!r} needs {' and '.join(required)}, e.g. "
+                            f"{{function: {function}, {', '.join(f'{n}: N' for n in required)}}}")
         if function == "math" and importlib.util.find_spec("math_verify") is None:
             raise UserError("the math reward needs math-verify: pip install math-verify")
         return Reward(function, factory(**options), float(weight))

@@ -239,6 +239,7 @@ def test_lora_trains_the_adapter_against_the_base_as_reference():
     (["packing=true"], "packing=true does not apply to loss.name=grpo"),
     (["precompute_reference_logps=true"], "precompute_reference_logps=true does not apply"),
     (["rewards=[{function: format, pattern: '('}]"], "not a regular expression"),
+    (["rewards=[{function: overlong}]"], "reward 'overlong' needs max_length and buffer"),
     (["loss.name=reinforce_pp", "rollout.num_generations=1", "rollout.dynamic_sampling=true"],
      "rollout.dynamic_sampling=true drops groups"),
     (["loss.name=dpo", "loss.online=true", "rollout.num_generations=1"],
