@@ -18,6 +18,7 @@ import torch
 import data
 import losses
 import models
+from flops import model_flops
 
 
 @dataclass
@@ -67,7 +68,7 @@ class OfflineObjective:
         stats, flops = {"delta": self.running["reward_mean"]} if self.spec.running_mean else {}, 0.0
         if self.spec.batch_kl:
             stats["kl"] = batch_kl(trainer, local)
-            flops = models.model_flops(trainer.flop_shape, data.sequences_of(kl_views(local)),
+            flops = model_flops(trainer.flop_shape, data.sequences_of(kl_views(local)),
                                        trainer.reference.runs_forward, backward=False)[1]
         cfg = trainer.cfg
         micro = math.ceil(cfg.total_batch_size / (cfg.gradient_accumulation_steps * trainer.world_size))

@@ -23,6 +23,7 @@ import data
 import logprobs
 import losses
 import models
+from flops import model_flop_shape, model_flops, peak_flops
 from metrics import MetricsWriter, plot_curves
 from objectives import OfflineObjective
 from online import OnlineObjective, OnlinePairs
@@ -56,8 +57,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.compute_dtype == torch.float16)
         self.step, self.examples_seen, self.nonfinite_streak = 0, 0, 0
         self.wandb_id, self.stop_signal, self.pending_save = None, None, None
-        self.flop_shape = models.model_flop_shape(policy)
-        self.peak_flops = models.peak_flops(self.device, self.compute_dtype)
+        self.flop_shape = model_flop_shape(policy)
+        self.peak_flops = peak_flops(self.device, self.compute_dtype)
         if cfg.compile:  # in place (the module keeps its class, so saving is unchanged); shapes vary: dynamic
             for model in (policy, reference.model):
                 if model is not None:
@@ -145,7 +146,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             for k, v in mb_sums.items():  # kept on the device: no sync per micro-batch, the next one queues at once
                 sums[k] = sums.get(k, 0.0) + v.detach()
-            mb_tokens, mb_flops = models.model_flops(self.flop_shape, data.sequences_of(examples_mb),
+            mb_tokens, mb_flops = model_flops(self.flop_shape, data.sequences_of(examples_mb),
                                                      with_reference=self.reference.runs_forward)
             tokens, flops = tokens + mb_tokens, flops + mb_flops
         sums = dict(zip(sums, torch.stack(list(sums.values())).tolist()))

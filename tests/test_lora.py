@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import adapters
 import checkpoints
+import flops
 import models
 import train
 import config
@@ -302,8 +303,8 @@ def test_lora_flops_hand_counted(tiny_model_dir):
     base = 2 * body * 5 + 2 * V * 32 * 3
     attention = 2 * 2 * 32 * (9 + 4)
     lora = 2 * adapter * 5
-    assert models.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 2 * base + 3 * (attention + lora))
-    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True) == \
+    assert flops.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 2 * base + 3 * (attention + lora))
+    assert flops.model_flops(trainer.flop_shape, seqs, with_reference=True) == \
         (5, 2 * base + 3 * (attention + lora) + base + attention)
 
 

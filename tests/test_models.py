@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import checkpoints
 import data
+import flops
 import models
 import train
 from config import load_config
@@ -139,18 +140,18 @@ def test_model_flops_hand_computed(tiny_model_dir):
     # 5 real tokens, 2 labels, sequence lengths 3 and 2
     forward = 2 * body * 5 + 2 * V * 32 * 2 + 2 * 2 * 32 * (3 ** 2 + 2 ** 2)
     seqs = data.sequences_of(examples)
-    assert models.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
-    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
-    assert models.model_flops(trainer.flop_shape, seqs, with_reference=True, backward=False) == (5, 2 * forward)  # no grad
+    assert flops.model_flops(trainer.flop_shape, seqs, with_reference=False) == (5, 3 * forward)
+    assert flops.model_flops(trainer.flop_shape, seqs, with_reference=True) == (5, 4 * forward)
+    assert flops.model_flops(trainer.flop_shape, seqs, with_reference=True, backward=False) == (5, 2 * forward)  # no grad
 
 
 def test_peak_flops_known_gpus_only(monkeypatch):
-    assert models.peak_flops(torch.device("cpu"), torch.bfloat16) is None
+    assert flops.peak_flops(torch.device("cpu"), torch.bfloat16) is None
     for name, want in (("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                        ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
-        assert models.peak_flops(torch.device("cuda"), torch.bfloat16) == want
-    assert models.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
+        assert flops.peak_flops(torch.device("cuda"), torch.bfloat16) == want
+    assert flops.peak_flops(torch.device("cuda"), torch.float32) is None  # no tensor-core peak to divide by
 
 
 def test_checkpoint_names_revert_renames_and_refuse_tensor_conversions():
