@@ -123,15 +123,11 @@ def generate_file(model, tokenizer, records, args) -> int:
             temperature=args.temperature, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, seed=args.seed, micro_batch=args.batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-    shown = [r["prompt"][-1]["content"] if r["prompt_is_text"] else r["prompt"] for r in records for _ in range(k)]
+    shown = [reward_fns.prompt_for_rewards(r) for r in records for _ in range(k)]
     values = {}
     if args.rewards:
         functions = reward_fns.load_rewards([{"function": f} for f in args.rewards])
-        replies = [t if r["prompt_is_text"] else [{"role": "assistant", "content": t}]
-                   for r, t in zip((r for r in records for _ in range(k)), texts)]
-        names = sorted({c for r in records for c in r["columns"]})
-        columns = {c: [r["columns"].get(c) for r in records for _ in range(k)] for c in names}
-        total, values = reward_fns.score(functions, shown, replies, completions, columns)
+        total, values = reward_fns.score_records(functions, records, texts, completions, k)
         values = {"reward": total, **{f"rewards/{n}": v for n, v in values.items()}}
     with open(args.out, "w") as f:
         for i, (prompt, text, cut) in enumerate(zip(shown, texts, truncated)):

@@ -1,6 +1,7 @@
 """Checkpoints: a checkpoint folder written atomically (`save`: `<name>.tmp`, fsynced, trainer_state.json with every
 file's size written last, then renamed), read back for an exact resume (`load`), and the run folder's checkpoints on
-disk (listed, checked for damage, pruned, half-written ones cleaned up).
+disk (listed, checked for damage, pruned, half-written ones cleaned up), and what a resume may change in the config
+that produced a checkpoint (`config_changes`).
 
     <run>/step-000100/   config.json, model*.safetensors (policy_dtype), tokenizer, config.yaml,
                          training_state.pt (scheduler, scaler, RNG, counters; one device: optimizer + float32 masters),
@@ -22,12 +23,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from omegaconf import OmegaConf
 
 import adapters
 import losses
 import models
+import sharding
 from layouts import TRAINED_ONLY
-from config import config_yaml
+from config import config_yaml, flat_keys
 from utils import TrainingError, UserError, human_bytes, write_atomic
 
 
@@ -52,13 +55,13 @@ def save(trainer, name):
     if trainer.cfg.model.lora is not None:  # the adapter; final/ also the merged model (gathered on the main process)
         full = trainer.layout.full_state_dict(trainer.policy, frozen=name == "final")  # collective
         adapter = {k: v for k, v in full.items() if adapters.is_adapter_key(k)}
-        state = None if name != "final" else models.export_state(
+        state = None if name != "final" else sharding.export_state(
             trainer.policy.get_base_model(), adapters.merged_state(trainer.policy, full), save_dtype)
     elif _export_shards(trainer, tmp, final, save_dtype):  # written by every process: nothing gathered
         state = None
     else:
         full = trainer.layout.full_state_dict(trainer.policy)  # collective
-        state = models.export_state(trainer.policy, full, save_dtype)
+        state = sharding.export_state(trainer.policy, full, save_dtype)
     writing = None
     if trainer.cfg.save_optimizer:  # collective under FSDP; written by every process
         writing = trainer.layout.save_sharded(trainer.policy, trainer.optimizer, os.path.join(tmp, "dcp"),
@@ -306,3 +309,24 @@ def prune_checkpoints(run_dir, keep):
     steps = [path for _, path in list_checkpoints(run_dir) if os.path.basename(path).startswith("step-")]
     for path in steps[:-keep] if keep else []:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# What a resumed run may change without changing the maths of what it trains: run length, logging, evaluation,
+# saving, the process layout and memory/speed options. Any other difference from the saved config is refused.
+MAY_CHANGE_ON_RESUME = ("n_epochs", "n_examples", "print_log_step", "eval_every_steps", "eval_batch_size",
+                        "eval_only", "do_first_eval", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
+                        "sample_temperature", "sample_top_p", "save_model_step", "save_optimizer", "save_total_limit",
+                        "report_to_tensorboard", "wandb", "resume", "overwrite", "resume_allow_changes", "debug",
+                        "exp_name", "output_dirs", "device", "trainer", "fsdp", "gradient_accumulation_steps",
+                        "activation_checkpointing", "compile", "max_nonfinite_steps", "precompute_reference_logps",
+                        "reference_cache_dir", "model.attn_implementation")
+
+
+def config_changes(saved, new) -> tuple[list, list]:
+    """The keys whose values differ between a run's saved config and a new one, as 'key: old -> new', split into
+    (changes the maths, may change: MAY_CHANGE_ON_RESUME). Lists (datasets) compare as whole values."""
+    old, now = flat_keys(OmegaConf.to_container(saved)), flat_keys(OmegaConf.to_container(new))
+    changed = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    allowed = lambda key: any(key == a or key.startswith(a + ".") for a in MAY_CHANGE_ON_RESUME)  # noqa: E731
+    text = lambda key: f"{key}: {old.get(key)} -> {now.get(key)}"  # noqa: E731
+    return [text(k) for k in changed if not allowed(k)], [text(k) for k in changed if allowed(k)]

@@ -532,29 +532,12 @@ def load_config(path, overrides=(), notes=None, light=False) -> DictConfig:
     return cfg
 
 
-# What a resumed run may change without changing the maths of what it trains: run length, logging, evaluation,
-# saving, the process layout and memory/speed options. Any other difference from the saved config is refused.
-MAY_CHANGE_ON_RESUME = ("n_epochs", "n_examples", "print_log_step", "eval_every_steps", "eval_batch_size",
-                        "eval_only", "do_first_eval", "sample_during_eval", "n_eval_model_samples", "max_new_tokens",
-                        "sample_temperature", "sample_top_p", "save_model_step", "save_optimizer", "save_total_limit",
-                        "report_to_tensorboard", "wandb", "resume", "overwrite", "resume_allow_changes", "debug",
-                        "exp_name", "output_dirs", "device", "trainer", "fsdp", "gradient_accumulation_steps",
-                        "activation_checkpointing", "compile", "max_nonfinite_steps", "precompute_reference_logps",
-                        "reference_cache_dir", "model.attn_implementation")
-
-
-def config_changes(saved, new) -> tuple[list, list]:
-    """The keys whose values differ between a run's saved config and a new one, as 'key: old -> new', split into
-    (changes the maths, may change: MAY_CHANGE_ON_RESUME). Lists (datasets) compare as whole values."""
-    def leaves(node, prefix=""):
-        if isinstance(node, dict):
-            return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-    old, now = leaves(OmegaConf.to_container(saved)), leaves(OmegaConf.to_container(new))
-    changed = [k for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
-    allowed = lambda key: any(key == a or key.startswith(a + ".") for a in MAY_CHANGE_ON_RESUME)  # noqa: E731
-    text = lambda key: f"{key}: {old.get(key)} -> {now.get(key)}"  # noqa: E731
-    return [text(k) for k in changed if not allowed(k)], [text(k) for k in changed if allowed(k)]
+def flat_keys(tree, prefix="") -> dict:
+    """{'loss.name': 'dpo', ...}: the leaves of a nested config (a plain dict, e.g. OmegaConf.to_container's) under
+    their dotted keys; lists (datasets) stay whole values."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in flat_keys(value, f"{prefix}{key}.").items()}
 
 
 def config_yaml(cfg) -> str:

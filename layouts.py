@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 
 import adapters
 import models
+import sharding
 from config import check_batch_split, check_replicate
 from utils import UserError
 
@@ -138,7 +139,7 @@ class FSDPRanks:
         consolidates tensor by tensor into the files from_pretrained reads; no process holds the whole model.
         False (nothing written) for a model whose checkpoint format transformers converts tensor by tensor (MoE
         experts): that export is gathered on rank 0."""
-        state = models.checkpoint_names(model, get_model_state_dict(model))
+        state = sharding.checkpoint_names(model, get_model_state_dict(model))
         if state is None:
             return False
         state = {k: v.to(dtype) for k, v in state.items()}

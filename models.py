@@ -1,5 +1,5 @@
-"""Everything about networks: devices, loading the policy, attention kernels, the reference, sharding (FSDP2),
-the forward pass to log-probs, exporting Hugging Face weights, and FLOP accounting.
+"""Everything about networks: devices, loading the policy, attention kernels, the reference, the forward pass to
+log-probs and scores (sharding and export names: sharding.py; FLOP accounting: flops.py).
 
     models.build_models(cfg, tokenizer, layout) -> (policy, reference)
 
@@ -19,7 +19,7 @@ import sys
 import warnings
 
 import torch
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy
 from torch.distributed.tensor import DTensor
 
 import data
@@ -28,6 +28,7 @@ import losses
 from adapters import (apply_lora, base_state, is_adapter_folder, merge_adapter_folder)
 from attention import VARLEN_ATTN, register_varlen_attention
 from config import DTYPE_NAMES, choices
+from sharding import find_block_class, shard_model
 from utils import UserError, check_hub_reachable
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
@@ -473,89 +474,6 @@ class NoReference:
 
     def token_logps(self, batch, temperature=1.0):
         return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sharding (FSDP2) and export
-# ----------------------------------------------------------------------------------------------------------------
-def find_block_class(model, name):
-    """The module class sharded as one unit: fsdp.block_class, else the model's own `_no_split_modules` (its
-    transformer block), else the class of the first entry of the decoder's layer list."""
-    classes = {type(m).__name__: type(m) for m in model.modules()}
-    if name is not None:
-        if name not in classes:
-            raise UserError(f"config: fsdp.block_class={name!r} is not a module class of this model; it has: "
-                            f"{', '.join(sorted(classes))}")
-        return classes[name]
-    for candidate in getattr(model, "_no_split_modules", None) or []:
-        if candidate in classes:
-            return classes[candidate]
-    for attr in ("layers", "h", "blocks"):
-        layers = getattr(model.base_model, attr, None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers):
-            return type(layers[0])
-    raise UserError(f"config: could not find the transformer block class of {type(model).__name__}: set fsdp.block_class "
-                    f"to one of {', '.join(sorted(classes))}")
-
-
-def shard_model(model, block_class, mesh, mixed, offload, frozen=False):
-    """fully_shard every transformer block, an untied input embedding and output head each on its own (a tied pair
-    is one parameter: it stays with the root), then the root (the final norm): one all-gather per unit. A unit's
-    full weights and gradients exist only while it computes, so the two vocabulary-sized matrices are never full
-    together, nor through a whole backward (as one root unit they were: FSDP keeps the root gathered from its
-    forward to the end of its backward). frozen (the reference, no backward): the root is also resharded after its
-    forward; by default FSDP keeps it gathered for the backward that follows, which never comes."""
-    keep_checkpoint_renamings(model)
-    units = [m for m in model.modules() if isinstance(m, block_class)]
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not embedding.weight:
-        units += [embedding, head]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=mixed, offload_policy=offload)
-    fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload, reshard_after_forward=True if frozen else None)
-
-
-def keep_checkpoint_renamings(model):
-    """transformers finds the renamings that save_pretrained reverts (GPT-NeoX's lm_head, saved as embed_out) by the
-    model's class name, which fully_shard changes (FSDPGPTNeoXForCausalLM: none found, the head exported as lm_head).
-    So they are looked up before sharding and kept where save_pretrained and checkpoint_names read them: those of a
-    model not loaded by from_pretrained (as revert_weight_conversion computes them: no prefix changes)."""
-    from transformers import PreTrainedModel
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
-    if isinstance(model, PreTrainedModel) and getattr(model, "_weight_conversions", None) is None:
-        model._weight_conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                                     if not isinstance(c, PrefixChange)]
-
-
-def checkpoint_names(model, state):
-    """`state` (the live model's names; full tensors or shards) as save_pretrained writes it: tied weights once,
-    names as in the model's published checkpoints (transformers' own reverse conversion, e.g. GPT-NeoX's). None
-    where that conversion changes tensors and not only names (MoE experts fused on load), which shards cannot do."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, revert_weight_conversion
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    conversions = getattr(model, "_weight_conversions", None) or get_model_conversion_mapping(model, add_legacy=False)
-    if any(isinstance(c, WeightConverter) for c in conversions):
-        return None
-    with warnings.catch_warnings():  # transformers reads a DTensor's storage through the deprecated TypedStorage
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
-
-
-def export_state(model, state, dtype):
-    """`state` (the model's full state dict, or {} off the main process) in `dtype`, with tied weights sharing one
-    tensor again: a converted or gathered dict has a copy per name, and save_pretrained, which drops a tie only
-    when both names share storage, would write the tied embedding twice."""
-    converted = {k: v.to(dtype) for k, v in state.items()}
-    names_of = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():
-        for name in names[1:]:
-            if names[0] in converted and name in converted:
-                converted[name] = converted[names[0]]
-    return converted
 
 
 def weights_digest(model, extra) -> str:

@@ -69,17 +69,10 @@ class OnlineObjective:
                 synced=False, device=trainer.device)
 
     def score(self, examples, completions, num_generations):
-        """(total [N], per function {name: [N]}) rewards of the completions of `examples` (num_generations each),
-        called as TRL calls reward functions: prompts and completions as text, or as messages when the prompt is a
-        conversation; every other field of the record as a keyword argument, one value per completion."""
-        repeat = lambda values: [v for v in values for _ in range(num_generations)]  # noqa: E731
+        """(total [N], per function {name: [N]}) rewards of the completions (token ids) of `examples`, num_generations
+        each (rewards.score_records)."""
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in completions]
-        prompts = repeat([ex["prompt"][-1]["content"] if ex["prompt_is_text"] else ex["prompt"] for ex in examples])
-        conversational = repeat([not ex["prompt_is_text"] for ex in examples])
-        shown = [[{"role": "assistant", "content": t}] if chat else t for t, chat in zip(texts, conversational)]
-        names = sorted({k for ex in examples for k in ex["columns"]} - set(reward_fns.ARGUMENTS))
-        columns = {k: repeat([ex["columns"].get(k) for ex in examples]) for k in names}
-        return reward_fns.score(self.rewards, prompts, shown, completions, columns)
+        return reward_fns.score_records(self.rewards, examples, texts, completions, num_generations)
 
     def roll_out(self, trainer, examples, local):
         """(prompts, completions, truncated, total rewards, per-function rewards, seconds generating) of this
@@ -138,7 +131,8 @@ class OnlineObjective:
         advantages = rl_losses.advantages(self.method, total, G, mask, kl, self.hp["beta"], reduce)
         if self.rollout.num_iterations == 1:
             old = None  # on-policy: the ratio is 1 with the gradient of the log-probs (as logps.detach())
-        metrics, norm = self.rollout_metrics(trainer, total, per_function, completions, truncated, mask, G, seconds)
+        metrics, norm = self.rollout_metrics(trainer, total, per_function, completions, truncated, float(mask.sum()), G,
+                                             seconds)
         micro = math.ceil(len(items) / cfg.gradient_accumulation_steps)
         stats = {"mask": mask, "advantages": advantages, "old": old, "reference": reference, "width": width}
         return Work(norm, items, micro, stats, passes=self.rollout.num_iterations, metrics=metrics)
@@ -164,13 +158,13 @@ class OnlineObjective:
                     old.append(rollouts.completion_rows(values.float(), seq_ids, len(chunk), width)[0].cpu())
         return (torch.cat(reference) if reference else None), (torch.cat(old) if old else None)
 
-    def rollout_metrics(self, trainer, total, per_function, completions, truncated, mask, G, seconds):
+    def rollout_metrics(self, trainer, total, per_function, completions, truncated, loss_tokens, G, seconds):
         """TRL's rollout metrics over the global batch, and the normaliser: completions, loss tokens, the length
         limit (Dr.GRPO's constant)."""
         zero_std = rl_losses.reward_std(total, G)[1] if G > 1 else torch.ones(len(total))
         sums = {**reward_fns.reward_sums(total, per_function), "groups": len(total) / G,
                 "zero_std": float(zero_std.float().sum()), "length": sum(map(len, completions)),
-                "truncated": sum(truncated), "tokens": float(mask.sum()), "seconds": seconds,
+                "truncated": sum(truncated), "tokens": loss_tokens, "seconds": seconds,
                 "filled": self.sampling["filled"]}
         sums = trainer.layout.reduce_sums(sums)
         metrics = {**reward_fns.reward_metrics(sums), "frac_reward_zero_std": sums["zero_std"] / sums["groups"],
@@ -269,12 +263,12 @@ class OnlinePairs(OnlineObjective):
             rewards = total[i * G:(i + 1) * G]
             best, worst = int(rewards.nan_to_num(-math.inf).argmax()), int(rewards.nan_to_num(math.inf).argmin())
             tied = not rewards[best] > rewards[worst]  # NaN (nothing scored) ties too
-            chosen, rejected = completions[i * G + best], completions[i * G + worst]
+            sides = rollouts.as_examples([prompt], [completions[i * G + best], completions[i * G + worst]])
             items.append({"prompt_input_ids": prompt, "pair_weight": 0.0 if tied else 1.0,
-                          **{f"{side}_{key}": value for side, ids in (("chosen", chosen), ("rejected", rejected))
-                             for key, value in (("input_ids", prompt + ids), ("labels", [-100] * len(prompt) + ids))}})
-        lengths = torch.tensor([float(len(c)) for c in completions])
-        metrics, _ = self.rollout_metrics(trainer, total, per_function, completions, truncated, lengths, G, seconds)
+                          **{f"{side}_{key}": example[key] for side, example in zip(("chosen", "rejected"), sides)
+                             for key in ("input_ids", "labels")}})
+        metrics, _ = self.rollout_metrics(trainer, total, per_function, completions, truncated,
+                                          float(sum(map(len, completions))), G, seconds)
         norm = trainer.layout.reduce_sums(self.offline.normalizer([x for x in items if x["pair_weight"]]))
         metrics["pairs/tied_ratio"] = 1 - norm["examples"] / max(len(examples), 1)
         norm["examples"] = max(norm["examples"], 1)  # all tied: a step of zero loss (weight 0 everywhere)

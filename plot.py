@@ -11,16 +11,10 @@ import json
 import os
 import sys
 
+from config import flat_keys
 from utils import UserError
 
 SAME_RUN_KEYS = ("exp_name", "output_dirs", "overwrite", "resume", "resume_allow_changes", "debug", "wandb.")  # not maths
-
-
-def flatten(tree, prefix="") -> dict:
-    """{'loss.name': 'dpo', ...} of a nested config."""
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
 
 
 def load_run(folder):
@@ -34,7 +28,7 @@ def load_run(folder):
     with open(path) as f:
         history = [json.loads(line) for line in f if line.strip()]
     config = os.path.join(folder, "config.yaml")
-    return history, flatten(OmegaConf.to_container(OmegaConf.load(config))) if os.path.isfile(config) else {}
+    return history, flat_keys(OmegaConf.to_container(OmegaConf.load(config))) if os.path.isfile(config) else {}
 
 
 def labels(folders, configs) -> list:

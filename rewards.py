@@ -328,6 +328,23 @@ def score(rewards: list[Reward], prompts, completions, completion_ids, columns: 
     return total, per_function
 
 
+def prompt_for_rewards(record):
+    """A prompt record (data kind "prompt") as reward functions receive it: its text, or its messages."""
+    return record["prompt"][-1]["content"] if record["prompt_is_text"] else record["prompt"]
+
+
+def score_records(rewards: list[Reward], records, texts, completion_ids, num_generations: int):
+    """`score` of the completions of prompt records (num_generations each, adjacent), called as TRL calls reward
+    functions: prompts and completions as text, or as messages when the prompt is a conversation; every other field
+    of the record as a keyword argument, one value per completion."""
+    repeat = lambda values: [v for v in values for _ in range(num_generations)]  # noqa: E731
+    conversational = repeat([not r["prompt_is_text"] for r in records])
+    shown = [[{"role": "assistant", "content": t}] if chat else t for t, chat in zip(texts, conversational)]
+    names = sorted({k for r in records for k in r["columns"]} - set(ARGUMENTS))
+    columns = {k: repeat([r["columns"].get(k) for r in records]) for k in names}
+    return score(rewards, repeat([prompt_for_rewards(r) for r in records]), shown, completion_ids, columns)
+
+
 def reward_sums(total: torch.Tensor, per_function: dict) -> dict:
     """What TRL's reward metrics are made of, as sums that add up over processes: for the total and for each
     function, the count, sum and sum of squares of the scored (non-None) rewards; and the number of completions."""

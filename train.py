@@ -21,7 +21,7 @@ import tempfile
 
 from omegaconf import OmegaConf
 
-from config import check_batch_split, config_changes, config_yaml, load_config
+from config import check_batch_split, config_yaml, load_config
 from utils import SurvivingStream, TrainingError, UserError, abort_now, human_bytes, set_seed, write_atomic
 
 
@@ -143,7 +143,7 @@ def check_resumed_config(cfg, candidates) -> tuple[list, bool]:
         saved = load_config(path)
     except UserError:
         saved = OmegaConf.load(path)
-    maths, other = config_changes(saved, cfg)
+    maths, other = checkpoints.config_changes(saved, cfg)
     if maths and not cfg.resume_allow_changes:
         raise UserError(f"resume: the run's weights were trained with another config ({'; '.join(maths)}; saved in "
                         f"{path}): start a new run (exp_name=NAME or output_dirs=PATH), or continue these weights "

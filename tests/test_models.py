@@ -11,6 +11,7 @@ import checkpoints
 import data
 import flops
 import models
+import sharding
 import train
 from config import load_config
 from utils import UserError
@@ -103,10 +104,10 @@ def test_logits_only_at_label_positions_and_no_float32_copy(tiny_model_dir):
 def test_block_class_detected_or_named(tiny_model_dir):
     """In process (the error travels as every UserError does: one line, exit 2, as test_fsdp.py's CLI tests show)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert models.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
-    assert models.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
+    assert sharding.find_block_class(model, None).__name__ == "LlamaDecoderLayer"   # from model._no_split_modules
+    assert sharding.find_block_class(model, "LlamaMLP").__name__ == "LlamaMLP"
     with pytest.raises(UserError) as e:
-        models.find_block_class(model, "GPT2Block")
+        sharding.find_block_class(model, "GPT2Block")
     message = str(e.value)
     assert "\n" not in message and "fsdp.block_class='GPT2Block'" in message and "LlamaDecoderLayer" in message
 
@@ -155,7 +156,7 @@ def test_peak_flops_known_gpus_only(monkeypatch):
 
 
 def test_checkpoint_names_revert_renames_and_refuse_tensor_conversions():
-    """models.checkpoint_names (the sharded export's names): a tie kept once; GPT-NeoX's head under its published
+    """sharding.checkpoint_names (the sharded export's names): a tie kept once; GPT-NeoX's head under its published
     name; None (gather instead) for a model whose published format transformers converts tensor by tensor (Mixtral's
     experts, fused on load)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -168,11 +169,11 @@ def test_checkpoint_names_revert_renames_and_refuse_tensor_conversions():
     tied = dict(built["llama"].named_parameters(remove_duplicate=False))  # both names, as a sharded state dict has
     assert tied["lm_head.weight"] is tied["model.embed_tokens.weight"]
     n_tied = len(tied)
-    names = models.checkpoint_names(built["llama"], tied)
+    names = sharding.checkpoint_names(built["llama"], tied)
     assert len(names) == n_tied - 1 and ("lm_head.weight" in names) != ("model.embed_tokens.weight" in names)
-    neox = models.checkpoint_names(built["gpt_neox"], built["gpt_neox"].state_dict())
+    neox = sharding.checkpoint_names(built["gpt_neox"], built["gpt_neox"].state_dict())
     assert "embed_out.weight" in neox and "lm_head.weight" not in neox
-    assert models.checkpoint_names(built["mixtral"], built["mixtral"].state_dict()) is None
+    assert sharding.checkpoint_names(built["mixtral"], built["mixtral"].state_dict()) is None
 
 
 @pytest.mark.parametrize("head, lora", [("sequence_classification", False), ("sequence_classification", True),

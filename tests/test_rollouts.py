@@ -198,7 +198,7 @@ def test_completion_rows_layout_width_and_gradient():
     assert wide.shape == (4, 5) and torch.equal(wide[:, :3], rows.detach()) and wide_mask.sum() == 6
 
 
-# Two gloo processes: the same model sharded (models.shard_model) and whole, also as a LoRA model; FSDP's all-gathers
+# Two gloo processes: the same model sharded (sharding.shard_model) and whole, also as a LoRA model; FSDP's all-gathers
 # counted. Rank 0's first micro-batch (prompt 0's two completions) stops at its eos after 2 tokens, rank 1's run on.
 FSDP_SCRIPT = """
 import copy, json, os, sys
@@ -208,12 +208,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 from transformers import AutoModelForCausalLM
-import data, models, rollouts
+import data, models, rollouts, sharding
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 rank, mesh = dist.get_rank(), init_device_mesh("cpu", (2,))
 def shard(model):
-    models.shard_model(model, models.find_block_class(model, None), mesh, MixedPrecisionPolicy(), OffloadPolicy())
+    sharding.shard_model(model, sharding.find_block_class(model, None), mesh, MixedPrecisionPolicy(), OffloadPolicy())
     return model
 plain = AutoModelForCausalLM.from_pretrained(sys.argv[2])
 sharded = shard(copy.deepcopy(plain))
