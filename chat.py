@@ -8,7 +8,7 @@ In the chat, the conversation is rendered with the tokenizer's chat template and
 generated; /reset clears the history, /system TEXT sets a system prompt (and clears the history), /exit quits.
 With --prompts every prompt of a prompt, SFT or preference file (as data.py reads it) gets --num_generations
 completions, batched; one JSON line per completion, with the rewards of --rewards (the `rewards:` functions of
-training: math, format, overlong or file.py:function) when given.
+training: math, format, overlong or file.py:function; or a reward model's folder) when given.
 """
 import argparse
 import json
@@ -21,8 +21,10 @@ HELP = "/reset clears the history, /system TEXT sets a system prompt, /exit quit
 
 
 def find_model(path) -> tuple:
-    """(folder with the weights, adapter folder or None) of what the user named: a model folder, a LoRA adapter
-    folder (on the base its adapter_config.json names), or a run folder (its final/, else its newest checkpoint)."""
+    """(the base: a folder with the weights, or the config.yaml of a LoRA checkpoint; adapter folder or None) of what
+    the user named: a model folder, a LoRA adapter folder (on the base its adapter_config.json names), a LoRA run's
+    step checkpoint (its adapter/ on the base its config.yaml builds), or a run folder (its final/, else its newest
+    checkpoint)."""
     import checkpoints
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such folder")
@@ -32,17 +34,36 @@ def find_model(path) -> tuple:
         if not base:
             raise UserError(f"{path}: a LoRA adapter whose adapter_config.json names no base model")
         return base, path
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
     found = checkpoints.list_checkpoints(path)
     final = os.path.join(path, "final")
-    for folder in ([final] if os.path.isfile(os.path.join(final, "trainer_state.json")) else []) + \
+    for folder in [path] + ([final] if os.path.isfile(os.path.join(final, "trainer_state.json")) else []) + \
             [p for _, p in reversed(found)]:
         if os.path.isfile(os.path.join(folder, "config.json")):
             return folder, None
         if os.path.isdir(os.path.join(folder, "adapter")):  # a LoRA run's step checkpoint: the adapter only
+            run_config = os.path.join(folder, "config.yaml")
+            if os.path.isfile(run_config):
+                return run_config, os.path.join(folder, "adapter")
             return find_model(os.path.join(folder, "adapter"))
     raise UserError(f"{path}: holds no model (no config.json, adapter_config.json or checkpoint with weights)")
+
+
+def run_base(run_config, tokenizer):
+    """The base a LoRA checkpoint's adapter was trained on, built from the checkpoint's config.yaml as training
+    builds it (models.load_policy: model.name_or_path, model.archive, or model.from_config under the run's seed),
+    float32, with the plain attention kernel."""
+    from omegaconf import OmegaConf
+
+    import config
+    import models
+    from utils import set_seed
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(config.Config), OmegaConf.load(run_config))
+    except Exception as e:  # not a config of this project
+        raise UserError(f"{run_config}: not a run's config ({' '.join(str(e).split())[:200]})") from e
+    cfg.model.attn_implementation, cfg.activation_checkpointing = None, False
+    set_seed(cfg.seed)  # model.from_config: the same random base as the run drew
+    return models.load_policy(cfg, tokenizer)
 
 
 def load(path, device):
@@ -52,15 +73,23 @@ def load(path, device):
 
     import data
     import models
-    folder, adapter = find_model(path)
+    base, adapter = find_model(path)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = models.from_pretrained(AutoModelForCausalLM, folder, "model", dtype=dtype)
+    run_config = base if base.endswith("config.yaml") else None  # a LoRA checkpoint: its own tokenizer
+    has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
+    source = adapter if has_tokenizer else os.path.dirname(run_config) if run_config else base
+    tokenizer = data.prepare_tokenizer(models.from_pretrained(AutoTokenizer, source, "tokenizer"))
+    if run_config:
+        model = run_base(run_config, tokenizer)
+    else:
+        model = models.from_pretrained(AutoModelForCausalLM, base, "model", dtype=dtype)
     if adapter is not None:
         import peft
-        model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    has_tokenizer = adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json"))
-    tokenizer = models.from_pretrained(AutoTokenizer, adapter if has_tokenizer else folder, "tokenizer")
-    return model.to(device).eval(), data.prepare_tokenizer(tokenizer)
+
+        from adapters import quiet_peft
+        with quiet_peft():
+            model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(device, dtype).eval(), tokenizer
 
 
 def sampling(args, tokenizer) -> dict:
@@ -126,7 +155,8 @@ def generate_file(model, tokenizer, records, args) -> int:
     shown = [reward_fns.prompt_for_rewards(r) for r in records for _ in range(k)]
     values = {}
     if args.rewards:
-        functions = reward_fns.load_rewards([{"function": f} for f in args.rewards])
+        entries = [{"model": f} if os.path.isdir(f) else {"function": f} for f in args.rewards]  # folder: reward model
+        functions = reward_fns.load_rewards(entries, device=args.device)
         total, values = reward_fns.score_records(functions, records, texts, completions, k)
         values = {"reward": total, **{f"rewards/{n}": v for n, v in values.items()}}
     with open(args.out, "w") as f:
@@ -144,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", help="generate for every prompt of this file instead of chatting")
     parser.add_argument("--out", default="completions.jsonl", help="--prompts: the JSON-lines file to write")
     parser.add_argument("--num_generations", type=int, default=1, help="--prompts: completions per prompt")
-    parser.add_argument("--rewards", nargs="*", default=[], help="--prompts: reward functions to score them with")
+    parser.add_argument("--rewards", nargs="*", default=[],
+                        help="--prompts: reward functions (or reward model folders) to score them with")
     parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -161,8 +192,8 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in a terminal chat
         records = formats.load_examples({"type": "custom_dataset", "path": args.prompts}, "prompt") \
             if args.prompts else None  # a bad prompt file is said before any model loads
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load(args.model, device)
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # a reward model's too
+        model, tokenizer = load(args.model, args.device)
         return generate_file(model, tokenizer, records, args) if args.prompts else chat(model, tokenizer, args) or 0
     except Exception as e:  # the project's one-line errors: bad input is exit 2
         from formats import DataError

@@ -216,6 +216,38 @@ def load_sharded_state(trainer, checkpoint_dir):
         return json.load(f)
 
 
+def load_weights_only(trainer, folder):
+    """eval_only: a checkpoint's policy weights, never its optimizer state, and the counters and loss state that
+    evaluation reads. The float32 masters of training_state.pt (memory-mapped: its optimizer tensors are not read),
+    else dcp/'s model part (a sharded run), else the exported model (LoRA: adapter/); so a checkpoint saved with
+    save_optimizer=false, or whose training_state.pt lacks the optimizer, evaluates too."""
+    path, lora = os.path.join(folder, "training_state.pt"), trainer.cfg.model.lora is not None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if os.path.isfile(path) else {}
+    if state.get("master_weights") is not None and trainer.layout.mesh is None:
+        load_weights(trainer, folder, state["master_weights"])
+    elif os.path.isdir(os.path.join(folder, "dcp")):
+        weights = {"model": get_model_state_dict(trainer.policy, options=TRAINED_ONLY)}
+        dcp.load(weights, checkpoint_id=os.path.join(folder, "dcp"), no_dist=not dist.is_initialized())
+        set_model_state_dict(trainer.policy, weights["model"],
+                             options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    elif lora and trainer.layout.mesh is None:
+        adapters.load_adapter_weights(trainer.policy, os.path.join(folder, "adapter"))
+    elif not lora:  # through transformers, which knows the export's key names
+        head = models.auto_class(losses.LOSSES[trainer.cfg.loss.name].head)
+        full = head.from_pretrained(folder, dtype=torch.float32).state_dict()
+        if trainer.layout.mesh is None:
+            load_weights(trainer, folder, full)
+        else:
+            set_model_state_dict(trainer.policy, full, options=StateDictOptions(full_state_dict=True))
+    else:
+        raise UserError(f"resume: {folder} holds no sharded weights (dcp/): evaluate it with trainer=BasicTrainer")
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        counters = json.load(f)
+    trainer.step, trainer.examples_seen = counters["step"], counters["examples_seen"]
+    if "loss_state" in state:  # bco_pair's running mean shifts its eval loss too
+        trainer.objective.load_state_dict(state["loss_state"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The run folder's checkpoints: <run>/step-000100, <run>/final; written as <name>.tmp and renamed when complete
 # ----------------------------------------------------------------------------------------------------------------

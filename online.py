@@ -45,7 +45,7 @@ class OnlineObjective:
             if self.method else {}
         # the loss scores the distribution the completions were sampled from: softmax(logits / temperature), as TRL
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.rewards = reward_fns.load_rewards(reward_entries(cfg))
+        self.rewards = reward_fns.load_rewards(reward_entries(cfg), device=models.device_type(cfg))
         self.shown = []  # the last evaluation's completions, for the samples file
 
     def state_dict(self) -> dict:

@@ -14,8 +14,6 @@ import sys
 from config import flat_keys
 from utils import UserError
 
-SAME_RUN_KEYS = ("exp_name", "output_dirs", "overwrite", "resume", "resume_allow_changes", "debug", "wandb.")  # not maths
-
 
 def load_run(folder):
     """(history rows, flat config or {}) of a run folder; one-line errors for a folder that is not a run."""
@@ -31,10 +29,18 @@ def load_run(folder):
     return history, flat_keys(OmegaConf.to_container(OmegaConf.load(config))) if os.path.isfile(config) else {}
 
 
+def same_run_key(key) -> bool:
+    """A key that does not change what a run trains: its name and folder, logging, evaluation and saving, the
+    process layout, speed and memory options (checkpoints.MAY_CHANGE_ON_RESUME, what a resume may change)."""
+    from checkpoints import MAY_CHANGE_ON_RESUME
+    same = (*MAY_CHANGE_ON_RESUME, "exp_name", "output_dirs", "resume")
+    return any(key == k or key.startswith(k + ".") for k in same)
+
+
 def labels(folders, configs) -> list:
     """Each run's name and the config values that set it apart from the others."""
     keys = sorted({k for c in configs for k in c})
-    differ = [k for k in keys if not k.startswith(SAME_RUN_KEYS) and len({repr(c.get(k)) for c in configs}) > 1]
+    differ = [k for k in keys if not same_run_key(k) and len({repr(c.get(k)) for c in configs}) > 1]
     names = [os.path.basename(os.path.normpath(f)) for f in folders]
     names = [n if names.count(n) == 1 else os.path.normpath(f) for n, f in zip(names, folders)]
     return [f"{name} ({', '.join(f'{k}={c.get(k)}' for k in differ)})" if differ else name

@@ -43,16 +43,19 @@ def check_reward_model(path: str, key: str):
 class ModelReward:
     """The reward function of a reward model, with TRL's signature (prompts, completions, completion_ids, **columns)."""
 
-    def __init__(self, path: str, key: str):
+    def __init__(self, path: str, key: str, device=None):
+        """device: the run's ("cpu", "cuda": the current GPU, or a torch.device); None: cuda when there is a GPU."""
         check_reward_model(path, key)
-        self.path, self.key, self.model, self.tokenizer = path, key, None, None
+        self.path, self.key, self.device, self.model, self.tokenizer = path, key, device, None, None
         self.__name__ = reward_name(path)
 
     def load(self):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         import models
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.tokenizer = models.from_pretrained(AutoTokenizer, self.path, self.key)
         if self.tokenizer.pad_token_id is None:

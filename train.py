@@ -104,15 +104,15 @@ def build_data(cfg, tokenizer):
 
 def resolve_resume(cfg) -> list:
     """The checkpoints to continue from, the preferred first ([] to start afresh); refuses to mix a new run into an
-    old run's folder. resume=auto lists the run's resumable checkpoints newest first, leaving out (with a warning)
-    any whose files were cut short or removed since they were written."""
+    old run's folder. resume=auto lists the run's resumable checkpoints (eval_only: any complete one) newest first,
+    leaving out (with a warning) any whose files were cut short or removed since they were written."""
     run_dir = run_dir_of(cfg)
     if cfg.resume is None:
         refuse_a_second_run(cfg)
         return []
     if cfg.resume == "auto":
         found = []
-        for _, path in reversed(checkpoints.list_checkpoints(run_dir, resumable=True)):
+        for _, path in reversed(checkpoints.list_checkpoints(run_dir, resumable=not cfg.eval_only)):
             problem = checkpoints.checkpoint_problem(path)
             if problem and is_main_process():
                 print(f"warning: checkpoint {path} is damaged ({problem}): skipped", file=sys.stderr)
@@ -153,11 +153,13 @@ def check_resumed_config(cfg, candidates) -> tuple[list, bool]:
 
 
 def load_newest(trainer, candidates):
-    """Load the first checkpoint of `candidates` that loads; with resume=auto an unreadable one (corrupt in a way
-    its file sizes do not show) is skipped with a warning. Returns the path, or None for a fresh start."""
+    """Load the first checkpoint of `candidates` that loads (eval_only: its weights only); with resume=auto an
+    unreadable one (corrupt in a way its file sizes do not show) is skipped with a warning. Returns the path, or None
+    for a fresh start."""
+    load = checkpoints.load_weights_only if trainer.cfg.eval_only else checkpoints.load  # eval: no optimizer state
     for path in candidates:
         try:
-            checkpoints.load(trainer, path)
+            load(trainer, path)
             return path
         except (Exception, CheckpointException) as e:  # whatever torch.load / safetensors / DCP raise for damage
             e = checkpoints.first_failure(e) if isinstance(e, CheckpointException) else e

@@ -28,6 +28,21 @@ def tiny_model_dir(tmp_path_factory):
     return save_model_folder(tmp_path_factory.mktemp("tiny-model"), TINY_ARCH)
 
 
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory):
+    """A reward model folder (random weights): TINY_ARCH with a scalar head (AutoModelForSequenceClassification,
+    one label) and the example tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    path = tmp_path_factory.mktemp("tiny-rm")
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    arch = dict(TINY_ARCH)
+    config = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tokenizer), num_labels=1, **arch)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def save_model_folder(path, arch):
     """A model of architecture `arch` (a from_config dict with its model_type; seed 0) and the example tokenizer,
     saved as a Hugging Face folder at `path`; returns the path."""

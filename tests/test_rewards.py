@@ -264,3 +264,23 @@ def test_example_reward_depends_on_the_prompt():
     values = reward.fn(prompts=prompts + ["Please write numbers."], completions=["x"] * 4,
                        completion_ids=[ids, ids + [eos], ids, []])
     assert values == [3 / 7, 4 / 7, None, 0.0]  # the end-of-sequence token counts as neither
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A reward model runs where the run runs
+# ---------------------------------------------------------------------------------------------------------------------
+def test_a_reward_model_stays_on_the_runs_device(tiny_reward_model_dir, monkeypatch):
+    """device: cpu (load_rewards' device, and what online.py passes from the config) keeps a reward model on the
+    CPU even where a GPU is seen: with torch.cuda.is_available() forced True it would otherwise move to CUDA."""
+    import online
+    from config import load_config
+    from models import build_tokenizer
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    direct = load_rewards([{"model": tiny_reward_model_dir}], device="cpu")[0]
+    cfg = load_config(os.path.join(ROOT, "example", "tiny-grpo.yml"),
+                      [f"rewards=[{{model: {tiny_reward_model_dir}}}]", "device=cpu"])
+    from_run = online.OnlineObjective(cfg, build_tokenizer(cfg)).rewards[0]
+    for reward in (direct, from_run):
+        scores = reward.fn(prompts=["Say hi.", "Count."], completions=["hi", "1 2 3"], completion_ids=[[], []])
+        assert len(scores) == 2 and all(math.isfinite(s) for s in scores)
+        assert {p.device.type for p in reward.fn.model.parameters()} == {"cpu"}
