@@ -6,6 +6,7 @@ that produced a checkpoint (`config_changes`).
     <run>/step-000100/   config.json, model*.safetensors (policy_dtype), tokenizer, config.yaml,
                          training_state.pt (scheduler, scaler, RNG, counters; one device: optimizer + float32 masters),
                          dcp/ (sharded runs: optimizer + float32 masters, any world size), adapter/ (LoRA),
+                         PPO: the critic's weights + optimizer in training_state.pt or critic_dcp/, final/critic/,
                          trainer_state.json (step, examples_seen, files: the mark of a complete folder)
     <run>/final/         the same, after the last step
 
@@ -62,13 +63,23 @@ def save(trainer, name):
     else:
         full = trainer.layout.full_state_dict(trainer.policy)  # collective
         state = sharding.export_state(trainer.policy, full, save_dtype)
-    writing = None
+    writing, critic = None, None
+    if trainer.critic is not None and name == "final":  # PPO's critic, as a model transformers loads: final/critic/
+        critic = sharding.export_state(trainer.critic, trainer.layout.full_state_dict(trainer.critic), save_dtype)
     if trainer.cfg.save_optimizer:  # collective under FSDP; written by every process
         writing = trainer.layout.save_sharded(trainer.policy, trainer.optimizer, os.path.join(tmp, "dcp"),
                                               background=trainer.cfg.fsdp.async_checkpoint and name != "final")
+        if trainer.critic is not None:  # its shards beside the policy's (a future already done: written now)
+            critic_writing = trainer.layout.save_sharded(trainer.critic, trainer.critic_optimizer,
+                                                         os.path.join(tmp, "critic_dcp"))
+            if critic_writing is not None:
+                critic_writing.result()
     if trainer.is_main:
         try:
             write_files(trainer, tmp, state, adapter)
+            if critic is not None:
+                trainer.critic.save_pretrained(os.path.join(tmp, "critic"), state_dict=critic)
+                trainer.tokenizer.save_pretrained(os.path.join(tmp, "critic"))
         except Exception as e:  # disk full, quota, I/O error: OSError, or RuntimeError from torch's zip writer
             raise _failed(trainer, tmp, final, write_failure(e, trainer.run_dir)) from e
     trainer.pending_save = writing, tmp, final, {"step": trainer.step, "examples_seen": trainer.examples_seen}
@@ -156,6 +167,9 @@ def write_files(trainer, folder, state, adapter=None):
             # (transformers saves some heads under other names, e.g. GPT-NeoX's lm_head as embed_out)
             # (LoRA: the adapter's float32 weights; the frozen base is rebuilt from the config)
             state["master_weights"] = adapters.adapter_state(trainer.policy) if lora else trainer.policy.state_dict()
+            if trainer.critic is not None:  # PPO: the critic's float32 weights and optimizer
+                state["critic"] = {"weights": trainer.critic.state_dict(),
+                                   "optimizer": trainer.critic_optimizer.state_dict()}
         torch.save(state, os.path.join(folder, "training_state.pt"))
 
 
@@ -185,7 +199,14 @@ def load(trainer, folder):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "optimizer" not in state:  # written by a sharded run: weights and optimizer from dcp/, any world size
         load_sharded_state(trainer, folder)
+        if trainer.critic is not None:
+            load_sharded_state(trainer, folder, trainer.critic, trainer.critic_optimizer, "critic_dcp")
     else:
+        if trainer.critic is not None:
+            if "critic" not in state:
+                raise UserError(f"resume: {folder} holds no critic: it was not written by a run with one")
+            trainer.critic.load_state_dict(state["critic"]["weights"])
+            trainer.critic_optimizer.load_state_dict(state["critic"]["optimizer"])
         if state.get("master_weights") is None:  # written before the masters were always kept: the export
             head = models.auto_class(losses.LOSSES[trainer.cfg.loss.name].head)  # through transformers, which knows
             state["master_weights"] = head.from_pretrained(folder, dtype=torch.float32).state_dict()  # its key names
@@ -200,18 +221,20 @@ def load(trainer, folder):
     trainer.load_state_dict({**state, "step": counters["step"], "examples_seen": counters["examples_seen"]})
 
 
-def load_sharded_state(trainer, checkpoint_dir):
-    """Restore policy and optimizer from `<checkpoint_dir>/dcp` (written by a sharded run's save) into `trainer`, sharded
-    or not and at any world size (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
-    path = os.path.join(checkpoint_dir, "dcp")
+def load_sharded_state(trainer, checkpoint_dir, model=None, optimizer=None, folder="dcp"):
+    """Restore policy and optimizer (or another trained `model` and its `optimizer`: PPO's critic, from critic_dcp/)
+    from `<checkpoint_dir>/dcp` (written by a sharded run's save) into `trainer`, sharded or not and at any world size
+    (DCP reshards on load); returns trainer_state.json ({step, examples_seen})."""
+    model, optimizer = model or trainer.policy, optimizer or trainer.optimizer
+    path = os.path.join(checkpoint_dir, folder)
     if not os.path.isdir(path):
-        raise UserError(f"{checkpoint_dir}: no sharded training state (dcp/) to resume from")
-    state = {"model": get_model_state_dict(trainer.policy, options=TRAINED_ONLY),
-             "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=TRAINED_ONLY)}
+        raise UserError(f"{checkpoint_dir}: no sharded training state ({folder}/) to resume from")
+    state = {"model": get_model_state_dict(model, options=TRAINED_ONLY),
+             "optimizer": get_optimizer_state_dict(model, optimizer, options=TRAINED_ONLY)}
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process (OneDevice) reads it all
     # not strict: the frozen base (LoRA) is not in it; every trained key is (dcp.load fails on one the files lack)
-    set_model_state_dict(trainer.policy, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    set_optimizer_state_dict(trainer.policy, trainer.optimizer, state["optimizer"], options=TRAINED_ONLY)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=TRAINED_ONLY)
     with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
         return json.load(f)
 

@@ -74,12 +74,12 @@ class ModelConfig:
 # is what each one does, and a test keeps the two equal
 LOSS_NAMES = ("sft", "dft", "dpo", "robust", "ipo", "hinge", "exo_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
               "discopop", "bco_pair", "simpo", "cpo", "orpo", "kto", "reward_model", "grpo", "dr_grpo", "dapo",
-              "gspo", "rloo", "reinforce_pp")
+              "gspo", "rloo", "reinforce_pp", "ppo")
 
 
 @dataclass
 class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the chosen loss does not use is ignored (a warning)
-    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto | reward_model | online: grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp
+    name: str = "dpo"                       # sft | dft | dpo | robust | ipo | hinge | exo_pair | nca_pair | sppo_hard | apo_zero | apo_down | discopop | bco_pair | simpo | cpo | orpo | kto | reward_model | online: grpo | dr_grpo | dapo | gspo | rloo | reinforce_pp | ppo
     beta: Optional[float] = num(None, ge=0)  # temperature: strength of the pull towards the reference (0.1; simpo 2.0; orpo: its lambda); online: the KL coefficient (0 builds no reference; rloo, reinforce_pp 0.05)
     label_smoothing: Optional[float] = num(None, ge=0, lt=1)  # dpo/cpo/simpo: cDPO's flipped-label probability, < 0.5 (0); robust: noise rate, < 0.5 (0.1); exo_pair: eps, > 0 (1e-3)
     simpo_gamma: Optional[float] = num(None, ge=0)  # simpo: target reward margin gamma (1.0, i.e. gamma/beta = 0.5)
@@ -93,6 +93,12 @@ class LossConfig:  # null = the loss's own default (losses.LOSSES); a key the ch
     center_rewards_coefficient: Optional[float] = num(None, ge=0)  # reward_model: weight of (r_c + r_r)^2, keeping scores near 0 (0.0; Eisenstein et al. use 0.01)
     epsilon: Optional[float] = num(None, gt=0, lt=1)  # online: clip range below 1 (and above, unless epsilon_high is set) (0.2; gspo 3e-4)
     epsilon_high: Optional[float] = num(None, gt=0)  # online: clip range above 1 (epsilon; dapo's clip-higher 0.28; gspo 4e-4)
+    gamma: Optional[float] = num(None, ge=0, le=1)  # ppo: discount of GAE (1.0)
+    lam: Optional[float] = num(None, ge=0, le=1)  # ppo: lambda of GAE, bias (0) to variance (1) (0.95)
+    cliprange_value: Optional[float] = num(None, gt=0)  # ppo: how far a value may move from the rollout's in one update (0.2)
+    vf_coef: Optional[float] = num(None, gt=0)  # ppo: weight of the critic's value loss (0.1)
+    kl_target: Optional[float] = num(None, gt=0)  # ppo: adapt beta towards this KL per sequence (Ziegler et al.); null = beta fixed (null)
+    kl_horizon: Optional[int] = num(None, ge=1)  # ppo: sequences over which the adaptive beta moves by at most 20% (10000)
 
 
 @dataclass
@@ -116,6 +122,12 @@ class RewardConfig:  # one entry of `rewards:`; the rewards are summed with thei
     pattern: Optional[str] = None           # format: the regex the whole completion must match (null: <think>.*?</think>.*)
     max_length: Optional[int] = num(None, ge=1)  # overlong: completions longer than this get -1
     buffer: Optional[int] = num(None, ge=1)  # overlong: the last `buffer` tokens before max_length are penalised linearly
+
+
+@dataclass
+class CriticConfig:  # ppo: the value model, trained beside the policy with its own optimizer
+    name_or_path: Optional[str] = None      # a scalar-head model (e.g. the reward model's final/) or a causal LM; null = the policy's initial weights, new zero head
+    lr: Optional[float] = num(None, gt=0)   # its peak learning rate (same schedule and optimizer as the policy); null = lr
 
 
 @dataclass
@@ -191,6 +203,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: List[RewardConfig] = field(default_factory=list)  # online methods: what scores a completion (see RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -254,7 +267,7 @@ def _nested_schema(tp):
     return None
 
 
-def choices(word, allowed, limit=24) -> str:
+def choices(word, allowed, limit=32) -> str:
     """'a, b, c' and a did-you-mean for `word`, for one-line errors; a longer list shows the `limit` names closest to
     `word` and how many more there are."""
     allowed = [str(a) for a in allowed]
@@ -383,7 +396,7 @@ def _check_loss(loss_cfg, notes):
                          f"{high:g}; its default is {uses[f.name]}): leave it null for the default")
         loss_cfg[f.name] = uses[f.name] if value is None else value
     if spec.online is not None:  # an explicit epsilon is the clip range on both sides unless epsilon_high is set
-        loss_cfg.update(rl_losses.resolve(spec.online, **explicit))
+        loss_cfg.update(rl_losses.resolve(spec.online, *(explicit[k] for k in ("beta", "epsilon", "epsilon_high"))))
 
 def _check_online(cfg):
     """What an online method needs before any model is loaded: reward functions that load and take TRL's arguments,

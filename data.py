@@ -419,7 +419,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
 
 
 # --- CLI ---------------------------------------------------------------------------------------------------------
-ONLINE_LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")  # rl_losses.ONLINE (it imports torch)
+ONLINE_LOSSES = ("grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo")  # rl_losses.ONLINE (it imports torch)
 LOSS_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "reward_model": "preference",  # --loss
               **dict.fromkeys(ONLINE_LOSSES, "prompt")}
 CONVERT_KINDS = {"sft": "sft", "dpo": "preference", "kto": "unpaired", "prompts": "prompt"}  # --to -> data kind

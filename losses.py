@@ -376,6 +376,9 @@ EPS = {**BETA, "label_smoothing": {"ge": 0, "lt": 0.5}}  # a flip probability: 0
 # SimPO's 2-10 on length-averaged log-probs, ORPO's lambda 0.1-1, SPPO's 1/eta down to 1e-3. A value from another
 # loss's range (simpo with DPO's 0.1, after `loss.name=simpo` on a DPO config) is noted in the run header.
 USUAL = {"beta": (0.01, 1.0)}
+# a method with a critic (ppo): GAE's discount and lambda, the value loss's clip and weight, the adaptive KL (TRL's
+# names and defaults; kl_target null: beta stays fixed)
+CRITIC = {"gamma": 1.0, "lam": 0.95, "cliprange_value": 0.2, "vf_coef": 0.1, "kl_target": None, "kl_horizon": 10000}
 LOSSES = {  # docs/losses.md lists them with their papers
     "sft": Loss(sft_loss, "sft"),
     "dft": Loss(dft_loss, "sft"),
@@ -410,7 +413,8 @@ LOSSES = {  # docs/losses.md lists them with their papers
     "reward_model": Loss(reward_model_loss, "preference", params={"center_rewards_coefficient": 0.0},
                          ranges={"center_rewards_coefficient": {"ge": 0}}, head="sequence_classification"),
     **{name: Loss(rl_losses.micro_batch_loss, "prompt", reference=True, online=method,
-                  params={"beta": method.beta, "epsilon": method.epsilon, "epsilon_high": method.epsilon_high})
+                  params={"beta": method.beta, "epsilon": method.epsilon, "epsilon_high": method.epsilon_high,
+                          **(CRITIC if method.critic else {})})
        for name, method in rl_losses.ONLINE.items()},
 }
 # loss.* keys that every pair loss takes (reference_free: those with a reference), and their defaults; they are

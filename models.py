@@ -1,7 +1,7 @@
 """Everything about networks: devices, loading the policy, attention kernels, the reference, the forward pass to
 log-probs and scores (sharding and export names: sharding.py; FLOP accounting: flops.py).
 
-    models.build_models(cfg, tokenizer, layout) -> (policy, reference)
+    models.build_models(cfg, tokenizer, layout) -> (policy, reference, critic or None)
 
 `layout` (layouts.OneDevice or layouts.FSDPRanks) exists before any model is built: it says where the weights go
 (one device, or shards over its device mesh). The reference is an object with one small interface, in four kinds:
@@ -290,7 +290,7 @@ def initial_policy(cfg, tokenizer, base_dtype, meta=False):
 
 
 def build_models(cfg, tokenizer, layout):
-    """(policy, reference) for this run, placed as the layout says: on its device, or sharded over its mesh. The
+    """(policy, reference, critic) for this run, placed as the layout says: on its device, or sharded over its mesh. The
     reference is a frozen copy of the initial policy when the loss needs one (losses.LOSSES). By default it IS the
     initial policy (float32 weights under the same autocast and the same FSDP mixed precision), so policy and
     reference agree exactly before any update; reference_dtype stores it in half precision instead. With LoRA the
@@ -298,12 +298,18 @@ def build_models(cfg, tokenizer, layout):
 
     Sharded (FSDPTrainer), no process ever holds more than one full copy: every process builds both models on the
     meta device (no memory), shards them, and fills its shards from the ONE copy that the main process reads
-    (`fill_from_main_process`); policy and reference come from that same read."""
+    (`fill_from_main_process`); policy and reference come from that same read (a PPO critic from one more).
+    The critic (ppo.initial_critic) is None unless the loss's row has one."""
     sharded, lora = layout.mesh is not None, cfg.model.lora is not None
     # FSDP2 gathers one dtype per block: sharded, a LoRA base stays float32 (1/world of it on each process)
     base_dtype = "float32" if sharded else cfg.model.policy_dtype
     source = initial_policy(cfg, tokenizer, base_dtype) if sharded and layout.rank == 0 else None  # read first: the
     policy = initial_policy(cfg, tokenizer, base_dtype, meta=sharded)  # same random numbers as one device
+    critic, critic_source = None, None
+    if getattr(losses.LOSSES[cfg.loss.name].online, "critic", False):  # ppo: a value model (ppo.py)
+        import ppo
+        critic_source = ppo.initial_critic(cfg, tokenizer, source) if source is not None else None
+        critic = ppo.initial_critic(cfg, tokenizer, policy, meta=sharded)
     reference = None
     if losses.needs_reference(cfg.loss) and not lora:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -313,15 +319,16 @@ def build_models(cfg, tokenizer, layout):
     if not sharded:
         policy.to(layout.device)
         reference = reference.to(layout.device) if reference is not None else None
+        critic = critic.to(layout.device) if critic is not None else None
     else:
-        shard_policy_and_reference(cfg, layout, policy, reference)
-        for model in (policy, reference) if reference is not None else (policy,):  # a replica (shard_reference:
-            offload = cfg.fsdp.cpu_offload and isinstance(model, FSDPModule)  # false) lives on the compute device
-            fill_from_main_process(model, source, layout.device, offload)
-        del source
+        shard_policy_and_reference(cfg, layout, policy, reference, critic)
+        for model, full in ((policy, source), (reference, source), (critic, critic_source)):
+            if model is not None:  # a replica (shard_reference: false) lives on the compute device
+                fill_from_main_process(model, full, layout.device, cfg.fsdp.cpu_offload and isinstance(model, FSDPModule))
+        del source, critic_source
     if lora and losses.needs_reference(cfg.loss):
-        return policy, AdapterOffReference(policy)
-    return policy, FrozenReference(reference) if reference is not None else NoReference()
+        return policy, AdapterOffReference(policy), critic
+    return policy, FrozenReference(reference) if reference is not None else NoReference(), critic
 
 
 def fill_from_main_process(model, source, device, offload):
@@ -348,20 +355,23 @@ def fill_from_main_process(model, source, device, offload):
             module._buffers[name] = value
 
 
-def shard_policy_and_reference(cfg, layout, policy, reference):
-    """fully_shard both over the layout's mesh (the reference only with fsdp.shard_reference, else a replica on each
-    device). Gathered weights in the compute dtype; gradients reduced in float32 into float32 master shards."""
+def shard_policy_and_reference(cfg, layout, policy, reference, critic=None):
+    """fully_shard the policy (and a critic) over the layout's mesh, the reference only with fsdp.shard_reference
+    (else a replica on each device). Gathered weights in the compute dtype; gradients reduced in float32 into float32
+    master shards."""
     block = find_block_class(policy, cfg.fsdp.block_class)
     mp_dtype = DTYPES[cfg.model.fsdp_policy_mp or cfg.model.policy_dtype]
     mixed = MixedPrecisionPolicy(param_dtype=None if mp_dtype == torch.float32 else mp_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cfg.fsdp.cpu_offload else OffloadPolicy()
-    shard_model(policy, block, layout.mesh, mixed, offload)
-    for module in policy.modules():
-        if isinstance(module, FSDPModule):
-            # each process's loss is already divided by the GLOBAL normalizer: gradients must be summed, not
-            # averaged. Plain SUM collectives (gloo has no PREMUL_SUM), then a division by 1.
-            module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
+    for model in (policy, critic) if critic is not None else (policy,):
+        shard_model(model, find_block_class(model, cfg.fsdp.block_class) if model is critic else block, layout.mesh,
+                    mixed, offload)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # each process's loss is already divided by the GLOBAL normalizer: gradients must be summed, not
+                # averaged. Plain SUM collectives (gloo has no PREMUL_SUM), then a division by 1.
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
     if reference is not None and cfg.fsdp.shard_reference:
         half = cfg.model.reference_dtype in ("bfloat16", "float16")  # else exactly the policy's compute
         shard_model(reference, block, layout.mesh, MixedPrecisionPolicy() if half else mixed, offload, frozen=True)
@@ -385,12 +395,7 @@ def token_logps(model, batch, temperature=1.0):
     Returns (logps [N] float32, seq_ids [N]: the sequence of each, logits [N, V]).
     """
     keep, targets, target_seqs = logprobs.scored_positions(batch["labels"], batch["seq_ids"])
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
-        inputs.pop("attention_mask", None)
-        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
-                      max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    logits = model(**forward_inputs(model, batch), use_cache=False, logits_to_keep=keep).logits
     logits = logits if temperature == 1.0 else logits / temperature
     return logprobs.label_logps(logits, targets), target_seqs, logits
 
@@ -408,26 +413,43 @@ def batch_logps(model, batch, n_seqs):
     return logprobs.sequence_logps(logps, seq_ids, n_seqs)
 
 
-def sequence_scores(model, batch):
-    """[n_seqs] float32: a scalar head's (HEADS sequence_classification) score of each sequence at its last token,
-    for padded and packed rows alike. The head's output at every position is read by a forward hook on it, and each
-    sequence's last position picked: the model's own pooling (the last non-pad token of a row) would score a packed
-    row's last sequence only, and a reply ending in a pad-like eos at the wrong token."""
+def forward_inputs(model, batch) -> dict:
+    """The model's inputs of a batch (data.collate): ids, and the attention mask (padded) or position ids (packed);
+    with `attn_implementation: varlen_attn` the segments instead of a mask."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
+        inputs.pop("attention_mask", None)
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                      max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
+    return inputs
+
+
+def head_outputs(model, batch):
+    """[rows, tokens] float32: a scalar head's (HEADS sequence_classification) output at every position of a batch.
+    Read by a forward hook on the head: the model itself returns its pooled output only (the last non-pad token of
+    a row), which would score a packed row's last sequence only, and a reply ending in a pad-like eos at the wrong
+    token. Differentiable: the critic trains through it."""
     heads = [m for name, m in model.named_modules() if name.split(".")[-1] == "score"]  # LoRA: peft's wrapper
     if len(heads) != 1:
         raise ValueError(f"expected one 'score' head in {type(model).__name__}, found {len(heads)}")
     seen = []
     handle = heads[0].register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        model(**inputs, use_cache=False)
+        model(**forward_inputs(model, batch), use_cache=False)
     finally:
         handle.remove()
+    return seen[0].squeeze(-1).float()
+
+
+def sequence_scores(model, batch):
+    """[n_seqs] float32: a scalar head's score of each sequence at its last token (`head_outputs`), for padded and
+    packed rows alike."""
+    outputs = head_outputs(model, batch)
     seq_ids = batch["seq_ids"].flatten()
     where = torch.arange(len(seq_ids), device=seq_ids.device)[seq_ids >= 0]
     last = torch.zeros(batch["n_seqs"], dtype=torch.long, device=seq_ids.device).scatter_reduce(
         0, seq_ids[seq_ids >= 0], where, "amax")
-    return seen[0].reshape(-1)[last].float()
+    return outputs.reshape(-1)[last]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -117,18 +117,11 @@ class OnlineObjective:
         reference's when beta > 0), all no grad, before the first micro-batch."""
         G, cfg = self.rollout.num_generations, trainer.cfg
         prompts, completions, truncated, total, per_function, seconds = self.roll_out(trainer, examples, local)
-        items = rollouts.as_examples(prompts, completions)
-        for i, item in enumerate(items):
-            item["rollout_index"] = i
-        width = max(len(c) for c in completions)
-        mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
-        if self.rollout.mask_truncated:  # a cut completion has no reward for its ending: no loss either
-            mask[torch.tensor(truncated)] = 0.0
+        items, mask, width = self.rollout_items(prompts, completions, truncated)
         reference, old = self.token_logps(trainer, items, width)
         kl = old - reference if reference is not None and old is not None else None
-        reduce = lambda t: torch.tensor(list(trainer.layout.reduce_sums(dict(enumerate(t.tolist()))).values()),  # noqa: E731
-                                        dtype=t.dtype)
-        advantages = rl_losses.advantages(self.method, total, G, mask, kl, self.hp["beta"], reduce)
+        advantages = rl_losses.advantages(self.method, total, G, mask, kl, self.hp["beta"],
+                                          lambda t: self.global_sum(trainer, t))
         if self.rollout.num_iterations == 1:
             old = None  # on-policy: the ratio is 1 with the gradient of the log-probs (as logps.detach())
         metrics, norm = self.rollout_metrics(trainer, total, per_function, completions, truncated, float(mask.sum()), G,
@@ -136,6 +129,24 @@ class OnlineObjective:
         micro = math.ceil(len(items) / cfg.gradient_accumulation_steps)
         stats = {"mask": mask, "advantages": advantages, "old": old, "reference": reference, "width": width}
         return Work(norm, items, micro, stats, passes=self.rollout.num_iterations, metrics=metrics)
+
+    def rollout_items(self, prompts, completions, truncated):
+        """(items, mask [N, width], width): the completions as examples (rollouts.as_examples, each with its place in
+        the rollout), and the loss tokens (a truncated completion's none with rollout.mask_truncated)."""
+        items = rollouts.as_examples(prompts, completions)
+        for i, item in enumerate(items):
+            item["rollout_index"] = i
+        width = max(len(c) for c in completions)
+        mask = torch.tensor([[1.0] * len(c) + [0.0] * (width - len(c)) for c in completions])
+        if self.rollout.mask_truncated:  # a cut completion has no reward for its ending: no loss either
+            mask[torch.tensor(truncated)] = 0.0
+        return items, mask, width
+
+    @staticmethod
+    def global_sum(trainer, values):
+        """A statistics tensor summed over the processes (whitening over the global batch)."""
+        return torch.tensor(list(trainer.layout.reduce_sums(dict(enumerate(values.tolist()))).values()),
+                            dtype=values.dtype)
 
     @torch.no_grad()
     def token_logps(self, trainer, items, width):

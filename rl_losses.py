@@ -97,14 +97,14 @@ def kl_in_reward(rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards - beta * (kl * mask).sum(1)
 
 
-def token_returns(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
-    """REINFORCE++'s returns (Hu 2025, arXiv:2501.03262), before the global whitening.
+def token_rewards(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
+    """The per-token rewards of REINFORCE++ and PPO (Ouyang et al. 2022, arXiv:2203.02155; Hu 2025, arXiv:2501.03262):
 
-        r_t = -beta * k1_t  (+ r_i at the sequence's last completion token),   G_t = sum_{s >= t} r_s   (gamma = 1)
+        r_t = -beta * k1_t  (+ r_i at the sequence's last completion token)
 
-    ``kl`` [N, T]: the rollout's k1 = old_logps - ref_logps (None: no KL shaping). Returns (returns [N, T],
-    scored [N, T]): ``scored`` is ``mask`` on the rows whose reward is a number; returns are 0 elsewhere, and the
-    whitening statistics must be taken over ``scored`` (``whiten_stats``).
+    ``kl`` [N, T]: the rollout's k1 = old_logps - ref_logps (None: no KL shaping). Returns (per-token rewards [N, T],
+    scored [N, T]): ``scored`` is ``mask`` on the rows whose reward is a number; rewards are 0 elsewhere, and any
+    statistics (whitening) must be taken over ``scored``.
     """
     mask = mask.to(rewards.dtype)
     per_token = torch.zeros_like(mask) if kl is None or not beta else -beta * kl.to(rewards.dtype) * mask
@@ -113,9 +113,60 @@ def token_returns(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | 
     has_tokens = n_tokens > 0
     rows = torch.arange(len(rewards), device=rewards.device)[has_tokens]
     per_token[rows, last[has_tokens]] += torch.nan_to_num(rewards[has_tokens], nan=0.0)
-    returns = per_token.flip(1).cumsum(1).flip(1) * mask
     scored = mask * (~torch.isnan(rewards)).to(mask.dtype)[:, None]
-    return returns * scored, scored
+    return per_token * scored, scored
+
+
+def token_returns(rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, beta: float = 0.0):
+    """REINFORCE++'s returns, before the global whitening: G_t = sum_{s >= t} r_s (gamma = 1) of ``token_rewards``.
+    Returns (returns [N, T], scored [N, T]) as ``token_rewards``."""
+    per_token, scored = token_rewards(rewards, mask, kl, beta)
+    return per_token.flip(1).cumsum(1).flip(1) * scored, scored
+
+
+def gae(per_token: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438) over each completion's tokens:
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1},   returns R_t = A_t + V_t
+
+    with V and A 0 after the last token (the episode ends there). per_token: [N, T] rewards (``token_rewards``);
+    values: [N, T] the critic's value of the state before each token (no grad); mask: [N, T], 1 on the tokens (a
+    completion's tokens are the first ones of its row). Returns (advantages [N, T], returns [N, T]), 0 off the mask.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    following_value, following = values.new_zeros(len(values)), values.new_zeros(len(values))
+    for t in reversed(range(values.shape[1])):
+        delta = per_token[:, t] + gamma * following_value - values[:, t]
+        following = (delta + gamma * lam * following) * mask[:, t]
+        following_value = values[:, t]
+        advantages[:, t] = following
+    return advantages, (advantages + values) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float, norm: dict):
+    """PPO's clipped value loss (as TRL's PPO and verl's compute_value_loss), this micro-batch's share of the global
+    token mean:
+
+        L_V = 1/2 sum_t m_t max((V_t - R_t)^2, (clip(V_t, V_old_t - clip, V_old_t + clip) - R_t)^2) / norm["tokens"]
+
+    Returns (loss with grad, {"value_loss", "value_clipfrac" (share of tokens where the clipped term is larger)}).
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_sq, clipped_sq = (values - returns).pow(2), (clipped - returns).pow(2)
+    loss = 0.5 * token_mean(torch.max(unclipped_sq, clipped_sq), mask, norm)
+    clipfrac = token_mean((clipped_sq > unclipped_sq).to(values.dtype), mask, norm)
+    return loss, {"value_loss": loss.detach(), "value_clipfrac": clipfrac}
+
+
+def adaptive_kl(beta: float, kl: float, target: float, horizon: int, n_sequences: int) -> float:
+    """The adaptive KL coefficient of Ziegler et al. 2019 (arXiv:1909.08593, sec. 2.2; TRL's and OpenRLHF's
+    AdaptiveKLController): beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), where KL is the
+    rollout's mean over sequences of sum_t k1_t and n the number of sequences in it."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return beta * (1.0 + error * n_sequences / horizon)
 
 
 def whiten_stats(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -156,6 +207,17 @@ def advantages(method, rewards, num_generations, mask, kl=None, beta=0.0, reduce
     if reward_kl is not None:
         rewards = kl_in_reward(rewards, reward_kl, mask, beta)
     return method.advantage(rewards, num_generations)
+
+
+def critic_advantages(method, rewards, values, mask, kl, beta, gamma, lam, reduce=None):
+    """(advantages [N, T], returns [N, T]) of a rollout under a method with a critic (``method.critic``): GAE over
+    its per-token rewards (``method.advantage``, the KL folded in when ``method.kl == "reward"``) with the critic's
+    ``values`` [N, T]; the advantages whitened over the global batch (``reduce`` as in ``advantages``), the returns
+    (the value loss's targets) not."""
+    per_token, scored = method.advantage(rewards, mask, kl if method.kl == "reward" and beta else None, beta)
+    adv, returns = gae(per_token, values, scored, gamma, lam)
+    stats = whiten_stats(adv, scored)
+    return whiten(adv, scored, stats if reduce is None else reduce(stats)), returns
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,6 +334,7 @@ class Online:
     epsilon_high: float    # default clip range above 1 (epsilon unless the method decouples them)
     groups: bool           # needs G >= 2 completions per prompt (a group baseline)
     whiten: bool = False   # advantages are token returns whitened over the global batch (statistics are collective)
+    critic: bool = False   # a learned value baseline: GAE over `advantage`'s per-token rewards (ppo.py trains the critic)
     paper: str = ""
 
 
@@ -294,6 +357,11 @@ ONLINE = {
     # global batch, PPO clip 0.2, token mean; one completion per prompt is enough
     "reinforce_pp": Online(token_returns, "token", token_mean, "reward", 0.05, 0.2, 0.2, False, whiten=True,
                            paper="arXiv:2501.03262"),
+    # PPO with a critic (the RLHF recipe of InstructGPT): per-token -beta k1 reward (beta 0.05, TRL), GAE
+    # (gamma 1.0, lam 0.95: TRL and OpenRLHF) whitened over the global batch, PPO clip 0.2, token mean; the critic's
+    # clipped value loss and its own optimizer in ppo.py
+    "ppo": Online(token_rewards, "token", token_mean, "reward", 0.05, 0.2, 0.2, False, whiten=True, critic=True,
+                  paper="arXiv:1707.06347"),
 }
 
 

@@ -243,8 +243,8 @@ def build_trainer(cfg):
     layout = LAYOUTS[cfg.trainer](cfg)  # the processes first: the models are built and placed for them
     tokenizer = models.build_tokenizer(cfg)
     train_data, eval_data = build_data(cfg, tokenizer)
-    policy, reference = models.build_models(cfg, tokenizer, layout)
-    return Trainer(cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir_of(cfg))
+    policy, reference, critic = models.build_models(cfg, tokenizer, layout)
+    return Trainer(cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir_of(cfg), critic=critic)
 
 
 def print_header(trainer, n_params, resume_from, notes):

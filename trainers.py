@@ -27,6 +27,7 @@ from flops import model_flop_shape, model_flops, peak_flops
 from metrics import MetricsWriter, plot_curves
 from objectives import OfflineObjective
 from online import OnlineObjective, OnlinePairs
+from ppo import CriticObjective
 from sources import DatasetSource
 from utils import TrainingError, UserError, abort_now, rng_state, set_rng_state
 
@@ -34,12 +35,15 @@ from utils import TrainingError, UserError, abort_now, rng_state, set_rng_state
 class Trainer:
     """Training over a layout: policy (+ reference), one readable loop in `train`."""
 
-    def __init__(self, cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir):
+    def __init__(self, cfg, layout, policy, reference, tokenizer, train_data, eval_data, run_dir, critic=None):
         self.cfg, self.layout, self.policy, self.reference, self.tokenizer = cfg, layout, policy, reference, tokenizer
-        self.train_data, self.run_dir = train_data, run_dir
+        self.train_data, self.run_dir, self.critic = train_data, run_dir, critic
         self.rank, self.world_size, self.device = layout.rank, layout.world_size, layout.device
-        # the row says: completions sampled for a method's own loss, or examples; a pair loss may sample its pairs
-        self.objective = (OnlineObjective(cfg, tokenizer) if losses.LOSSES[cfg.loss.name].online is not None else
+        # the row says: completions sampled for a method's own loss (with a critic: PPO), or examples; a pair loss may
+        # sample its pairs
+        method = losses.LOSSES[cfg.loss.name].online
+        self.objective = (CriticObjective(cfg, tokenizer) if method is not None and method.critic else
+                          OnlineObjective(cfg, tokenizer) if method is not None else
                           OnlinePairs(cfg, tokenizer) if cfg.loss.online else OfflineObjective(cfg.loss))
         self.source = DatasetSource(train_data, cfg, self.world_size)
         self.compute_dtype = models.DTYPES[cfg.model.policy_dtype]
@@ -49,6 +53,13 @@ class Trainer:
         # the eval set is cut to a multiple of world_size, as the source cuts the last global batch
         self.eval_data = eval_data[: len(eval_data) - len(eval_data) % self.world_size]
         self.scheduler = build_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        # PPO's critic: trained beside the policy with its own optimizer and learning rate, on the same schedule
+        self.critic_optimizer = self.critic_scheduler = None
+        if critic is not None:
+            self.critic_optimizer = build_optimizer(critic, cfg.optimizer, cfg.critic.lr or cfg.lr, cfg.weight_decay,
+                                                    dict(cfg.optimizer_kwargs))
+            self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg.lr_scheduler, cfg.warmup_steps,
+                                                    self.total_steps)
         if cfg.warmup_steps > self.total_steps and self.is_main:
             print(f"warning: warmup_steps={cfg.warmup_steps} is longer than the run ({self.total_steps} steps): the "
                   f"learning rate never reaches lr={cfg.lr:g} (its peak is {self.total_steps / (cfg.warmup_steps + 1):.0%} "
@@ -78,12 +89,15 @@ class Trainer:
         training state is added here, once."""
         return {"step": self.step, "examples_seen": self.examples_seen, "nonfinite_streak": self.nonfinite_streak,
                 "wandb_id": self.wandb_id, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "loss_state": self.objective.state_dict(), "rng": rng_state()}
+                "loss_state": self.objective.state_dict(), "rng": rng_state(),
+                **({"critic_scheduler": self.critic_scheduler.state_dict()} if self.critic is not None else {})}
 
     def load_state_dict(self, state):
         self.step, self.examples_seen = state["step"], state["examples_seen"]
         self.nonfinite_streak, self.wandb_id = state["nonfinite_streak"], state["wandb_id"]
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.critic is not None:
+            self.critic_scheduler.load_state_dict(state["critic_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if "loss_state" in state:  # absent in checkpoints of earlier versions
             self.objective.load_state_dict(state["loss_state"])
@@ -110,6 +124,8 @@ class Trainer:
         of its passes forward/backward over the micro-batches, clip and an optimizer step; the schedule steps once.
         Returns the step's metrics (averaged over the passes), its trained tokens and FLOPs."""
         self.policy.train()
+        if self.critic is not None:
+            self.critic.train()
         objective = self.objective
         local = self.layout.local_share(examples)
         work = objective.prepare(self, examples, local)  # normalised over the GLOBAL batch: every share weighs right
@@ -127,7 +143,9 @@ class Trainer:
         # stepped before the optimizer (after a skipped first step) is about a mistake that this is not.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            self.scheduler.step()
+            for scheduler in (self.scheduler, self.critic_scheduler):
+                if scheduler is not None:
+                    scheduler.step()
         self.step += 1
         self.examples_seen += len(examples)
         totals.update(work.metrics, lr=lr, examples_seen=self.examples_seen)
@@ -138,8 +156,9 @@ class Trainer:
         global batch (one sync for all of them), its trained tokens and FLOPs (all processes)."""
         sums, tokens, flops, starts = {}, 0, 0.0, range(0, len(work.items), work.micro)
         for start in starts:
-            if isinstance(self.policy, FSDPModule):  # HSDP: gradients cross between replicas once per step, not per
-                self.policy.set_requires_all_reduce(start == starts[-1])  # micro-batch (no-op on a 1-D mesh)
+            for model in (self.policy, self.critic):  # HSDP: gradients cross between replicas once per step, not per
+                if isinstance(model, FSDPModule):  # micro-batch (no-op on a 1-D mesh)
+                    model.set_requires_all_reduce(start == starts[-1])
             examples_mb, batch = self.objective.micro_batch(self, work.items[start:start + work.micro])
             with self.autocast():
                 loss, mb_sums = self.objective.loss(self, batch, work)
@@ -156,14 +175,21 @@ class Trainer:
     def update(self, sums):
         """Clip and take the optimizer step (skipped when the loss or gradient is not finite; too many in a row stop
         the run). Returns the gradient norm and whether the step was taken."""
-        self.scaler.unscale_(self.optimizer)
+        trained = [(self.policy, self.optimizer)] + ([(self.critic, self.critic_optimizer)] if self.critic else [])
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = self.layout.clip_gradients(self.policy, max_norm)
+        norms = []
+        for model, optimizer in trained:  # each model clipped on its own (PPO's critic: as TRL and OpenRLHF)
+            self.scaler.unscale_(optimizer)
+            norms.append(self.layout.clip_gradients(model, max_norm))
+        grad_norm = norms[0]
+        if self.critic is not None:
+            sums["critic/grad_norm"] = norms[1]
         # fp16: the grad scaler skips steps with inf gradients by itself (that is how it finds its scale)
-        finite = math.isfinite(sums["loss"]) and (self.scaler.is_enabled() or math.isfinite(grad_norm))
+        finite = math.isfinite(sums["loss"]) and (self.scaler.is_enabled() or all(map(math.isfinite, norms)))
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         if finite:
-            self.scaler.step(self.optimizer)
+            for _, optimizer in trained:
+                self.scaler.step(optimizer)
             self.scaler.update()
         else:
             tqdm.write(f"warning: step {self.step + 1}: non-finite loss or gradient (loss={sums['loss']}, "
@@ -172,7 +198,8 @@ class Trainer:
                 raise TrainingError(f"{self.nonfinite_streak} steps in a row had a non-finite loss or gradient: training "
                                     "diverged (lower lr, check the data, or use bfloat16 instead of float16); the last "
                                     "good checkpoint is kept")
-        self.optimizer.zero_grad(set_to_none=True)
+        for _, optimizer in trained:
+            optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------

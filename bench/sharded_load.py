@@ -254,7 +254,7 @@ def worker(kind, model_dir, path):
     reset = reset_peak()
     started = time.time()
     if path == "new":
-        policy, reference = models.build_models(cfg, tokenizer, layout)
+        policy, reference, _ = models.build_models(cfg, tokenizer, layout)
         reference = getattr(reference, "model", None)
     else:
         policy, reference = old_build(cfg, tokenizer, layout)

@@ -133,7 +133,7 @@ def test_resolve_defaults_and_overrides():
     assert resolve(ONLINE["rloo"]) == {"beta": 0.05, "epsilon": 0.2, "epsilon_high": 0.2}
     assert resolve(ONLINE["dapo"], epsilon=0.1) == {"beta": 0.0, "epsilon": 0.1, "epsilon_high": 0.1}
     assert resolve(ONLINE["grpo"], beta=0.04, epsilon_high=0.3) == {"beta": 0.04, "epsilon": 0.2, "epsilon_high": 0.3}
-    assert {name for name, row in ONLINE.items() if not row.groups} == {"reinforce_pp"}
+    assert {name for name, row in ONLINE.items() if not row.groups} == {"reinforce_pp", "ppo"}
     assert all(row.ratio in rl_losses.RATIOS and row.kl in ("loss", "reward") for row in ONLINE.values())
 
 
