@@ -143,7 +143,7 @@ class FSDPConfig:
     world_size: int = num(2, ge=1)          # plain `python train.py` on a machine with no GPU: CPU worker processes (gloo)
     block_class: Optional[str] = None       # module class sharded as one unit, e.g. LlamaDecoderLayer; null = detect from the model
     cpu_offload: bool = False               # keep sharded params, grads and optimizer state in CPU memory (CUDA only; slower)
-    shard_reference: bool = True            # shard the DPO reference like the policy (less memory) or replicate it (less traffic)
+    shard_reference: bool = True            # shard the DPO reference (and a reward model) like the policy (less memory) or replicate them (less traffic)
     timeout_minutes: int = num(30, ge=1)    # a collective that waits longer (dead rank or node) fails and stops every rank
     async_checkpoint: bool = False          # write step checkpoints' sharded state (dcp/) in the background while training goes on
     replicate: int = num(1, ge=1)           # HSDP: replicas (the number of nodes) x shards = world size; 1 = plain FSDP

@@ -45,7 +45,8 @@ class OnlineObjective:
             if self.method else {}
         # the loss scores the distribution the completions were sampled from: softmax(logits / temperature), as TRL
         self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-        self.rewards = reward_fns.load_rewards(reward_entries(cfg), device=models.device_type(cfg))
+        self.rewards = reward_fns.load_rewards(reward_entries(cfg), device=models.device_type(cfg),
+                                               shard=cfg.trainer == "FSDPTrainer" and cfg.fsdp.shard_reference)
         self.shown = []  # the last evaluation's completions, for the samples file
 
     def state_dict(self) -> dict:
@@ -93,7 +94,8 @@ class OnlineObjective:
             started = time.perf_counter()
             completions, truncated = self.generate(trainer, prompts, indices, G, trainer.step, self.rollout.temperature)
             seconds += time.perf_counter() - started
-            total, per_function = self.score(local, completions, G) if prompts else (None, {})
+            total, per_function = self.score(local[:len(prompts)], completions, G)  # on every process: a sharded
+            # reward model's forwards are collective
             flat = rl_losses.reward_std(total, G)[1] if prompts and self.rollout.dynamic_sampling else None
             for i, prompt in enumerate(prompts):
                 group = (prompt, completions[i * G:(i + 1) * G], truncated[i * G:(i + 1) * G], total[i * G:(i + 1) * G],

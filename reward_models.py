@@ -8,9 +8,11 @@ chat template: the conversation (the prompt's messages and the completion as the
 again for it, so a reward model of another family than the policy scores what it was trained on. Each reply is
 scored at its last token (models.sequence_scores), as training scored it.
 """
+import math
 import os
 
 import torch
+import torch.distributed as dist
 
 from utils import UserError
 
@@ -43,10 +45,13 @@ def check_reward_model(path: str, key: str):
 class ModelReward:
     """The reward function of a reward model, with TRL's signature (prompts, completions, completion_ids, **columns)."""
 
-    def __init__(self, path: str, key: str, device=None):
-        """device: the run's ("cpu", "cuda": the current GPU, or a torch.device); None: cuda when there is a GPU."""
+    def __init__(self, path: str, key: str, device=None, shard=False):
+        """device: the run's ("cpu", "cuda": the current GPU, or a torch.device); None: cuda when there is a GPU.
+        shard: under FSDPTrainer (fsdp.shard_reference), shard it over the processes like the reference: the main
+        process reads the file, every process keeps 1/world of the weights, and each forward is collective."""
         check_reward_model(path, key)
         self.path, self.key, self.device, self.model, self.tokenizer = path, key, device, None, None
+        self.shard, self.sharded = shard, False
         self.__name__ = reward_name(path)
 
     def load(self):
@@ -61,9 +66,33 @@ class ModelReward:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"
-        model = models.from_pretrained(AutoModelForSequenceClassification, self.path, self.key, dtype=dtype)
+        self.sharded = self.shard and dist.is_initialized() and dist.get_world_size() > 1
+        if self.sharded:
+            model = self.load_sharded(device, dtype)
+        else:
+            model = models.from_pretrained(AutoModelForSequenceClassification, self.path, self.key, dtype=dtype)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(device).eval().requires_grad_(False)
+
+    def load_sharded(self, device, dtype):
+        """The model sharded over all processes (FSDP2, frozen, as models.build_models shards the reference): built
+        on the meta device everywhere and filled from the one copy the main process reads."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        import models
+        import sharding
+        source = models.from_pretrained(AutoModelForSequenceClassification, self.path, self.key, dtype=dtype) \
+            if dist.get_rank() == 0 else None
+        with torch.device("meta"):
+            model = AutoModelForSequenceClassification.from_config(
+                models.from_pretrained(AutoConfig, self.path, self.key), dtype=dtype)
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        sharding.shard_model(model, sharding.find_block_class(model, None), mesh, MixedPrecisionPolicy(),
+                             OffloadPolicy(), frozen=True)
+        models.fill_from_main_process(model, source, device, offload=False)
+        return model
 
     def render(self, prompt, completion) -> str:
         """The conversation as the reward model's own chat template writes it (plain text joined by newlines for a
@@ -81,12 +110,18 @@ class ModelReward:
         if self.model is None:
             self.load()
         texts = [self.render(p, c) for p, c in zip(prompts, completions)]
-        device, scores = next(self.model.parameters()).device, []
-        for start in range(0, len(texts), BATCH):
-            enc = self.tokenizer(texts[start:start + BATCH], padding=True, truncation=True, add_special_tokens=False,
+        device, scores = torch.device(self.model.device), []
+        batches = math.ceil(len(texts) / BATCH)
+        if self.sharded:  # every process runs as many (collective) forwards as the one with the most batches
+            count = torch.tensor([batches], device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            batches = int(count)
+        for start in range(0, batches * BATCH, BATCH):
+            chunk = texts[start:start + BATCH] or [self.tokenizer.eos_token]  # a stand-in for a forward of nothing
+            enc = self.tokenizer(chunk, padding=True, truncation=True, add_special_tokens=False,
                                  return_tensors="pt").to(device)
             mask = enc["attention_mask"]
             seq_ids = torch.where(mask.bool(), torch.arange(len(mask), device=device)[:, None], -1)
             batch = {"input_ids": enc["input_ids"], "attention_mask": mask, "seq_ids": seq_ids, "n_seqs": len(mask)}
             scores += models.sequence_scores(self.model, batch).tolist()
-        return scores
+        return scores[:len(texts)]

@@ -259,16 +259,16 @@ def load_reward(function: str, weight: float = 1.0, columns=None, **options) -> 
     return Reward(name, fn, float(weight))
 
 
-def load_rewards(entries, columns=None, device=None) -> list[Reward]:
+def load_rewards(entries, columns=None, device=None, shard=False) -> list[Reward]:
     """The `rewards:` list ({function, weight, options...} or {model, weight} each) as Rewards with unique names (a
     repeated name gets _2, _3, ...). device: where a reward model runs (the run's: "cpu" or "cuda"; None: cuda when
-    there is a GPU)."""
+    there is a GPU); shard: a reward model sharded over the processes (FSDPTrainer with fsdp.shard_reference)."""
     out, seen = [], {}
     for i, entry in enumerate(entries):
         entry = dict(entry)
         if "model" in entry:  # a trained reward model (reward_models.py)
             from reward_models import ModelReward
-            fn = ModelReward(entry.pop("model"), f"rewards[{i}].model", device)
+            fn = ModelReward(entry.pop("model"), f"rewards[{i}].model", device, shard)
             reward = Reward(fn.__name__, fn, float(entry.pop("weight", 1.0)))
         else:
             reward = load_reward(entry.pop("function"), entry.pop("weight", 1.0), columns, **entry)

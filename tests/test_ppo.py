@@ -150,15 +150,21 @@ def test_the_default_critic_is_the_policy_with_a_zero_head_and_trains_fully_besi
     assert all(not torch.equal(v, before_critic[k]) for k, v in params_of(trainer.critic).items())
 
 
-def test_fsdp_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("with_reward_model", [False, True], ids=["function-policy-critic", "reward-model"])
+def test_fsdp_two_processes_match_one(with_reward_model, tmp_path, request):
     """FSDPTrainer, 2 gloo processes, policy and critic sharded, against BasicTrainer: the same policy and critic
-    (final/critic/) to 1e-5 of the update after 2 steps."""
+    (final/critic/) to 1e-5 of the update after 2 steps. With the reward model as reward (sharded too: each forward
+    collective, also on a process with fewer completions to score) and as the critic's start."""
     common = ["loss.name=ppo", *STEP, "n_examples=8", "n_epochs=null", "critic.lr=0.5"]
+    if with_reward_model:
+        rm = request.getfixturevalue("reward_model")
+        common += [f"rewards=[{{model: {rm}}}]", f"critic.name_or_path={rm}"]
     basic = tmp_path / "basic"
     assert train.main(GRPO, [*common, f"output_dirs={basic}"]) == 0
     proc = run_cli("train.py", GRPO, "--overrides", "trainer=FSDPTrainer", f"output_dirs={tmp_path / 'fsdp'}", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for sub, initial in (("", params_of(ppo_trainer().policy)), ("critic", params_of(ppo_trainer().critic))):
+    fresh = ppo_trainer(*common[len(STEP) + 1:])
+    for sub, initial in (("", params_of(fresh.policy)), ("critic", params_of(fresh.critic))):
         one, two = weights(basic / "final" / sub), weights(tmp_path / "fsdp" / "final" / sub)
         assert one.keys() == two.keys()
         largest = max((one[k] - initial[k]).abs().max().item() for k in one if k in initial)
