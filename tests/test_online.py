@@ -310,3 +310,79 @@ def test_reward_model_mistakes_are_one_line(entry, needle, tiny_model_dir, tmp_p
                       f"output_dirs={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+# A reward model whose tokenizer is not the policy's: another vocabulary (a byte-level BPE of 300 tokens trained here,
+# its own special tokens <pad> and </s>, so even the byte tokens sit at other ids than example/tokenizer's) and another
+# template. The reward must re-tokenize the text; the policy's ids would mean other tokens to it, or none at all.
+OTHER_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ 'Bot:\\n' }}{% generation %}"
+                  "{{ m['content'] + eos_token }}{% endgeneration %}{{ '\\n' }}{% else %}"
+                  "{{ 'User: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'Bot:\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_reward_model(tmp_path_factory):
+    """(the reward model folder, its tokenizer folder): the tokenizer above, and a reward model trained 2 steps on the
+    demo pairs (example/tiny-reward-model.yml) with it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    root = tmp_path_factory.mktemp("other-tok")
+    with open(os.path.join(ROOT, "example", "data", "dpo_demo.json")) as f:
+        corpus = [" ".join([*(t["value"] for t in r["conversations"]), r["chosen"]["value"], r["rejected"]["value"]])
+                  for r in json.load(f)[:100]] + ["User: Bot:"] * 10
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", bos_token=None,
+                                 unk_token=None, padding_side="right", clean_up_tokenization_spaces=False)
+    hf.chat_template = OTHER_TEMPLATE
+    hf.save_pretrained(root / "tokenizer")
+    run = root / "other-tok-rm"
+    overrides = [f"model.tokenizer_name_or_path={root / 'tokenizer'}", "n_examples=32", "n_epochs=null",
+                 "n_eval_examples=0", "warmup_steps=0", "report_to_tensorboard=false", f"output_dirs={run}"]
+    assert train.main(os.path.join(ROOT, "example", "tiny-reward-model.yml"), overrides) == 0
+    return run / "final", root / "tokenizer"
+
+
+def test_a_reward_model_with_another_tokenizer_scores_its_own_tokens(other_tokenizer_reward_model):
+    """ModelReward against transformers alone on the reward model's folder (its tokenizer, its template, its pooling),
+    for a conversation and for plain text; the policy's tokenizer writes the same text with other ids."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import rewards
+    folder, tokenizer_dir = other_tokenizer_reward_model
+    tokenizer, policy_tokenizer = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(
+        os.path.join(ROOT, "example", "tokenizer"))
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab()
+    assert len(tokenizer) == 300 != len(policy_tokenizer)
+    text = "Good question! 405 is bigger than 395."
+    ids, policy_ids = (t(text, add_special_tokens=False)["input_ids"] for t in (tokenizer, policy_tokenizer))
+    assert ids != policy_ids and tokenizer.decode(ids) == policy_tokenizer.decode(policy_ids) == text
+    assert max(policy_ids) >= len(tokenizer)  # some of the policy's ids are not even in the reward model's embedding
+    assert tokenizer.eos_token_id != policy_tokenizer.eos_token_id
+
+    reward = rewards.load_rewards([{"model": str(folder)}])[0]
+    assert reward.name == "other-tok-rm"
+    prompts = [[{"role": "user", "content": "Is 405 larger than 395?"}], "Write some numbers.", "Please write words."]
+    completions = [[{"role": "assistant", "content": text}], "1 2 3", "idk, leave me alone."]
+    got = reward.fn(prompts=prompts, completions=completions, completion_ids=[[], [], []])
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    texts = [f"User: Is 405 larger than 395?\nBot:\n{text}</s>\n", "User: Write some numbers.\nBot:\n1 2 3</s>\n",
+             "User: Please write words.\nBot:\nidk, leave me alone.</s>\n"]
+    with torch.no_grad():
+        want = [model(**tokenizer(t, add_special_tokens=False, return_tensors="pt")).logits.item() for t in texts]
+    assert got == pytest.approx(want, abs=1e-5) and len(set(got)) == 3, (got, want)
+
+
+def test_grpo_trains_against_a_reward_model_with_another_tokenizer(other_tokenizer_reward_model):
+    """The policy samples ids of its 2048-token vocabulary; the reward model reads the decoded text as its own 300."""
+    folder, _ = other_tokenizer_reward_model
+    trainer = trainer_for("grpo", f"rewards=[{{model: {folder}}}]")
+    metrics = trainer.train_step(next(trainer.global_batches()))[0]
+    assert math.isfinite(metrics["rewards/other-tok-rm/mean"]) and metrics["rewards/other-tok-rm/std"] > 0, metrics
+    assert metrics["reward"] == pytest.approx(metrics["rewards/other-tok-rm/mean"], abs=1e-5)
