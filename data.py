@@ -354,7 +354,7 @@ def segments(seq_ids):
 
 
 def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None,
-            pad_to_multiple_of: int = 1) -> dict:
+            pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> dict:
     """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
       input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
                   a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
@@ -369,10 +369,34 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
       reference_logps [n_seqs] (in sequence order, like seq_ids): when the examples carry precomputed ones.
       desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences).
-      margin [B] float: the pairs' own margins (reward_model), when any example has one (0 for the others)."""
+      margin [B] float: the pairs' own margins (reward_model), when any example has one (0 for the others).
+      prefix_sharing: pairs (and KTO's KL pairs) laid out with their prompt once (prefix.py): position_ids and a
+                  4-D attention_mask [R, 1, T, T], the rest as above."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
+    if prefix_sharing and "rejected_input_ids" in examples[0]:
+        import prefix
+        batch = prefix.collate_pairs(examples, pad_token_id, packing, max_length, pad_to_multiple_of)
+    else:
+        batch = _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of)
+    prompts = [ex["prompt_input_ids"] for ex in examples]
+    P = max(len(x) for x in prompts)
+    batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
+    batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
+    if all("reference_logps" in ex for ex in examples):  # in sequence order: the B chosen, then the B rejected
+        sides = range(batch["n_seqs"] // len(examples))  # (unpaired data without its KL sequences: the chosen only)
+        batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in sides for ex in examples])
+    if "desirable" in examples[0]:
+        batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
+    if any("margin" in ex for ex in examples):  # pairs without one: margin 0
+        batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples])
+    return batch
+
+
+def _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of) -> dict:
+    """collate's token tensors with one sequence per row (padded) or several end to end (packed)."""
+    import torch
     seqs = sequences_of(examples)
     lengths = [len(ids) for ids, _ in seqs]
     if packing:
@@ -404,17 +428,6 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
         batch["attention_mask"] = (batch["seq_ids"] >= 0).long()
     batch["cu_seq_lens"], batch["max_seq_len"] = segments(batch["seq_ids"])
     batch["n_seqs"] = len(seqs)
-    prompts = [ex["prompt_input_ids"] for ex in examples]
-    P = max(len(x) for x in prompts)
-    batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
-    batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, P, left=True)
-    if all("reference_logps" in ex for ex in examples):  # in sequence order: the B chosen, then the B rejected
-        sides = range(len(seqs) // len(examples))  # (unpaired data without its KL sequences: the chosen only)
-        batch["reference_logps"] = torch.tensor([ex["reference_logps"][side] for side in sides for ex in examples])
-    if "desirable" in examples[0]:
-        batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
-    if any("margin" in ex for ex in examples):  # pairs without one: margin 0
-        batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples])
     return batch
 
 

@@ -417,6 +417,10 @@ def forward_inputs(model, batch) -> dict:
     """The model's inputs of a batch (data.collate): ids, and the attention mask (padded) or position ids (packed);
     with `attn_implementation: varlen_attn` the segments instead of a mask."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and model.config._attn_implementation == "eager":  # prefix sharing's
+        inputs["attention_mask"] = torch.zeros(mask.shape, device=mask.device).masked_fill(  # mask, additive
+            ~mask, torch.finfo(torch.float32).min)
     if model.config._attn_implementation == VARLEN_ATTN:  # segments instead of a mask
         inputs.pop("attention_mask", None)
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
