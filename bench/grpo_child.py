@@ -88,33 +88,36 @@ def write_model(folder):
                       "generation_eos": model.generation_config.eos_token_id}))
 
 
+def instrument(trainer, steps):
+    """The trainer with its objective's phases timed into `steps`: generate, score, token_logps, a critic's values
+    (PPO), prepare, and the update (accumulate + update); train_step closes each step's row."""
+    objective = trainer.objective
+    objective.generate = steps.timed(objective.generate, "generation",
+                                     lambda out: steps.add("tokens", sum(map(len, out[0]))))
+    objective.score = steps.timed(objective.score, "reward", lambda out: steps.add("reward_mean", mean_reward(out[0])))
+    objective.token_logps = steps.timed(objective.token_logps, "logps")
+    if hasattr(objective, "critic_values"):
+        objective.critic_values = steps.timed(objective.critic_values, "critic")
+    objective.prepare = steps.timed(objective.prepare, "prepare")
+    trainer.accumulate = steps.timed(trainer.accumulate, "update")
+    trainer.update = steps.timed(trainer.update, "update")
+    train_step = trainer.train_step
+
+    def step(examples):
+        steps.step_begin()
+        out = train_step(examples)
+        steps.step_end()
+        return out
+    trainer.train_step = step
+    return trainer
+
+
 def run_ours(args):
     """train.py in this process, its trainer instrumented as train.build_trainer returns it."""
     import train
     steps, build = Steps(), train.build_trainer
 
-    def instrumented(cfg):
-        trainer = build(cfg)
-        objective = trainer.objective
-        objective.generate = steps.timed(objective.generate, "generation",
-                                         lambda out: steps.add("tokens", sum(map(len, out[0]))))
-        objective.score = steps.timed(objective.score, "reward",
-                                      lambda out: steps.add("reward_mean", mean_reward(out[0])))
-        objective.token_logps = steps.timed(objective.token_logps, "logps")
-        objective.prepare = steps.timed(objective.prepare, "prepare")
-        trainer.accumulate = steps.timed(trainer.accumulate, "update")
-        trainer.update = steps.timed(trainer.update, "update")
-        train_step = trainer.train_step
-
-        def step(examples):
-            steps.step_begin()
-            out = train_step(examples)
-            steps.step_end()
-            return out
-        trainer.train_step = step
-        return trainer
-
-    train.build_trainer = instrumented
+    train.build_trainer = lambda cfg: instrument(build(cfg), steps)
     code = train.cli([grpo.CONFIG, "--overrides", *grpo.ours_overrides(args.model, args.steps, args.run_dir)])
     with open(os.path.join(args.run_dir, "metrics.jsonl")) as f:
         logged = [json.loads(line) for line in f if line.strip()]

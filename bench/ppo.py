@@ -41,31 +41,9 @@ def child(args):
     import torch
     torch.set_num_threads(args.threads)
     import train
-    from grpo_child import Steps, mean_reward
+    from grpo_child import Steps, instrument
     steps, build = Steps(), train.build_trainer
-
-    def instrumented(cfg):
-        trainer = build(cfg)
-        objective = trainer.objective
-        objective.generate = steps.timed(objective.generate, "generation")
-        objective.score = steps.timed(objective.score, "reward",
-                                      lambda out: steps.add("reward_mean", mean_reward(out[0])))
-        objective.token_logps = steps.timed(objective.token_logps, "logps")
-        if hasattr(objective, "critic_values"):
-            objective.critic_values = steps.timed(objective.critic_values, "critic")
-        trainer.accumulate = steps.timed(trainer.accumulate, "update")
-        trainer.update = steps.timed(trainer.update, "update")
-        train_step = trainer.train_step
-
-        def step(examples):
-            steps.step_begin()
-            out = train_step(examples)
-            steps.step_end()
-            return out
-        trainer.train_step = step
-        return trainer
-
-    train.build_trainer = instrumented
+    train.build_trainer = lambda cfg: instrument(build(cfg), steps)
     code = train.cli(["example/tiny-ppo.yml", "--overrides", *overrides(args.child, args.rm, args.steps, args.run_dir)])
     steps.save(args.json, returncode=code)
     return code

@@ -159,10 +159,18 @@ def test_killed_run_resumes_exactly(method, tmp_path):
     """SIGKILL after the step-2 checkpoint, then resume=auto: the final weights are bit-identical to an uninterrupted
     run's (the rollouts' seeds follow the step, dynamic sampling's refill prompts too; sampling leaves the global
     RNG alone)."""
-    common = [*method, *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05"]
-    whole = tmp_path / "whole"
+    whole, run = killed_and_resumed([*method, *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05"],
+                                    tmp_path)
+    a, b = weights(whole / "final"), weights(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.load(open(run / "final" / "trainer_state.json"))["step"] == 6
+
+
+def killed_and_resumed(common, tmp_path):
+    """(whole, run): tiny-grpo.yml with `common` run uninterrupted into `whole`, and into `run` killed (SIGKILL) once
+    its step-2 checkpoint is complete, then resumed with resume=auto."""
+    whole, run = tmp_path / "whole", tmp_path / "run"
     assert train.main(GRPO, [*common, f"output_dirs={whole}"]) == 0
-    run = tmp_path / "run"
     args = [sys.executable, "train.py", GRPO, "--overrides", *common, f"output_dirs={run}"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -173,9 +181,7 @@ def test_killed_run_resumes_exactly(method, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert train.main(GRPO, [*common, f"output_dirs={run}", "resume=auto"]) == 0
-    a, b = weights(whole / "final"), weights(run / "final")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.load(open(run / "final" / "trainer_state.json"))["step"] == 6
+    return whole, run
 
 
 # the example's settings, 40 steps of 16 prompts x 8 completions, evaluated greedily at the start and the end

@@ -3,10 +3,6 @@ the same for any micro-batch split (policy and critic); the critic's initialisat
 after SIGKILL; a run that learns against a trained reward model; final/critic loading in transformers; mistakes."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -14,8 +10,8 @@ import torch
 import rl_losses
 import train
 from config import load_config
-from conftest import OFFLINE_ENV, ROOT, params_of, run_cli
-from test_online import GRPO, STEP, weights
+from conftest import ROOT, params_of, run_cli
+from test_online import GRPO, STEP, killed_and_resumed, weights
 
 PPO = os.path.join(ROOT, "example", "tiny-ppo.yml")
 RM_EXAMPLE = os.path.join(ROOT, "example", "tiny-reward-model.yml")
@@ -176,21 +172,8 @@ def test_fsdp_two_processes_match_one(with_reward_model, tmp_path, request):
 def test_killed_run_resumes_exactly(tmp_path):
     """SIGKILL after the step-2 checkpoint, then resume=auto: the policy, the critic and the adaptive KL coefficient
     end bit-identical to an uninterrupted run's."""
-    common = ["loss.name=ppo", *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2", "lr=0.05",
-              "loss.kl_target=0.01", "loss.kl_horizon=10"]
-    whole = tmp_path / "whole"
-    assert train.main(GRPO, [*common, f"output_dirs={whole}"]) == 0
-    run = tmp_path / "run"
-    args = [sys.executable, "train.py", GRPO, "--overrides", *common, f"output_dirs={run}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "step-000002" / "trainer_state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert train.main(GRPO, [*common, f"output_dirs={run}", "resume=auto"]) == 0
+    whole, run = killed_and_resumed(["loss.name=ppo", *STEP, "n_examples=24", "n_epochs=null", "save_model_step=2",
+                                     "lr=0.05", "loss.kl_target=0.01", "loss.kl_horizon=10"], tmp_path)
     for sub in ("", "critic"):
         a, b = weights(whole / "final" / sub), weights(run / "final" / sub)
         assert a and all(torch.equal(a[k], b[k]) for k in a), sub
