@@ -1,5 +1,5 @@
-"""PPO with a critic (loss.name: ppo): GAE, the value loss and the adaptive KL against hand-computed values; one step
-the same for any micro-batch split (policy and critic); the critic's initialisation; FSDP == one process; exact resume
+"""PPO with a critic (loss.name: ppo): GAE, the value loss and the adaptive KL against hand-computed values (and
+verl's functions, when installed); one step the same for any micro-batch split (policy and critic); the critic's initialisation; FSDP == one process; exact resume
 after SIGKILL; a run that learns against a trained reward model; final/critic loading in transformers; mistakes."""
 import json
 import os
@@ -85,6 +85,25 @@ def test_value_loss_by_hand():
     assert metrics["value_clipfrac"].item() == pytest.approx(1 / 4)
     loss.backward()  # the clipped token has no gradient; the others (V - R) / 4
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, -0.9 / 4, 1.0 / 4]]))
+
+
+def test_gae_whitening_and_value_loss_match_verl():
+    """verl's compute_gae_advantage_return (whitened advantages, returns) and compute_value_loss (token mean) on the
+    same random tensors (an optional oracle: `pip install --no-deps verl==0.9.1 ray tensordict orjson torchdata`)."""
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    g = torch.Generator().manual_seed(3)
+    rewards, values = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    mask = (torch.arange(9) < torch.tensor([9, 3, 6, 1, 8])[:, None]).float()
+    want_adv, want_returns = core.compute_gae_advantage_return(rewards * mask, values, mask, 1.0, 0.95)
+    raw, returns = rl_losses.gae(rewards * mask, values, mask, 1.0, 0.95)
+    adv = rl_losses.whiten(raw, mask, rl_losses.whiten_stats(raw, mask))
+    torch.testing.assert_close(adv, want_adv * mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(returns, want_returns * mask, atol=1e-5, rtol=0)
+    vpreds = values + 0.4 * torch.randn(5, 9, generator=g)
+    want_loss, want_clipfrac = core.compute_value_loss(vpreds, returns, values, mask, 0.2)
+    loss, metrics = rl_losses.value_loss(vpreds, values, returns, mask, 0.2, {"tokens": mask.sum()})
+    assert loss.item() == pytest.approx(float(want_loss), abs=1e-6)
+    assert metrics["value_clipfrac"].item() == pytest.approx(float(want_clipfrac), abs=1e-6)
 
 
 def test_adaptive_kl_by_hand():
