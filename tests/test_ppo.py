@@ -1,6 +1,7 @@
 """PPO with a critic (loss.name: ppo): GAE, the value loss and the adaptive KL against hand-computed values (and
-verl's functions, when installed); one step the same for any micro-batch split (policy and critic); the critic's initialisation; FSDP == one process; exact resume
-after SIGKILL; a run that learns against a trained reward model; final/critic loading in transformers; mistakes."""
+verl's functions, when installed); one step the same for any micro-batch split (policy and critic); the critic's
+initialisation; FSDP == one process; exact resume after SIGKILL; a run that learns against a trained reward model;
+final/critic loading in transformers; mistakes."""
 import json
 import os
 
