@@ -75,6 +75,12 @@ def iter_texts(files: list[str]):
 
 
 def train(files: list[str], vocab_size: int) -> Tokenizer:
+    return train_texts(iter_texts(files), vocab_size)
+
+
+def train_texts(texts, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer of at most vocab_size tokens trained on an iterable of strings (fewer when the text
+    runs out of pairs to merge)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -87,8 +93,27 @@ def train(files: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(iter_texts(files), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return tok
+
+
+def wrap(tok: Tokenizer):
+    """The trained tokenizer as transformers' PreTrainedTokenizerFast, with the special tokens and the chat template
+    described above (save it with save_pretrained)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        model_max_length=2048,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
 
 
 def check(out_dir: str) -> None:
@@ -127,22 +152,9 @@ def main() -> None:
     ap.add_argument("--all-repo-text", action="store_true", help="also train on every *.md / *.py of the repo")
     args = ap.parse_args()
 
-    from transformers import PreTrainedTokenizerFast
-
     files = corpus_files(ROOT, args.data_dir, args.all_repo_text)
     print("training on:", ", ".join(os.path.relpath(p, ROOT) for p in files))
-    tok = train(files, args.vocab_size)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        model_max_length=2048,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok = wrap(train(files, args.vocab_size))
     hf_tok.save_pretrained(args.out_dir)
     print(f"saved tokenizer (vocab {len(hf_tok)}) to {os.path.relpath(args.out_dir, ROOT)}")
     check(args.out_dir)
