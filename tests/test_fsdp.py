@@ -49,10 +49,12 @@ def fsdp_run(launcher, kind, model_dir, out, *extra):
 @pytest.mark.parametrize("launcher, kind, extra", [
     ("torchrun", "sft", ["activation_checkpointing=true"]),   # recomputation does not change the update
     ("python", "sft", []),
-    ("torchrun", "dpo", ["fsdp.shard_reference=false"]),      # a replicated reference
+    ("torchrun", "dpo", ["fsdp.shard_reference=false", "prefix_sharing=true"]),  # a replicated reference; the
+    # prompts once (prefix.py): the same update as separate sequences
     ("python", "dpo", ["packing=true", "precompute_reference_logps=true",  # a sharded one (the default), used once
                        "model.attn_implementation=varlen_attn"]),
-], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref", "python-dpo-sharded-ref-packed-varlen"])
+], ids=["torchrun-sft-checkpointing", "python-sft", "torchrun-dpo-replicated-ref-prefix-sharing",
+        "python-dpo-sharded-ref-packed-varlen"])
 def test_fsdp_matches_basic_trainer(launcher, kind, extra, basic_runs, tiny_model_dir, tmp_path):
     """BasicTrainer (padded, reference in every step) vs FSDPTrainer, also packed with precomputed reference logps
     and varlen_attn."""
