@@ -325,10 +325,12 @@ def label_count(labels: list[int]) -> int:
 
 
 def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing bin packing: sequence indices grouped into rows of at most `capacity` tokens (a longer
-    sequence gets a row of its own). Deterministic: ties go to the row opened first."""
+    """Sequence indices in rows of at most `capacity` tokens (a longer sequence gets a row of its own): as many rows as
+    best-fit decreasing bin packing needs, their lengths then evened out (longest first into the emptiest row) where
+    that fits and shortens the longest row, which every row of a batch is padded to. Deterministic."""
     rows, space = [], []  # space[r] = tokens still free in row r
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    for i in order:
         fits = [r for r in range(len(rows)) if space[r] >= lengths[i]]
         if fits:
             best = min(fits, key=lambda r: (space[r], r))
@@ -337,7 +339,12 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([i])
             space.append(capacity - lengths[i])
-    return rows
+    even, used = [[] for _ in rows], [0] * len(rows)
+    for i in order:
+        r = used.index(min(used))
+        even[r].append(i)
+        used[r] += lengths[i]
+    return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
 
 
 def segments(seq_ids):
@@ -359,7 +366,7 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
                   a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
       padded (packing=False): one row per sequence, right-padded; attention_mask [R, T].
-      packed (packing=True): sequences laid end to end in rows of up to max_length tokens (best-fit decreasing);
+      packed (packing=True): sequences laid end to end in rows of up to max_length tokens (best_fit_rows);
                   position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
                   there is no attention_mask: the model then attends only within each sequence. The first token
                   of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).

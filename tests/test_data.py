@@ -662,11 +662,18 @@ def test_collate_padded(example_tok):
 
 
 def test_best_fit_rows():
-    # longest first: 7 opens row 0 (3 free), 6 row 1 (4 free), 5 row 2 (5 free); then each goes to the fullest row it
-    # fits: 3 -> row 0 (0 free), 2 -> row 1 (2 free), 1 -> row 1 (1 free)
-    assert data.best_fit_rows([7, 3, 6, 2, 5, 1], capacity=10) == [[0, 1], [2, 3, 5], [4]]
+    # best-fit decreasing needs 3 rows (7 + 3, 6 + 2 + 1, 5: the longest 10 tokens); the same 3 rows evened out, longest
+    # first into the emptiest row: 7 -> row 0, 6 -> row 1, 5 -> row 2, 3 -> row 2, 2 -> row 1, 1 -> row 0: 8 tokens each
+    assert data.best_fit_rows([7, 3, 6, 2, 5, 1], capacity=10) == [[0, 5], [2, 3], [4, 1]]
     assert data.best_fit_rows([12, 4], capacity=10) == [[0], [1]]  # too long for any row: a row of its own
-    assert sorted(i for row in data.best_fit_rows(list(range(1, 30)), 40) for i in row) == list(range(29))
+    # 2 rows (5 + 5, 4 + 3 + 3); evened out, 5 + 4 and 5 + 3 + 3 = 11 would not fit: best-fit's rows
+    assert data.best_fit_rows([5, 5, 4, 3, 3], capacity=10) == [[0, 1], [2, 3, 4]]
+    lengths = list(range(1, 30))  # 435 tokens: best-fit's 11 rows of up to 40, evened out to 39 or 40 tokens
+    rows = data.best_fit_rows(lengths, 40)
+    assert sorted(i for row in rows for i in row) == list(range(29)) and len(rows) == 11
+    assert max(sum(lengths[i] for i in row) for row in rows) == 40 > 435 / 11
+    lengths = [300, 250, 200, 120, 90, 60, 40]  # rows of 512: best-fit 500, 500, 60 tokens -> 360, 340, 360
+    assert data.best_fit_rows(lengths, 512) == [[0, 5], [1, 4], [2, 3, 6]]
 
 
 def test_collate_packed(example_tok):
