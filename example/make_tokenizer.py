@@ -64,8 +64,8 @@ def iter_texts(files: list[str]):
             # Feed the natural-language strings, not the JSON syntax.
             with open(path, encoding="utf-8") as f:
                 for rec in json.load(f):
-                    if "messages" in rec:
-                        yield "\n".join(m["content"] for m in rec["messages"])
+                    if "messages" in rec or "prompt" in rec:  # SFT conversations, online prompts (messages)
+                        yield "\n".join(m["content"] for m in rec.get("messages") or rec["prompt"])
                     else:
                         turns = rec["conversations"] + [rec["chosen"], rec["rejected"]]
                         yield "\n".join(t["value"] for t in turns)

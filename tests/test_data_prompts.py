@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 
 import pytest
 from conftest import ROOT, TOKENIZER, assert_one_line_error, run_cli
@@ -260,6 +261,17 @@ def test_demo_prompts_are_reproducible_and_ask_for_numbers_or_words(tmp_path):
     asks = [("numbers" in r["prompt"][-1]["content"], "words" in r["prompt"][-1]["content"]) for r in recs]
     assert 350 <= len(recs) <= 450 and asks.count((True, False)) == asks.count((False, True)) == len(recs) // 2
     assert len({r["prompt"][-1]["content"] for r in recs}) > 4 and fmt_of(demo) == "trl_prompt"
+
+
+def test_make_tokenizer_reads_every_demo_file(tmp_path):
+    # the README's "python example/make_demo_data.py && python example/make_tokenizer.py" with the prompts file present
+    proc = run_cli(os.path.join("example", "make_tokenizer.py"), "--out-dir", str(tmp_path / "tok"))
+    assert proc.returncode == 0 and "check ok" in proc.stdout, proc.stderr[-2000:]
+    sys.path.insert(0, os.path.join(ROOT, "example"))
+    import make_tokenizer
+    files = make_tokenizer.corpus_files(ROOT, os.path.join(ROOT, "example", "data"))
+    texts = list(make_tokenizer.iter_texts([f for f in files if f.endswith("prompts_demo.json")]))
+    assert len(texts) == len(load(os.path.join(ROOT, "example", "data", "prompts_demo.json"))) and "words" in texts[0]
 
 
 def prompt_section(name):
