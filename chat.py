@@ -61,7 +61,7 @@ def run_base(run_config, tokenizer):
         cfg = OmegaConf.merge(OmegaConf.structured(config.Config), OmegaConf.load(run_config))
     except Exception as e:  # not a config of this project
         raise UserError(f"{run_config}: not a run's config ({' '.join(str(e).split())[:200]})") from e
-    cfg.model.attn_implementation, cfg.activation_checkpointing = None, False
+    cfg.model.attn_implementation, cfg.packing, cfg.activation_checkpointing = None, False, False  # generation: the default
     set_seed(cfg.seed)  # model.from_config: the same random base as the run drew
     return models.load_policy(cfg, tokenizer)
 

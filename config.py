@@ -66,7 +66,7 @@ class ModelConfig:
     reference_dtype: Optional[str] = None   # null = exactly the policy (float32 weights, same autocast): step-0 rewards are 0; bfloat16/float16: a half-precision copy (half the memory, rewards carry rounding noise)
     fsdp_policy_mp: Optional[str] = None    # FSDPTrainer mixed-precision param dtype (null = policy_dtype)
     trust_remote_code: bool = False         # allow model code from the hub (off: never runs downloaded code)
-    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing, GPU); null = transformers' default
+    attn_implementation: Optional[str] = None  # e.g. sdpa | eager | flash_attention_2 | varlen_attn (packing); null = varlen_attn for packing on a CPU, else transformers' default
     lora: Optional[LoraConfig] = None       # null = full fine-tuning; {} or {r: 16, ...} = LoRA (keys below; docs/lora.md)
 
 
@@ -159,7 +159,7 @@ class Config:
     trainer: str = "BasicTrainer"           # BasicTrainer (one device) | FSDPTrainer (sharded, many devices)
     device: Optional[str] = None            # cuda | cpu | cuda:1 ...; null = cuda when available, else cpu
     optimizer: str = "AdamW"                # any torch.optim class name: AdamW, Adam, RMSprop, SGD, ...
-    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra optimizer arguments, e.g. {betas: [0.9, 0.95]}
+    optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra optimizer arguments, e.g. {betas: [0.9, 0.95]}; Adam/AdamW: fused kernel unless {fused: false}
     lr: float = num(5e-7, gt=0)             # peak learning rate
     weight_decay: float = num(0.0, ge=0)    # decoupled weight decay (AdamW) / L2 (others)
     lr_scheduler: str = "constant"          # after warmup: constant | linear (decay to 0) | cosine (decay to 0)
