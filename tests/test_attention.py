@@ -105,3 +105,22 @@ def test_flash_varlen_traces_without_graph_breaks():
     cu = torch.empty(3, device="meta", dtype=torch.int32)
     whole = torch.compile(attention.flash_varlen, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
     assert whole(q, kv, kv, cu, 11, 0.3).shape == (16, 4, 8)
+
+
+def test_null_attention_is_varlen_for_packed_batches_on_a_cpu(tmp_path, tiny_model_dir):
+    """model.attn_implementation=null: packed batches on a CPU get varlen_attn, not with prefix_sharing (a mask),
+    compile (a graph break per layer), padded batches or a GPU; an explicit value is kept. A model with sliding windows
+    falls back to SDPA instead of being refused (the refusal is for an explicit varlen_attn)."""
+    cases = {(): None, ("packing=true",): attention.VARLEN_ATTN, ("packing=true", "prefix_sharing=true"): None,
+             ("packing=true", "compile=true"): None, ("packing=true", "model.attn_implementation=eager"): "eager"}
+    for overrides, want in cases.items():
+        assert models.attention(load_config(TINY["sft"], list(overrides))) == want, overrides
+    cfg = load_config(TINY["sft"], ["packing=true"])
+    cfg.device = "cuda"  # what a GPU machine resolves to (nothing is built here)
+    assert models.attention(cfg) is None
+    assert build("sft", tiny_model_dir, "packing=true").policy.config._attn_implementation == attention.VARLEN_ATTN
+    sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
+               "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
+               "max_window_layers: 0}")
+    trainer = train.build_trainer(load_config(TINY["sft"], [sliding, "packing=true", f"output_dirs={tmp_path}/run"]))
+    assert trainer.policy.config._attn_implementation == "sdpa"

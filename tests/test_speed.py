@@ -162,3 +162,29 @@ def test_tiny_dpo_learns_with_every_speed_option(tmp_path):
     assert all(m["tokens_per_second"] > 0 and "mfu" not in m for m in metrics if "loss" in m)  # no peak known on CPU
 
 
+
+
+def test_adam_runs_fused_unless_chosen():
+    """Adam/AdamW get torch's fused kernel (transformers' default optimizer) unless optimizer_kwargs choose fused or
+    foreach; other optimizers get nothing added. The fused update is the for-loop's to float32 rounding."""
+    from trainers import build_optimizer
+
+    torch.manual_seed(0)
+    models_ = [torch.nn.Linear(16, 8) for _ in range(2)]
+    models_[1].load_state_dict(models_[0].state_dict())
+    fused = build_optimizer(models_[0], "AdamW", 1e-2, 0.1, {})
+    loop = build_optimizer(models_[1], "AdamW", 1e-2, 0.1, {"fused": False})
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert build_optimizer(models_[0], "Adam", 1e-2, 0.0, {}).defaults["fused"] is True
+    chosen = build_optimizer(models_[0], "AdamW", 1e-2, 0.0, {"foreach": True}).defaults
+    assert chosen["foreach"] is True and not chosen["fused"]
+    assert not build_optimizer(models_[0], "SGD", 1e-2, 0.0, {}).defaults.get("fused")
+    x, start = torch.randn(4, 16), models_[0].weight.detach().clone()
+    for _ in range(3):
+        for model, opt in zip(models_, (fused, loop)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(models_[0].parameters(), models_[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert (models_[0].weight - start).abs().min() > 1e-3  # 3 steps of lr 1e-2 moved every weight
