@@ -508,7 +508,8 @@ def _seed_row(r):
     if "completion" in r:
         return {"conversations": [turn(m) for m in r["prompt"]], "completion": side(r["completion"]),
                 "label": r["desirable"]}
-    return {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
+    pair = {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
+    return {**pair, "margin": r["margin"]} if "margin" in r else pair  # a pair's own margin (reward_model) is kept
 
 
 OUT_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz")

@@ -787,6 +787,18 @@ def test_cli_convert_round_trip(tmp_path):
 
 
 
+def test_cli_convert_keeps_a_pairs_margin(tmp_path):
+    """A preference pair's own margin (reward_model) survives convert --to dpo; pairs without one get none."""
+    src, out = tmp_path / "pairs.jsonl", str(tmp_path / "dpo.json")
+    rows = [json.loads(line) for line in open(os.path.join(FIX, "dpo_trl.jsonl"))]
+    rows[0]["margin"] = 2.5
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data.main(["convert", str(src), out, "--to", "dpo"]) == 0
+    converted = json.load(open(out))
+    assert converted[0]["margin"] == 2.5 and all("margin" not in r for r in converted[1:])
+    assert [r.get("margin") for r in load(out, "preference")] == [2.5] + [None] * (len(rows) - 1)
+
+
 def test_cli_convert_gz_output_is_gzip(tmp_path, capsys):
     """OUT.json.gz / OUT.jsonl.gz are gzip files (what train.py reads back by that name); another ending is refused."""
     import gzip
