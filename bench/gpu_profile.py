@@ -48,7 +48,6 @@ def main():
 
     import gpu
     import train
-    import utils
     for compile_ in (False, True):
         overrides = [*gpu.COMMON, "packing=true", "gradient_accumulation_steps=1", f"compile={str(compile_).lower()}",
                      "n_examples=640", "n_epochs=null", *args.overrides]

@@ -82,7 +82,6 @@ def step_tokens(tree, config_path, cfg_overrides, steps):
     import torch
     from transformers import AutoTokenizer
     import data
-    import utils
     cfg = load_config(config_path, cfg_overrides)
     tok = data.prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path))
     train, _, _ = data.build_datasets([dict(s) for s in cfg.datasets], [], tok, "preference", cfg.max_length,

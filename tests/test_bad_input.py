@@ -181,7 +181,6 @@ def test_wandb_without_a_login(monkeypatch, tmp_path, run_dir, capsys):
     run_and_check(capsys, run_dir, ["wandb.enabled=true"],
                   ["wandb.enabled", "wandb login", "WANDB_API_KEY", "WANDB_MODE=offline"])
     tiny = os.path.join(ROOT, "example", "tiny-dpo.yml")
-    import utils
     assert load_config(tiny, ["wandb.enabled=true", "debug=true"])  # debug: no WandB at all
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
     assert load_config(tiny, ["wandb.enabled=true"])
@@ -297,7 +296,6 @@ def test_hub_check_passes_local_and_cached(tmp_path, monkeypatch):
                                                   ({"avx2"}, "float32", False),
                                                   (set(), "bfloat16", False)])  # unknown CPU: say nothing
 def test_bfloat16_on_a_cpu_without_bf16_instructions(flags, dtype, warned, monkeypatch, capsys):
-    import utils
     monkeypatch.setattr(models, "cpu_flags", lambda: flags)
     cfg = load_config(os.path.join(ROOT, "example", "tiny-dpo.yml"), ["device=cpu", f"model.policy_dtype={dtype}"])
     assert models.pick_device(cfg).type == "cpu"

@@ -14,7 +14,7 @@ import checkpoints
 import layouts
 import utils
 from config import load_config
-from conftest import (OFFLINE_ENV, ROOT, TIED, TINY, assert_one_line_error, build, local_model_overrides, params_of,
+from conftest import (OFFLINE_ENV, ROOT, TINY, assert_one_line_error, build, local_model_overrides, params_of,
                       read_jsonl, run_cli)
 
 # 3 optimizer steps of 4 examples; SGD with lr=1 makes the update large enough to compare tightly
