@@ -352,9 +352,13 @@ def worker(local_rank, world_size, port, config_path, overrides, error_dir):
         message, code = explain(e)
         with open(os.path.join(error_dir, f"rank-{local_rank}.txt"), "w") as f:
             f.write(message)
-    # Everything is on disk (checkpoints fsynced, metrics closed, or the error above): the worker ends here, without
-    # the interpreter's teardown of torch's C++ threads, which once aborted a finished worker (SIGABRT, "terminate
-    # called without an active exception") on a loaded machine
+    end_process(code)
+
+
+def end_process(code):
+    """End a distributed worker (ours or torchrun's) once everything is on disk (checkpoints fsynced, metrics closed,
+    or its error reported), without the interpreter's teardown of torch's C++ threads: that teardown has aborted
+    finished workers (SIGABRT, "terminate called without an active exception") on a loaded machine."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -443,4 +447,7 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_code = cli()
+    if "RANK" in os.environ:  # a torchrun process
+        end_process(exit_code)
+    sys.exit(exit_code)
