@@ -326,8 +326,8 @@ def label_count(labels: list[int]) -> int:
 
 def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     """Sequence indices in rows of at most `capacity` tokens (a longer sequence gets a row of its own): as many rows as
-    best-fit decreasing bin packing needs, their lengths then evened out (longest first into the emptiest row) where
-    that fits and shortens the longest row, which every row of a batch is padded to. Deterministic."""
+    best-fit decreasing bin packing needs, then `even_rows` of them where that fits and shortens the longest row,
+    which every row of a batch is padded to. Deterministic."""
     rows, space = [], []  # space[r] = tokens still free in row r
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     for i in order:
@@ -339,12 +339,19 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([i])
             space.append(capacity - lengths[i])
-    even, used = [[] for _ in rows], [0] * len(rows)
+    even, used = even_rows(order, lengths, len(rows))
+    return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
+
+
+def even_rows(order, lengths, n_rows):
+    """The sequences `order` names (longest first) spread over n_rows rows, each into the emptiest row: (rows, tokens
+    in each row)."""
+    rows, used = [[] for _ in range(n_rows)], [0] * n_rows
     for i in order:
         r = used.index(min(used))
-        even[r].append(i)
+        rows[r].append(i)
         used[r] += lengths[i]
-    return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
+    return rows, used
 
 
 def segments(seq_ids):
