@@ -214,4 +214,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "--worker" in sys.argv:  # like train.py's torchrun processes: no interpreter teardown (train.end_process)
+        sys.path.insert(0, ROOT)
+        from train import end_process
+        end_process(code)
+    sys.exit(code)

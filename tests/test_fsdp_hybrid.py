@@ -39,7 +39,7 @@ dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_singl
 code = train.cli(sys.argv[2:])
 with open(os.path.join(sys.argv[1], "collectives-" + os.environ["RANK"] + ".json"), "w") as f:
     json.dump(counts, f)
-sys.exit(code)
+train.end_process(code)
 """
 
 

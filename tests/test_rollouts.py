@@ -259,6 +259,8 @@ except RuntimeError as e:
 with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
 dist.destroy_process_group()
+import train
+train.end_process(0)  # no interpreter teardown of torch's threads (it has aborted finished ranks)
 """
 
 
