@@ -19,16 +19,17 @@ except ImportError:
 
 
 def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
-                     max_length_q=None, **kwargs):
+                     max_length_q=None, segment_prefixes=None, **kwargs):
     """Causal attention within each segment of a flattened batch: the transformers attention function behind
     `model.attn_implementation: varlen_attn` (registered by `register_varlen_attention`, called by models.load_policy).
 
     query [B, H, T, D], key / value [B, Hkv, T, D]; cu_seq_lens_q [S + 1] int32: where each of the S segments of
     the B*T tokens starts (data.collate: every sequence, and the padding at each row's end), max_length_q the
-    longest. Returns ([B, T, H, D], None). On CUDA in bfloat16/float16 it is PyTorch's FlashAttention varlen kernel
-    (torch.nn.attention.varlen): no [T, T] mask, no FLOPs across sequences or on padding, no per-shape planning.
-    Elsewhere (CPU, float32) it is SDPA over each segment in turn: the same maths, slowly. Without segments
-    (generate) it is transformers' SDPA with the mask transformers built.
+    longest; segment_prefixes (prefix sharing, prefix.collate_pairs): per segment, the (start, length) of the
+    shared keys its tokens see before their own. Returns ([B, T, H, D], None). On CUDA in bfloat16/float16 it is
+    PyTorch's FlashAttention varlen kernel (torch.nn.attention.varlen): no [T, T] mask, no FLOPs across sequences or
+    on padding, no per-shape planning. Elsewhere (CPU, float32) it is SDPA over each segment in turn. Without
+    segments (generate) it is transformers' SDPA with the mask transformers built.
     """
     if cu_seq_lens_q is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -37,20 +38,43 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     B, H, T, D = query.shape  # plain causal attention: models.load_policy refused sliding windows and softcapping
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
     dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-    if q.is_cuda and dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and dtype in (torch.bfloat16, torch.float16) and segment_prefixes is None:
         out = flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling)
-    else:
-        out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling)
+    else:  # a GPU with prefix sharing was refused at start (register_varlen_attention)
+        out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling, segment_prefixes)
     return out.reshape(B, T, H, D), None
 
 
 @torch.compiler.disable  # a loop over data-dependent lengths: compiled, it would be re-traced for every batch
-def segment_sdpa(q, k, v, cu_seq_lens, scale):
-    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [N, H, D], k / v [N, Hkv, D]."""
+def segment_sdpa(q, k, v, cu_seq_lens, scale, prefixes=None):
+    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [N, H, D], k / v [N, Hkv, D].
+    A segment with a shared prefix (prefixes[i] = (start, s), s > 0: a rejected branch, see prefix.py) also sees
+    those s keys, all of them: its r queries attend [shared | own] under a causal mask aligned to the bottom right
+    (r x (s + r) scores), or, when that block is larger than plain causal attention over s + r tokens (r > s), the
+    shared queries are run along and their outputs dropped. Either way no more work than the separate sequence."""
     bounds = cu_seq_lens.tolist()
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        *(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])])
+    prefixes = prefixes or [(0, 0)] * (len(bounds) - 1)
+    out = []
+    for a, b, (start, s) in zip(bounds[:-1], bounds[1:], prefixes):
+        own = [x[a:b].transpose(0, 1) for x in (q, k, v)]
+        if s == 0:
+            out.append(sdpa(*own, scale, is_causal=True))
+            continue
+        shared = [x[start:start + s].transpose(0, 1) for x in (q, k, v)]
+        kv = [torch.cat([p, o], dim=1) for p, o in zip(shared[1:], own[1:])]
+        r = b - a
+        if r <= s:
+            mask = torch.ones(r, s + r, dtype=torch.bool, device=q.device).tril(diagonal=s)
+            out.append(sdpa(own[0], *kv, scale, attn_mask=mask))
+        else:
+            out.append(sdpa(torch.cat([shared[0], own[0]], dim=1), *kv, scale, is_causal=True)[s:])
+    return torch.cat(out)
+
+
+def sdpa(q, k, v, scale, **how):
+    """SDPA of one segment: q [H, L, D], k / v [Hkv, S, D] -> [L, H, D]."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True,
+                                                            **how).transpose(0, 1)
 
 
 def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
@@ -69,7 +93,7 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **extra)
 
 
-def register_varlen_attention(device, policy_dtype="bfloat16"):
+def register_varlen_attention(device, policy_dtype="bfloat16", prefix_sharing=False):
     """Make `varlen_attn` a transformers attention implementation (its documented AttentionInterface); its mask,
     used only when there are no segments (generate), is SDPA's."""
     from transformers import AttentionInterface
@@ -80,5 +104,8 @@ def register_varlen_attention(device, policy_dtype="bfloat16"):
     if device.type == "cuda" and policy_dtype == "float32":
         raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} runs its GPU kernel in bfloat16 or float16: "
                         "set model.policy_dtype=bfloat16, or use sdpa for float32")
+    if device.type == "cuda" and prefix_sharing:  # the kernel takes no shared keys: a loop of SDPA calls instead
+        raise UserError(f"config: prefix_sharing=true with model.attn_implementation={VARLEN_ATTN} runs on a CPU only: "
+                        "use sdpa on a GPU (its mask keeps the branches apart)")
     AttentionInterface.register(VARLEN_ATTN, varlen_attention)
     AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)

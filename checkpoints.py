@@ -374,7 +374,7 @@ MAY_CHANGE_ON_RESUME = ("n_epochs", "n_examples", "print_log_step", "eval_every_
                         "report_to_tensorboard", "wandb", "resume", "overwrite", "resume_allow_changes", "debug",
                         "exp_name", "output_dirs", "device", "trainer", "fsdp", "gradient_accumulation_steps",
                         "activation_checkpointing", "compile", "max_nonfinite_steps", "precompute_reference_logps",
-                        "reference_cache_dir", "model.attn_implementation")
+                        "reference_cache_dir", "model.attn_implementation", "prefix_sharing")
 
 
 def config_changes(saved, new) -> tuple[list, list]:

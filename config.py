@@ -184,7 +184,7 @@ class Config:
     sample_top_p: float = num(0.95, gt=0, le=1)  # nucleus sampling of the eval samples
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     packing: bool = False                   # padding-free batches: sequences laid end to end in rows of max_length tokens
-    prefix_sharing: bool = False            # preference pairs: the prompt computed once for chosen and rejected (an attention mask keeps them apart)
+    prefix_sharing: Optional[bool] = None   # preference pairs: the prompt computed once for chosen and rejected; null = on where never slower (varlen_attn on a CPU)
     group_by_length: bool = False           # batch examples of similar length together (less padding); order stays random
     precompute_reference_logps: bool = False  # DPO/IPO: reference log-probs computed once (and cached), then the reference is freed
     reference_cache_dir: Optional[str] = None  # where those are cached; null = $XDG_CACHE_HOME/minimal-llm-alignment/reference_logps
@@ -336,9 +336,10 @@ def _validate(cfg, notes, light=False):
                         "leave it null for half of max_length")
     _check_wandb_login(cfg)
     _check_choice("loss.name", cfg.loss.name, LOSS_NAMES)
-    if cfg.prefix_sharing and cfg.model.attn_implementation not in (None, "sdpa", "eager"):
-        raise UserError(f"config: prefix_sharing=true needs an attention that takes a mask: model.attn_implementation "
-                        f"sdpa or eager (or null), got {cfg.model.attn_implementation}")
+    if cfg.prefix_sharing and cfg.model.attn_implementation not in (None, "sdpa", "eager", "varlen_attn"):
+        raise UserError(f"config: prefix_sharing=true needs an attention that takes a mask or shared keys: "
+                        f"model.attn_implementation sdpa, eager or varlen_attn (or null), got "
+                        f"{cfg.model.attn_implementation}")
     _check_fsdp(cfg, cuda_available=None)  # where the number of processes is known without torch
     if light:
         return

@@ -210,13 +210,24 @@ def model_from_config(arch, tokenizer, kwargs, head="causal_lm"):
 
 def attention(cfg) -> str | None:
     """The attention implementation the models are built with: model.attn_implementation, and for null, varlen_attn
-    when batches are packed on a CPU (neither prefix_sharing, which needs a mask, nor compile, for which its loop
-    over sequences is a graph break in every layer), else transformers' default (None). Why: SDPA over a packed row
-    computes every query-key pair of the row under a block-diagonal mask (masked, not skipped), while varlen_attn's
-    CPU path runs causal SDPA over each sequence alone (bench/README.md: about 8% of a packed SFT run on a small model)."""
-    if cfg.model.attn_implementation or not cfg.packing or cfg.prefix_sharing or cfg.compile:
+    when batches are packed on a CPU (not with compile, for which its loop over sequences is a graph break in every
+    layer), else transformers' default (None). Why: SDPA over a packed row computes every query-key pair of the row
+    under a block-diagonal mask (masked, not skipped), while varlen_attn's CPU path runs causal SDPA over each
+    sequence alone (bench/README.md: about 8% of a packed SFT run on a small model), and over each branch of a
+    prefix-sharing group with its shared keys."""
+    if cfg.model.attn_implementation or not cfg.packing or cfg.compile:
         return cfg.model.attn_implementation
     return VARLEN_ATTN if device_type(cfg) == "cpu" else None
+
+
+def prefix_sharing(cfg, model, device) -> bool:
+    """cfg.prefix_sharing, and for null: on where it is never slower, off elsewhere. It is never slower with
+    varlen_attn on a CPU: each branch's attention costs at most its separate sequence's (attention.segment_sdpa),
+    and the shared part's other layers run once. SDPA's group mask costs more than two short sequences when the
+    prompts are short, and GPU kernels with a custom mask are unmeasured."""
+    if cfg.prefix_sharing is not None:
+        return cfg.prefix_sharing
+    return device.type == "cpu" and model.config._attn_implementation == VARLEN_ATTN
 
 
 def load_policy(cfg, tokenizer, meta=False, head="causal_lm"):
@@ -230,7 +241,7 @@ def load_policy(cfg, tokenizer, meta=False, head="causal_lm"):
     if attn:
         kwargs["attn_implementation"] = attn
     if attn == VARLEN_ATTN:
-        register_varlen_attention(torch.device(device_type(cfg)), m.policy_dtype)
+        register_varlen_attention(torch.device(device_type(cfg)), m.policy_dtype, cfg.prefix_sharing)
     # an adapter folder (adapter_config.json) is not the base: that comes from name_or_path / from_config
     archive_is_folder = bool(m.archive) and os.path.isdir(m.archive) and not is_adapter_folder(m.archive)
     try:
@@ -439,6 +450,8 @@ def forward_inputs(model, batch) -> dict:
         inputs.pop("attention_mask", None)
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                       max_length_q=batch["max_seq_len"], max_length_k=batch["max_seq_len"])
+        if "segment_prefixes" in batch:  # prefix sharing: the shared keys of each rejected branch
+            inputs["segment_prefixes"] = batch["segment_prefixes"]
     return inputs
 
 

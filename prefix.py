@@ -10,8 +10,10 @@ and its own earlier tokens only: the rejected reply never sees the chosen one. P
 each branch. So every token sees exactly the tokens, at exactly the positions, that it sees in its own sequence,
 and its log-prob is the same (up to float rounding); the shared part's forward (and backward) runs once. The
 attention is a 4-D boolean mask [R, 1, T, T] (True: attend), which transformers passes to SDPA as it is (eager
-attention gets it as an additive float mask: models.forward_inputs). Rows hold one group each, or, with packing,
-several groups laid end to end (the mask keeps groups apart).
+attention gets it as an additive float mask: models.forward_inputs); or, with varlen_attn on a CPU, the segments
+(cu_seq_lens: shared part + chosen branch, rejected branch) with the shared keys each rejected branch also sees
+(segment_prefixes, attention.segment_sdpa), so no attention is computed across branches or groups. Rows hold one
+group each, or, with packing, several groups laid end to end (the mask keeps groups apart).
 
 The batch is data.collate's, sequence ids included: the chosen reply's tokens (and the shared part) carry the pair's
 chosen sequence id i, the rejected branch B + i, and labels sit where the next-token rule expects them, so the
@@ -50,8 +52,10 @@ def group_of(example):
 
 def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to_multiple_of=1) -> dict:
     """data.collate's batch of preference pairs (or KTO's completions with their KL sequences), each pair one group
-    (see the module docstring): input_ids, labels, seq_ids, position_ids [R, T] and the 4-D attention_mask; packing
-    puts several groups in a row (best-fit decreasing, rows of up to max_length tokens)."""
+    (see the module docstring): input_ids, labels, seq_ids, position_ids [R, T], the 4-D attention_mask, and for
+    varlen_attn the segments with, per segment, the (start, length) of the shared keys it sees before its own tokens
+    in the flattened batch ((0, 0): none); packing puts several groups in a row (best-fit decreasing, rows of up to
+    max_length tokens)."""
     groups = [group_of(ex) for ex in examples]
     lengths = [len(g[0]) for g in groups]
     rows = data.best_fit_rows(lengths, max_length or max(lengths)) if packing else [[i] for i in range(len(groups))]
@@ -64,6 +68,7 @@ def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to
     positions = torch.zeros((R, T), dtype=torch.long)
     group_ids = torch.full((R, T), -1, dtype=torch.long)
     branches = torch.zeros((R, T), dtype=torch.long)
+    shared_keys = {}  # flat start of a rejected branch -> (flat start, length) of its group's shared part
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -73,11 +78,14 @@ def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to
             branches[r, part], positions[r, part] = torch.tensor(branch), torch.tensor(pos)
             seq_ids[r, part] = torch.where(branches[r, part] == 2, B + i, i)
             group_ids[r, part] = i
+            shared = branch.count(0)
+            shared_keys[r * T + at + n - branch.count(2)] = (r * T + at, shared) if shared else (0, 0)
             at += n
         positions[r, at:] = torch.arange(T - at)
     batch = {"input_ids": input_ids, "labels": labels, "seq_ids": seq_ids, "position_ids": positions,
              "attention_mask": attention_mask(group_ids, branches)}
     batch["cu_seq_lens"], batch["max_seq_len"] = data.segments(seq_ids)
+    batch["segment_prefixes"] = [shared_keys.get(a, (0, 0)) for a in batch["cu_seq_lens"][:-1].tolist()]
     batch["n_seqs"] = 2 * B
     return batch
 

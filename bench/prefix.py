@@ -1,5 +1,6 @@
 """Prefix sharing (prefix_sharing: true) against separate sequences: one DPO micro-batch's forward + backward of the
-policy (models.batch_logps), padded and packed, for prompts of several lengths and short replies.
+policy (models.batch_logps), padded and packed (SDPA), and packed with varlen_attn (what a packed CPU run gets by
+default), for prompts of several lengths and short replies.
 
     python bench/prefix.py [--threads 1] [--repeats 5] [--out FILE.json]
 
@@ -59,22 +60,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    import attention
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(vocab_size=2048, **MODEL), dtype=torch.float32)
+    attention.register_varlen_attention(torch.device("cpu"), "float32", prefix_sharing=True)
+    config = AutoConfig.for_model(vocab_size=2048, **MODEL)
+    models = {}
+    for attn in ("sdpa", attention.VARLEN_ATTN):
+        torch.manual_seed(0)
+        models[attn] = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
     rows = []
     for prompt_len in PROMPTS:
         examples = pairs(prompt_len)
-        for packing in (False, True):
-            separate = time_case(model, examples, packing, False, args.repeats)
-            shared = time_case(model, examples, packing, True, args.repeats)
-            rows.append({"prompt": prompt_len, "packing": packing, "separate_ms": separate[0],
+        for packing, attn in ((False, "sdpa"), (True, "sdpa"), (True, attention.VARLEN_ATTN)):
+            separate = time_case(models[attn], examples, packing, False, args.repeats)
+            shared = time_case(models[attn], examples, packing, True, args.repeats)
+            rows.append({"prompt": prompt_len, "packing": packing, "attention": attn, "separate_ms": separate[0],
                          "shared_ms": shared[0], "separate_tokens": separate[1], "shared_tokens": shared[1],
                          "ratio": shared[0] / separate[0]})
-    print("| prompt tokens | packing | separate (ms) | shared (ms) | tokens separate / shared | shared / separate |")
-    print("|---|---|---|---|---|---|")
+    print("| prompt tokens | packing | attention | separate (ms) | shared (ms) | tokens separate / shared | "
+          "shared / separate |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['prompt']} | {r['packing']} | {r['separate_ms']:.0f} | {r['shared_ms']:.0f} | "
+        print(f"| {r['prompt']} | {r['packing']} | {r['attention']} | {r['separate_ms']:.0f} | {r['shared_ms']:.0f} | "
               f"{r['separate_tokens']} / {r['shared_tokens']} | {r['ratio']:.2f}x |")
     if args.out:
         with open(args.out, "w") as f:

@@ -89,6 +89,9 @@ def test_flash_varlen_passes_what_each_torch_version_needs(new_signature, monkey
 def test_varlen_attention_refuses_what_it_cannot_run(tmp_path):
     with pytest.raises(utils.UserError, match="model.policy_dtype=bfloat16, or use sdpa"):
         attention.register_varlen_attention(torch.device("cuda"), "float32")  # refused before any GPU is touched
+    with pytest.raises(utils.UserError, match="prefix_sharing=true with model.attn_implementation=varlen_attn runs on a "
+                                              "CPU only"):
+        attention.register_varlen_attention(torch.device("cuda"), "bfloat16", prefix_sharing=True)
     sliding = ("model.from_config={model_type: qwen2, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
                "num_attention_heads: 4, num_key_value_heads: 2, use_sliding_window: true, sliding_window: 8, "
                "max_window_layers: 0}")
@@ -108,10 +111,10 @@ def test_flash_varlen_traces_without_graph_breaks():
 
 
 def test_null_attention_is_varlen_for_packed_batches_on_a_cpu(tmp_path, tiny_model_dir):
-    """model.attn_implementation=null: packed batches on a CPU get varlen_attn, not with prefix_sharing (a mask),
-    compile (a graph break per layer), padded batches or a GPU; an explicit value is kept. A model with sliding windows
+    """model.attn_implementation=null: packed batches on a CPU get varlen_attn (also with prefix_sharing: shared keys
+    per branch), not with compile (a graph break per layer), padded batches or a GPU; an explicit value is kept. A model with sliding windows
     falls back to SDPA instead of being refused (the refusal is for an explicit varlen_attn)."""
-    cases = {(): None, ("packing=true",): attention.VARLEN_ATTN, ("packing=true", "prefix_sharing=true"): None,
+    cases = {(): None, ("packing=true",): attention.VARLEN_ATTN, ("packing=true", "prefix_sharing=true"): attention.VARLEN_ATTN,
              ("packing=true", "compile=true"): None, ("packing=true", "model.attn_implementation=eager"): "eager"}
     for overrides, want in cases.items():
         assert models.attention(load_config(TINY["sft"], list(overrides))) == want, overrides

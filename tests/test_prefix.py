@@ -45,7 +45,7 @@ def examples_of(trainer, n=6):
     return trainer.train_data[:n]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "varlen_attn"])
 @pytest.mark.parametrize("arch", [NEOX, LLAMA, QWEN2_TIED], ids=["gpt_neox", "llama", "qwen2-tied"])
 def test_logps_and_gradients_equal_the_separate_sequences(arch, attn):
     trainer = trainer_for(arch, f"model.attn_implementation={attn}", "loss.name=dpo")
@@ -100,6 +100,26 @@ def test_gradient_accumulation_with_it():
     largest = max(u.abs().max().item() for u in updates[0].values())
     for k in updates[0]:
         torch.testing.assert_close(updates[1][k], updates[0][k], rtol=0, atol=1e-5 * largest)
+
+
+def test_null_is_on_where_never_slower():
+    """prefix_sharing=null: on for varlen_attn on a CPU (a packed CPU run's default attention: each branch's attention
+    no larger than its own sequence's), off with SDPA (padded, or a GPU); an explicit value is kept. A packed DPO
+    trainer's batches then hold each pair once, with the shared keys of every rejected branch."""
+    from types import SimpleNamespace
+    varlen, sdpa = (SimpleNamespace(config=SimpleNamespace(_attn_implementation=a)) for a in ("varlen_attn", "sdpa"))
+    cfg, cpu, cuda = load_config(DPO, []), torch.device("cpu"), torch.device("cuda")
+    assert cfg.prefix_sharing is None
+    assert [models.prefix_sharing(cfg, *case) for case in ((varlen, cpu), (sdpa, cpu), (varlen, cuda))] == \
+        [True, False, False]
+    assert not models.prefix_sharing(load_config(DPO, ["prefix_sharing=false"]), varlen, cpu)
+    assert models.prefix_sharing(load_config(DPO, ["prefix_sharing=true"]), sdpa, cpu)
+    trainer = trainer_for(LLAMA, "packing=true")
+    batch = trainer.to_batch(examples_of(trainer, 4))
+    separate = data.collate(examples_of(trainer, 4), trainer.tokenizer.pad_token_id, packing=True)
+    assert trainer.policy.config._attn_implementation == "varlen_attn" and batch["n_seqs"] == 8
+    assert (batch["seq_ids"] >= 0).sum() < (separate["seq_ids"] >= 0).sum()
+    assert sum(1 for start, length in batch["segment_prefixes"] if length) == 4  # every rejected branch
 
 
 def test_an_attention_without_masks_is_refused(tmp_path, capsys):
