@@ -249,7 +249,8 @@ def build_trainer(cfg):
 
 def print_header(trainer, n_params, resume_from, notes):
     """What is about to run: folder, start, devices, model size, steps (a short last batch said as such), the loss
-    with its effective hyper-parameters (defaults filled in), then the config's notes."""
+    with its effective hyper-parameters (defaults filled in), the batches' layout and attention, then the config's
+    notes."""
     cfg = trainer.cfg
     start = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting"
     last = trainer.n_train_examples - (trainer.total_steps - 1) * cfg.total_batch_size
@@ -259,6 +260,11 @@ def print_header(trainer, n_params, resume_from, notes):
           f"{n_params / 1e6:.2f}M params | {steps}")
     hyper = " ".join(f"{k}={v}" for k, v in losses.hyperparameters(cfg.loss).items())
     print(f"loss: {cfg.loss.name}{' ' + hyper if hyper else ''}")
+    layout = ["packed" if cfg.packing else "padded", f"attention {trainer.policy.config._attn_implementation}"]
+    if models.prefix_sharing(cfg, trainer.policy, trainer.device) and losses.LOSSES[cfg.loss.name].data != "sft" \
+            and losses.LOSSES[cfg.loss.name].online is None:  # the pair losses (GRPO's groups are not pairs)
+        layout.append("each pair's prompt once (prefix_sharing)")
+    print("batches: " + ", ".join(layout))
     for line in notes:
         print(line, file=sys.stderr)
 

@@ -1,6 +1,6 @@
 """Benchmark train.py (packing on / off) against the hand-written padded loop (bench/bare_loop.py), SFT and DPO.
 
-    python bench/run.py [--repeats 3] [--only sft|dpo] [--out DIR] [--variants packing,nopacking,bare]
+    python bench/run.py [--repeats 3] [--only sft|dpo] [--out DIR] [--variants packing,nopacking,nosharing,bare]
                         [--shape default|multiturn] [--commit REV | --tree DIR]
 
 Writes the synthetic workload (bench/workload.py) into DIR (default: a new temporary folder, kept), then per task
@@ -34,6 +34,8 @@ from grpo import export, wait_for_quiet  # noqa: E402
 VARIANTS = {
     "packing": ("train.py packing=true", "train.py", ["--overrides", "packing=true", "overwrite=true"]),
     "nopacking": ("train.py packing=false", "train.py", ["--overrides", "packing=false", "overwrite=true"]),
+    "nosharing": ("train.py packing=true prefix_sharing=false", "train.py",
+                  ["--overrides", "packing=true", "prefix_sharing=false", "overwrite=true"]),
     "train": ("train.py (default)", "train.py", ["--overrides", "overwrite=true"]),
     "bare": ("bare loop", os.path.join("bench", "bare_loop.py"), ["--overrides"]),
 }

@@ -89,10 +89,11 @@ def test_a_step_is_the_same_with_and_without_it(loss):
     assert metrics[1]["loss"] == pytest.approx(metrics[0]["loss"], abs=1e-5)
 
 
-def test_gradient_accumulation_with_it():
+@pytest.mark.parametrize("packing", ["false", "true"], ids=["padded-sdpa", "packed-varlen"])
+def test_gradient_accumulation_with_it(packing):
     updates = []
     for accumulation in (1, 4):
-        trainer = trainer_for(LLAMA, "prefix_sharing=true", "optimizer=SGD", "lr=1.0", "warmup_steps=0",
+        trainer = trainer_for(LLAMA, "prefix_sharing=true", f"packing={packing}", "optimizer=SGD", "lr=1.0", "warmup_steps=0",
                               "max_grad_norm=0", "total_batch_size=4", f"gradient_accumulation_steps={accumulation}")
         before = params_of(trainer.policy)
         trainer.train_step(next(trainer.global_batches()))

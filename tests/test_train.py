@@ -343,6 +343,11 @@ def test_run_header_states_the_loss_and_a_short_last_batch(tiny_model_dir, capsy
     out, err = capsys.readouterr()
     assert "| 3 steps of 8 examples (the last of 4)" in out and err == "warning: a note\n"
     assert "loss: simpo beta=2.0 simpo_gamma=1.0 label_smoothing=0.0 nll_weight=0.0 length_normalize=False" in out
+    assert "batches: padded, attention sdpa\n" in out  # SDPA: prefix_sharing=null leaves it off
+    packed = build("dpo", tiny_model_dir, "packing=true")
+    capsys.readouterr()
+    train.print_header(packed, 1000, None, [])
+    assert "batches: packed, attention varlen_attn, each pair's prompt once (prefix_sharing)\n" in capsys.readouterr()[0]
 
 
 def test_the_launcher_blames_the_killed_worker_not_the_peer_whose_collective_broke():
