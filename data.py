@@ -159,18 +159,7 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
     keeps its END, at most max_prompt_length tokens; then the response keeps its START so the whole fits max_length.
     Raises DataError when the assistant mask is empty before any truncation."""
     if kind == "sft":
-        msgs = example["messages"]
-        ids, labels, _ = _labelled(tokenizer, msgs, "messages", notes=notes)
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompt = _generation_prompt(tokenizer, msgs[:last], max_prompt_length)[0]
-        truncated = len(ids) > max_length
-        if truncated:
-            first = next(i for i, l in enumerate(labels) if l != -100)
-            cut = max(0, first - max_prompt_length)
-            ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
-        if all(l == -100 for l in labels):
-            return None, truncated
-        return {"input_ids": ids, "labels": labels, "prompt_input_ids": prompt}, truncated
+        return _tokenize_sft(example["messages"], tokenizer, max_length, max_prompt_length, notes)
     if kind == "prompt":
         ids, truncated = _generation_prompt(tokenizer, example["prompt"], max_prompt_length)
         return {"prompt_input_ids": ids, "prompt": example["prompt"], "prompt_is_text": example["prompt_is_text"],
@@ -206,6 +195,21 @@ def tokenize_example(example: dict, tokenizer, kind: str, max_length: int, max_p
     if "margin" in example:  # a pair's own margin (reward_model)
         out["margin"] = example["margin"]
     return out, truncated
+
+
+def _tokenize_sft(msgs, tokenizer, max_length, max_prompt_length, notes):
+    """tokenize_example of an SFT conversation: (tokenized or None, was_truncated)."""
+    ids, labels, _ = _labelled(tokenizer, msgs, "messages", notes=notes)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    prompt = _generation_prompt(tokenizer, msgs[:last], max_prompt_length)[0]
+    truncated = len(ids) > max_length
+    if truncated:
+        first = next(i for i, l in enumerate(labels) if l != -100)
+        cut = max(0, first - max_prompt_length)
+        ids, labels = ids[cut:cut + max_length], labels[cut:cut + max_length]
+    if all(l == -100 for l in labels):
+        return None, truncated
+    return {"input_ids": ids, "labels": labels, "prompt_input_ids": prompt}, truncated
 
 
 # --- Datasets and batches ----------------------------------------------------------------------------------------
