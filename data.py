@@ -24,7 +24,7 @@ import stat
 import sys
 import tempfile
 
-from formats import FORMAT_NAMES, KINDS, SHAREGPT_ROLES, UNPAIRED_FORMATS, DataError, load_records, own_kind, prompt_row
+from formats import FORMAT_NAMES, KINDS, UNPAIRED_FORMATS, DataError, load_records, own_kind, prompt_row, seed_row
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -508,21 +508,6 @@ def _cmd_check(args):
               f"{n_trunc} truncated, {n_skip} skipped (nothing left to learn)")
 
 
-def _seed_row(r):
-    """A normalized record in the seed README's style: messages, or conversations (from/value) with chosen/rejected
-    (preference) or completion/label (unpaired; the same style, which the seed has no example of)."""
-    if "messages" in r:
-        return {"messages": r["messages"]}
-    back = {v: k for k, v in SHAREGPT_ROLES.items()}
-    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
-    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
-    if "completion" in r:
-        return {"conversations": [turn(m) for m in r["prompt"]], "completion": side(r["completion"]),
-                "label": r["desirable"]}
-    pair = {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
-    return {**pair, "margin": r["margin"]} if "margin" in r else pair  # a pair's own margin (reward_model) is kept
-
-
 OUT_EXTS = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
 
@@ -538,7 +523,7 @@ def _cmd_convert(args):
                         "data (convert --to sft takes preference pairs)")
     if args.to == "sft":  # preference -> SFT: the conversation is prompt + chosen
         records = [r if "messages" in r else {"messages": r["prompt"] + r["chosen"]} for r in records]
-    rows = [prompt_row(r, o) for r, o in zip(records, origins)] if kind == "prompt" else [_seed_row(r) for r in records]
+    rows = [prompt_row(r, o) for r, o in zip(records, origins)] if kind == "prompt" else [seed_row(r) for r in records]
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise DataError(f"{args.out}: folder {out_dir} does not exist")

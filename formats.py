@@ -425,6 +425,21 @@ def prompt_row(rec, origin):
     return {"prompt": rec["prompt"][0]["content"] if rec["prompt_is_text"] else rec["prompt"], **rec["columns"]}
 
 
+def seed_row(r):
+    """A normalized record in the seed README's style: messages, or conversations (from/value) with chosen/rejected
+    (preference) or completion/label (unpaired; the same style, which the seed has no example of)."""
+    if "messages" in r:
+        return {"messages": r["messages"]}
+    back = {v: k for k, v in SHAREGPT_ROLES.items()}
+    turn = lambda m: {"from": back[m["role"]], "value": m["content"]}  # noqa: E731
+    side = lambda msgs: turn(msgs[0]) if len(msgs) == 1 else [turn(m) for m in msgs]  # noqa: E731
+    if "completion" in r:
+        return {"conversations": [turn(m) for m in r["prompt"]], "completion": side(r["completion"]),
+                "label": r["desirable"]}
+    pair = {"conversations": [turn(m) for m in r["prompt"]], "chosen": side(r["chosen"]), "rejected": side(r["rejected"])}
+    return {**pair, "margin": r["margin"]} if "margin" in r else pair  # a pair's own margin (reward_model) is kept
+
+
 def _refuse(label, fmt, kind):  # -> DataError when a file of format fmt cannot be data of kind, else None
     name = FORMAT_NAMES[fmt]
     if kind not in ("prompt", None) and fmt in PROMPT_FORMATS:

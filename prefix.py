@@ -78,8 +78,8 @@ def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to
             branches[r, part], positions[r, part] = torch.tensor(branch), torch.tensor(pos)
             seq_ids[r, part] = torch.where(branches[r, part] == 2, B + i, i)
             group_ids[r, part] = i
-            shared = branch.count(0)
-            shared_keys[r * T + at + n - branch.count(2)] = (r * T + at, shared) if shared else (0, 0)
+            if branch.count(0):
+                shared_keys[r * T + at + n - branch.count(2)] = (r * T + at, branch.count(0))
             at += n
         positions[r, at:] = torch.arange(T - at)
     batch = {"input_ids": input_ids, "labels": labels, "seq_ids": seq_ids, "position_ids": positions,

@@ -261,8 +261,8 @@ def print_header(trainer, n_params, resume_from, notes):
     hyper = " ".join(f"{k}={v}" for k, v in losses.hyperparameters(cfg.loss).items())
     print(f"loss: {cfg.loss.name}{' ' + hyper if hyper else ''}")
     layout = ["packed" if cfg.packing else "padded", f"attention {trainer.policy.config._attn_implementation}"]
-    if models.prefix_sharing(cfg, trainer.policy, trainer.device) and losses.LOSSES[cfg.loss.name].data != "sft" \
-            and losses.LOSSES[cfg.loss.name].online is None:  # the pair losses (GRPO's groups are not pairs)
+    pairs = losses.LOSSES[cfg.loss.name].data in ("preference", "unpaired")  # KTO: its KL pairs; online pairs too
+    if pairs and models.prefix_sharing(cfg, trainer.policy, trainer.device):
         layout.append("each pair's prompt once (prefix_sharing)")
     print("batches: " + ", ".join(layout))
     for line in notes:

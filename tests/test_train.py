@@ -348,6 +348,8 @@ def test_run_header_states_the_loss_and_a_short_last_batch(tiny_model_dir, capsy
     capsys.readouterr()
     train.print_header(packed, 1000, None, [])
     assert "batches: packed, attention varlen_attn, each pair's prompt once (prefix_sharing)\n" in capsys.readouterr()[0]
+    train.print_header(build("sft", tiny_model_dir, "packing=true"), 1000, None, [])
+    assert "batches: packed, attention varlen_attn\n" in capsys.readouterr()[0]  # no pairs: nothing shared
 
 
 def test_the_launcher_blames_the_killed_worker_not_the_peer_whose_collective_broke():
