@@ -36,45 +36,49 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     B, H, T, D = query.shape  # plain causal attention: models.load_policy refused sliding windows and softcapping
-    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (query, key, value))
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
-    if q.is_cuda and dtype in (torch.bfloat16, torch.float16) and segment_prefixes is None:
-        out = flash_varlen(q.to(dtype), k.to(dtype), v.to(dtype), cu_seq_lens_q, max_length_q, scaling)
-    else:  # a GPU with prefix sharing was refused at start (register_varlen_attention)
-        out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling, segment_prefixes)
-    return out.reshape(B, T, H, D), None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else query.dtype
+    if query.is_cuda and dtype in (torch.bfloat16, torch.float16) and segment_prefixes is None:
+        q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D).to(dtype) for x in (query, key, value))
+        return flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling).reshape(B, T, H, D), None
+    # a GPU with prefix sharing was refused at start (register_varlen_attention)
+    q, k, v = (x.transpose(0, 1).reshape(x.shape[1], B * T, D) for x in (query, key, value))  # a view when B == 1
+    out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling, segment_prefixes)
+    return out.reshape(H, B, T, D).permute(1, 2, 0, 3), None
 
 
 @torch.compiler.disable  # a loop over data-dependent lengths: compiled, it would be re-traced for every batch
 def segment_sdpa(q, k, v, cu_seq_lens, scale, prefixes=None):
-    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [N, H, D], k / v [N, Hkv, D].
-    A segment with a shared prefix (prefixes[i] = (start, s), s > 0: a rejected branch, see prefix.py) also sees
-    those s keys, all of them: its r queries attend [shared | own] under a causal mask aligned to the bottom right
+    """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [H, N, D], k / v [Hkv, N, D]
+    (heads first) -> [H, N, D]. A segment with a shared prefix (prefixes[i] = (start, s), s > 0: a rejected branch,
+    see prefix.py) also sees the first s keys of the segment that starts at `start` (its group's shared part and
+    chosen branch), all of them: its r queries attend [shared | own] under a causal mask aligned to the bottom right
     (r x (s + r) scores), or, when that block is larger than plain causal attention over s + r tokens (r > s), the
-    shared queries are run along and their outputs dropped. Either way no more work than the separate sequence."""
+    shared queries are run along and their outputs dropped. Either way no more work than the separate sequence.
+    The segments are `split` views (whose backward is one concatenation, where slices would each add a zero tensor
+    of the whole batch), and each SDPA call gets a batch dimension: that is what selects the CPU flash kernel (3-D
+    inputs fall back to SDPA's unfused math, which materializes the scores)."""
     bounds = cu_seq_lens.tolist()
-    prefixes = prefixes or [(0, 0)] * (len(bounds) - 1)
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    pieces = list(zip(*(x.unsqueeze(0).split(sizes, dim=2) for x in (q, k, v))))  # per segment [1, H, L, D] each
+    index = {a: i for i, a in enumerate(bounds[:-1])}
     out = []
-    for a, b, (start, s) in zip(bounds[:-1], bounds[1:], prefixes):
-        own = [x[a:b].transpose(0, 1) for x in (q, k, v)]
+    for (qi, ki, vi), (start, s) in zip(pieces, prefixes or [(0, 0)] * len(sizes)):
         if s == 0:
-            out.append(sdpa(*own, scale, is_causal=True))
+            out.append(sdpa(qi, ki, vi, scale, is_causal=True))
             continue
-        shared = [x[start:start + s].transpose(0, 1) for x in (q, k, v)]
-        kv = [torch.cat([p, o], dim=1) for p, o in zip(shared[1:], own[1:])]
-        r = b - a
+        shared = [x[:, :, :s] for x in pieces[index[start]]]
+        kv = [torch.cat([p, o], dim=2) for p, o in zip(shared[1:], (ki, vi))]
+        r = qi.shape[2]
         if r <= s:
             mask = torch.ones(r, s + r, dtype=torch.bool, device=q.device).tril(diagonal=s)
-            out.append(sdpa(own[0], *kv, scale, attn_mask=mask))
+            out.append(sdpa(qi, *kv, scale, attn_mask=mask))
         else:
-            out.append(sdpa(torch.cat([shared[0], own[0]], dim=1), *kv, scale, is_causal=True)[s:])
-    return torch.cat(out)
-
+            out.append(sdpa(torch.cat([shared[0], qi], dim=2), *kv, scale, is_causal=True)[:, :, s:])
+    return torch.cat(out, dim=2)[0]
 
 def sdpa(q, k, v, scale, **how):
-    """SDPA of one segment: q [H, L, D], k / v [Hkv, S, D] -> [L, H, D]."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True,
-                                                            **how).transpose(0, 1)
+    """SDPA of one segment: q [1, H, L, D], k / v [1, Hkv, S, D] -> [1, H, L, D]."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **how)
 
 
 def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
