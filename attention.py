@@ -97,11 +97,23 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **extra)
 
 
+def varlen_mask(q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask transformers builds before each forward of a varlen_attn model. A training forward (no padding
+    mask, no cache) gets none: the segments keep the sequences apart, and transformers would otherwise build a
+    [rows, 1, T, T] mask of the packed sequences for nothing. Otherwise (generate) SDPA's mask, which
+    varlen_attention hands to SDPA when there are no segments."""
+    from transformers.masking_utils import sdpa_mask
+    if attention_mask is None and q_length == kv_length and q_offset == 0 and kv_offset == 0:
+        return None
+    return sdpa_mask(q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                     attention_mask=attention_mask, **kwargs)
+
+
 def register_varlen_attention(device, policy_dtype="bfloat16", prefix_sharing=False):
-    """Make `varlen_attn` a transformers attention implementation (its documented AttentionInterface); its mask,
-    used only when there are no segments (generate), is SDPA's."""
+    """Make `varlen_attn` a transformers attention implementation (its documented AttentionInterface), with
+    `varlen_mask` as its mask."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
     if device.type == "cuda" and varlen_attn is None:
         raise UserError(f"config: model.attn_implementation={VARLEN_ATTN} needs torch >= 2.10 on a GPU (this is "
                         f"torch {torch.__version__}): upgrade torch or use sdpa")
@@ -112,4 +124,4 @@ def register_varlen_attention(device, policy_dtype="bfloat16", prefix_sharing=Fa
         raise UserError(f"config: prefix_sharing=true with model.attn_implementation={VARLEN_ATTN} runs on a CPU only: "
                         "use sdpa on a GPU (its mask keeps the branches apart)")
     AttentionInterface.register(VARLEN_ATTN, varlen_attention)
-    AttentionMaskInterface.register(VARLEN_ATTN, sdpa_mask)
+    AttentionMaskInterface.register(VARLEN_ATTN, varlen_mask)

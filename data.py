@@ -347,6 +347,12 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
 
 
+def packed_rows(lengths: list[int], max_length: int | None, one_row: bool) -> list[list[int]]:
+    """Packing's rows of sequence indices: all in one row (one_row), or best_fit_rows of up to max_length tokens
+    (None: the longest sequence's)."""
+    return [list(range(len(lengths)))] if one_row else best_fit_rows(lengths, max_length or max(lengths))
+
+
 def even_rows(order, lengths, n_rows):
     """The sequences `order` names (longest first) spread over n_rows rows, each into the emptiest row: (rows, tokens
     in each row)."""
@@ -372,7 +378,7 @@ def segments(seq_ids):
 
 
 def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None,
-            pad_to_multiple_of: int = 1, prefix_sharing: bool = False) -> dict:
+            pad_to_multiple_of: int = 1, prefix_sharing: bool = False, segments_only: bool = False) -> dict:
     """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
       input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
                   a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
@@ -389,15 +395,18 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
       desirable [B] bool: unpaired (KTO) examples' labels (rows i < B their completions, B + i their KL sequences).
       margin [B] float: the pairs' own margins (reward_model), when any example has one (0 for the others).
       prefix_sharing: pairs (and KTO's KL pairs) laid out with their prompt once (prefix.py): position_ids and a
-                  4-D attention_mask [R, 1, T, T], the rest as above."""
+                  4-D attention_mask [R, 1, T, T], the rest as above.
+      segments_only: the model attends by the segments alone (varlen_attn), so packing puts every sequence in ONE
+                  row, with no length limit (rows exist only for masks and would add padding at their ends), and
+                  prefix sharing builds no 4-D mask."""
     import torch  # imported here so that the CLI and the loaders start fast
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
     if prefix_sharing and "rejected_input_ids" in examples[0]:
         import prefix
-        batch = prefix.collate_pairs(examples, pad_token_id, packing, max_length, pad_to_multiple_of)
+        batch = prefix.collate_pairs(examples, pad_token_id, packing, max_length, pad_to_multiple_of, segments_only)
     else:
-        batch = _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of)
+        batch = _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of, segments_only)
     prompts = [ex["prompt_input_ids"] for ex in examples]
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
@@ -412,15 +421,12 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
     return batch
 
 
-def _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of) -> dict:
-    """collate's token tensors with one sequence per row (padded) or several end to end (packed)."""
+def _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of, one_row=False) -> dict:
+    """collate's token tensors with one sequence per row (padded) or several end to end (packed; one_row: all)."""
     import torch
     seqs = sequences_of(examples)
     lengths = [len(ids) for ids, _ in seqs]
-    if packing:
-        rows = best_fit_rows(lengths, max_length or max(lengths))
-    else:
-        rows = [[i] for i in range(len(seqs))]
+    rows = packed_rows(lengths, max_length, one_row) if packing else [[i] for i in range(len(seqs))]
     T = max(sum(lengths[i] for i in row) for row in rows)
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     batch = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),

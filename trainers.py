@@ -112,7 +112,8 @@ class Trainer:
     def to_batch(self, examples):
         batch = data.collate(examples, self.tokenizer.pad_token_id, packing=self.cfg.packing, max_length=self.cfg.max_length,
                              pad_to_multiple_of=models.length_multiple(self.device, self.policy),
-                             prefix_sharing=models.prefix_sharing(self.cfg, self.policy, self.device))
+                             prefix_sharing=models.prefix_sharing(self.cfg, self.policy, self.device),
+                             segments_only=self.policy.config._attn_implementation == models.VARLEN_ATTN)
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def global_batches(self):

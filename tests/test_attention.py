@@ -46,6 +46,27 @@ def test_varlen_attention_keeps_sequences_apart(tiny_model_dir):
         assert (models.batch_logps(trainer.policy, rows, n_seqs) - want).abs().max() > 1e-3
 
 
+def test_varlen_batches_are_one_row_and_build_no_mask(tiny_model_dir):
+    """With varlen_attn the segments keep sequences apart, so a packed batch is one row of every sequence (no row
+    ends, no padding) with the log-probs of the padded batch, and the forward builds no [T, T] mask (varlen_mask:
+    none without a padding mask or a cache; SDPA's with one, as generate needs)."""
+    trainer = build("sft", tiny_model_dir, "packing=true", "max_length=128")
+    examples = trainer.train_data[:8]
+    batch = trainer.to_batch(examples)
+    lengths = [len(ids) for ids, _ in data.sequences_of(examples)]
+    assert trainer.policy.config._attn_implementation == attention.VARLEN_ATTN
+    assert batch["input_ids"].shape == (1, sum(lengths)) and sum(lengths) > 128
+    with torch.no_grad():
+        want = models.batch_logps(trainer.policy, data.collate(examples, trainer.tokenizer.pad_token_id), len(lengths))
+        torch.testing.assert_close(models.batch_logps(trainer.policy, batch, len(lengths)), want, rtol=0, atol=1e-5)
+    assert attention.varlen_mask(batch_size=1, q_length=6, kv_length=6) is None
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = attention.varlen_mask(batch_size=1, q_length=6, kv_length=6, attention_mask=padding)
+    assert mask.shape == (1, 1, 6, 6) and not mask[0, 0, :, 0].any() and mask[0, 0, 5, 1:].all()
+    cached = attention.varlen_mask(batch_size=1, q_length=2, kv_length=6, q_offset=4, allow_is_causal_skip=False)
+    assert cached[0, 0].tolist() == [[True] * 5 + [False], [True] * 6]  # 2 queries after 4 cached keys: SDPA's mask
+
+
 def fake_varlen_attn(new_signature):
     """A CPU stand-in for torch.nn.attention.varlen.varlen_attn (a CUDA kernel), with the arguments of torch >= 2.11
     (window_size, scale, enable_gqa) or of torch 2.10 (is_causal only), checking them as the kernel does."""

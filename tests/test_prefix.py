@@ -121,6 +121,7 @@ def test_null_is_on_where_never_slower():
     assert trainer.policy.config._attn_implementation == "varlen_attn" and batch["n_seqs"] == 8
     assert (batch["seq_ids"] >= 0).sum() < (separate["seq_ids"] >= 0).sum()
     assert sum(1 for start, length in batch["segment_prefixes"] if length) == 4  # every rejected branch
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # varlen: one row, segments, no mask
 
 
 def test_an_attention_without_masks_is_refused(tmp_path, capsys):
