@@ -42,21 +42,21 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return flash_varlen(q, k, v, cu_seq_lens_q, max_length_q, scaling).reshape(B, T, H, D), None
     # a GPU with prefix sharing was refused at start (register_varlen_attention)
     q, k, v = (x.transpose(0, 1).reshape(x.shape[1], B * T, D) for x in (query, key, value))  # a view when B == 1
-    out = segment_sdpa(q, k, v, cu_seq_lens_q, scaling, segment_prefixes)
-    return out.reshape(H, B, T, D).permute(1, 2, 0, 3), None
+    return segment_sdpa(q, k, v, cu_seq_lens_q, scaling, segment_prefixes).reshape(B, T, H, D), None
 
 
 @torch.compiler.disable  # a loop over data-dependent lengths: compiled, it would be re-traced for every batch
 def segment_sdpa(q, k, v, cu_seq_lens, scale, prefixes=None):
     """The CPU / float32 path of varlen_attention: causal SDPA over each segment; q [H, N, D], k / v [Hkv, N, D]
-    (heads first) -> [H, N, D]. A segment with a shared prefix (prefixes[i] = (start, s), s > 0: a rejected branch,
-    see prefix.py) also sees the first s keys of the segment that starts at `start` (its group's shared part and
-    chosen branch), all of them: its r queries attend [shared | own] under a causal mask aligned to the bottom right
-    (r x (s + r) scores), or, when that block is larger than plain causal attention over s + r tokens (r > s), the
-    shared queries are run along and their outputs dropped. Either way no more work than the separate sequence.
-    The segments are `split` views (whose backward is one concatenation, where slices would each add a zero tensor
-    of the whole batch), and each SDPA call gets a batch dimension: that is what selects the CPU flash kernel (3-D
-    inputs fall back to SDPA's unfused math, which materializes the scores)."""
+    (heads first) -> [N, H, D] (tokens first, as the output projection reads them). A segment with a shared prefix
+    (prefixes[i] = (start, s), s > 0: a rejected branch, see prefix.py) also sees the first s keys of the segment
+    that starts at `start` (its group's shared part and chosen branch), all of them: its r queries attend
+    [shared | own] under a causal mask aligned to the bottom right (r x (s + r) scores), or, when that block is
+    larger than plain causal attention over s + r tokens (r > s), the shared queries are run along and their
+    outputs dropped. Either way no more work than the separate sequence. The segments are `split` views (whose
+    backward is one concatenation, where slices would each add a zero tensor of the whole batch), and each SDPA call
+    gets a batch dimension: that is what selects the CPU flash kernel (3-D inputs fall back to SDPA's unfused math,
+    which materializes the scores)."""
     bounds = cu_seq_lens.tolist()
     sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     pieces = list(zip(*(x.unsqueeze(0).split(sizes, dim=2) for x in (q, k, v))))  # per segment [1, H, L, D] each
@@ -73,12 +73,13 @@ def segment_sdpa(q, k, v, cu_seq_lens, scale, prefixes=None):
             mask = torch.ones(r, s + r, dtype=torch.bool, device=q.device).tril(diagonal=s)
             out.append(sdpa(qi, *kv, scale, attn_mask=mask))
         else:
-            out.append(sdpa(torch.cat([shared[0], qi], dim=2), *kv, scale, is_causal=True)[:, :, s:])
-    return torch.cat(out, dim=2)[0]
+            out.append(sdpa(torch.cat([shared[0], qi], dim=2), *kv, scale, is_causal=True)[s:])
+    return torch.cat(out)
 
 def sdpa(q, k, v, scale, **how):
-    """SDPA of one segment: q [1, H, L, D], k / v [1, Hkv, S, D] -> [1, H, L, D]."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **how)
+    """SDPA of one segment: q [1, H, L, D], k / v [1, Hkv, S, D] -> [L, H, D]."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **how)
+    return out[0].transpose(0, 1)
 
 
 def flash_varlen(q, k, v, cu_seq_lens, max_length, scale):
