@@ -328,66 +328,17 @@ def label_count(labels: list[int]) -> int:
     return sum(1 for t in labels[1:] if t != -100)
 
 
-def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Sequence indices in rows of at most `capacity` tokens (a longer sequence gets a row of its own): as many rows as
-    best-fit decreasing bin packing needs, then `even_rows` of them where that fits and shortens the longest row,
-    which every row of a batch is padded to. Deterministic."""
-    rows, space = [], []  # space[r] = tokens still free in row r
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    for i in order:
-        fits = [r for r in range(len(rows)) if space[r] >= lengths[i]]
-        if fits:
-            best = min(fits, key=lambda r: (space[r], r))
-            rows[best].append(i)
-            space[best] -= lengths[i]
-        else:
-            rows.append([i])
-            space.append(capacity - lengths[i])
-    even, used = even_rows(order, lengths, len(rows))
-    return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
-
-
-def packed_rows(lengths: list[int], max_length: int | None, one_row: bool) -> list[list[int]]:
-    """Packing's rows of sequence indices: all in one row (one_row), or best_fit_rows of up to max_length tokens
-    (None: the longest sequence's)."""
-    return [list(range(len(lengths)))] if one_row else best_fit_rows(lengths, max_length or max(lengths))
-
-
-def even_rows(order, lengths, n_rows):
-    """The sequences `order` names (longest first) spread over n_rows rows, each into the emptiest row: (rows, tokens
-    in each row)."""
-    rows, used = [[] for _ in range(n_rows)], [0] * n_rows
-    for i in order:
-        r = used.index(min(used))
-        rows[r].append(i)
-        used[r] += lengths[i]
-    return rows, used
-
-
-def segments(seq_ids):
-    """The flattened [R, T] tokens as segments, for attention kernels over variable-length segments (varlen_attn):
-    a segment starts at every row start and wherever the sequence id changes, so each sequence is one, and so is
-    each row's trailing padding. Returns (cu_seq_lens [S + 1] int32: where each starts, then R*T; the longest)."""
-    import torch
-    flat = seq_ids.flatten()
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::seq_ids.shape[1]] = True
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([flat.numel()])])
-    return bounds.to(torch.int32), int(bounds.diff().max())
-
-
 def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_length: int | None = None,
             pad_to_multiple_of: int = 1, prefix_sharing: bool = False, segments_only: bool = False) -> dict:
     """A batch of tokenize_example outputs as long tensors, in one layout for SFT and preference data:
       input_ids, labels, seq_ids [R, T]: every sequence of the batch (`sequences_of`); seq_ids says which sequence
                   a token belongs to (-1 on padding), so per-sequence log-probs never depend on the layout.
       padded (packing=False): one row per sequence, right-padded; attention_mask [R, T].
-      packed (packing=True): sequences laid end to end in rows of up to max_length tokens (best_fit_rows);
+      packed (packing=True): sequences laid end to end in rows of up to max_length tokens (batching.py);
                   position_ids [R, T] restart at 0 for every sequence (and for the padding at a row's end), and
                   there is no attention_mask: the model then attends only within each sequence. The first token
                   of each sequence gets label -100 (it would be "predicted" by the previous sequence's last token).
-      cu_seq_lens [S + 1] int32, max_seq_len (an int): the rows as segments (`segments`); n_seqs (an int).
+      cu_seq_lens [S + 1] int32, max_seq_len (an int): the rows as segments (batching.segments); n_seqs (an int).
       pad_to_multiple_of: T rounded up to it (GPUs: fewer distinct shapes, so kernels planned per shape, e.g.
                   cuDNN attention's, are planned a few times instead of at almost every step).
       prompt_input_ids, prompt_attention_mask [B, P]: the prompts, LEFT-padded (for generate).
@@ -400,13 +351,15 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
                   row, with no length limit (rows exist only for masks and would add padding at their ends), and
                   prefix sharing builds no 4-D mask."""
     import torch  # imported here so that the CLI and the loaders start fast
+    import batching
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: call prepare_tokenizer(tokenizer) first")
     if prefix_sharing and "rejected_input_ids" in examples[0]:
         import prefix
         batch = prefix.collate_pairs(examples, pad_token_id, packing, max_length, pad_to_multiple_of, segments_only)
     else:
-        batch = _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of, segments_only)
+        batch = batching.sequence_rows(sequences_of(examples), pad_token_id, packing, max_length, pad_to_multiple_of,
+                                       segments_only)
     prompts = [ex["prompt_input_ids"] for ex in examples]
     P = max(len(x) for x in prompts)
     batch["prompt_input_ids"] = _pad(prompts, pad_token_id, P, left=True)
@@ -418,40 +371,6 @@ def collate(examples: list[dict], pad_token_id: int, packing: bool = False, max_
         batch["desirable"] = torch.tensor([ex["desirable"] for ex in examples], dtype=torch.bool)
     if any("margin" in ex for ex in examples):  # pairs without one: margin 0
         batch["margin"] = torch.tensor([float(ex.get("margin", 0.0)) for ex in examples])
-    return batch
-
-
-def _sequence_rows(examples, pad_token_id, packing, max_length, pad_to_multiple_of, one_row=False) -> dict:
-    """collate's token tensors with one sequence per row (padded) or several end to end (packed; one_row: all)."""
-    import torch
-    seqs = sequences_of(examples)
-    lengths = [len(ids) for ids, _ in seqs]
-    rows = packed_rows(lengths, max_length, one_row) if packing else [[i] for i in range(len(seqs))]
-    T = max(sum(lengths[i] for i in row) for row in rows)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    batch = {"input_ids": torch.full((len(rows), T), pad_token_id, dtype=torch.long),
-             "labels": torch.full((len(rows), T), -100, dtype=torch.long),
-             "seq_ids": torch.full((len(rows), T), -1, dtype=torch.long)}
-    if packing:
-        batch["position_ids"] = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            ids, labels = seqs[i]
-            n = len(ids)
-            batch["input_ids"][r, at:at + n] = torch.tensor(ids)
-            batch["labels"][r, at:at + n] = torch.tensor(labels)
-            batch["labels"][r, at] = -100
-            batch["seq_ids"][r, at:at + n] = i
-            if packing:
-                batch["position_ids"][r, at:at + n] = torch.arange(n)
-            at += n
-        if packing:
-            batch["position_ids"][r, at:] = torch.arange(T - at)
-    if not packing:
-        batch["attention_mask"] = (batch["seq_ids"] >= 0).long()
-    batch["cu_seq_lens"], batch["max_seq_len"] = segments(batch["seq_ids"])
-    batch["n_seqs"] = len(seqs)
     return batch
 
 

@@ -21,7 +21,7 @@ forward pass and log-prob code do not change.
 """
 import torch
 
-import data
+import batching
 
 IGNORE = -100
 
@@ -55,12 +55,12 @@ def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to
     """data.collate's batch of preference pairs (or KTO's completions with their KL sequences), each pair one group
     (see the module docstring): input_ids, labels, seq_ids, position_ids [R, T], the 4-D attention_mask, and for
     varlen_attn the segments with, per segment, the (start, length) of the shared keys it sees before its own tokens
-    in the flattened batch ((0, 0): none); packing puts several groups in a row (data.packed_rows: best-fit
+    in the flattened batch ((0, 0): none); packing puts several groups in a row (batching.packed_rows: best-fit
     decreasing, rows of up to max_length tokens). segments_only (varlen_attn): packed groups all in one row, and no
     4-D mask (the segments keep the branches apart)."""
     groups = [group_of(ex) for ex in examples]
     lengths = [len(g[0]) for g in groups]
-    rows = data.packed_rows(lengths, max_length, segments_only) if packing else [[i] for i in range(len(groups))]
+    rows = batching.packed_rows(lengths, max_length, segments_only) if packing else [[i] for i in range(len(groups))]
     T = max(sum(lengths[i] for i in row) for row in rows)
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
     R, B = len(rows), len(examples)
@@ -87,7 +87,7 @@ def collate_pairs(examples, pad_token_id, packing=False, max_length=None, pad_to
     batch = {"input_ids": input_ids, "labels": labels, "seq_ids": seq_ids, "position_ids": positions}
     if not segments_only:
         batch["attention_mask"] = attention_mask(group_ids, branches)
-    batch["cu_seq_lens"], batch["max_seq_len"] = data.segments(seq_ids)
+    batch["cu_seq_lens"], batch["max_seq_len"] = batching.segments(seq_ids)
     batch["segment_prefixes"] = [shared_keys.get(a, (0, 0)) for a in batch["cu_seq_lens"][:-1].tolist()]
     batch["n_seqs"] = 2 * B
     return batch

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, TOKENIZER, assert_one_line_error, run_cli
 
+import batching
 import data
 import formats
 from formats import DataError
@@ -664,16 +665,16 @@ def test_collate_padded(example_tok):
 def test_best_fit_rows():
     # best-fit decreasing needs 3 rows (7 + 3, 6 + 2 + 1, 5: the longest 10 tokens); the same 3 rows evened out, longest
     # first into the emptiest row: 7 -> row 0, 6 -> row 1, 5 -> row 2, 3 -> row 2, 2 -> row 1, 1 -> row 0: 8 tokens each
-    assert data.best_fit_rows([7, 3, 6, 2, 5, 1], capacity=10) == [[0, 5], [2, 3], [4, 1]]
-    assert data.best_fit_rows([12, 4], capacity=10) == [[0], [1]]  # too long for any row: a row of its own
+    assert batching.best_fit_rows([7, 3, 6, 2, 5, 1], capacity=10) == [[0, 5], [2, 3], [4, 1]]
+    assert batching.best_fit_rows([12, 4], capacity=10) == [[0], [1]]  # too long for any row: a row of its own
     # 2 rows (5 + 5, 4 + 3 + 3); evened out, 5 + 4 and 5 + 3 + 3 = 11 would not fit: best-fit's rows
-    assert data.best_fit_rows([5, 5, 4, 3, 3], capacity=10) == [[0, 1], [2, 3, 4]]
+    assert batching.best_fit_rows([5, 5, 4, 3, 3], capacity=10) == [[0, 1], [2, 3, 4]]
     lengths = list(range(1, 30))  # 435 tokens: best-fit's 11 rows of up to 40, evened out to 39 or 40 tokens
-    rows = data.best_fit_rows(lengths, 40)
+    rows = batching.best_fit_rows(lengths, 40)
     assert sorted(i for row in rows for i in row) == list(range(29)) and len(rows) == 11
     assert max(sum(lengths[i] for i in row) for row in rows) == 40 > 435 / 11
     lengths = [300, 250, 200, 120, 90, 60, 40]  # rows of 512: best-fit 500, 500, 60 tokens -> 360, 340, 360
-    assert data.best_fit_rows(lengths, 512) == [[0, 5], [1, 4], [2, 3, 6]]
+    assert batching.best_fit_rows(lengths, 512) == [[0, 5], [1, 4], [2, 3, 6]]
 
 
 def test_collate_packed(example_tok):
@@ -686,7 +687,7 @@ def test_collate_packed(example_tok):
     capacity = lengths[0] + lengths[1] + 1
     b = data.collate(pref, pad, packing=True, max_length=capacity)
     assert "attention_mask" not in b and b["input_ids"].shape[1] <= capacity
-    assert b["input_ids"].shape[0] == len(data.best_fit_rows(lengths, capacity)) < 4
+    assert b["input_ids"].shape[0] == len(batching.best_fit_rows(lengths, capacity)) < 4
     for i, (ids, labels) in enumerate(seqs):  # every sequence is there once, whole, with positions from 0
         where = b["seq_ids"] == i
         assert where.sum() == len(ids) and b["input_ids"][where].tolist() == ids
@@ -698,7 +699,7 @@ def test_collate_packed(example_tok):
         n = int(real[row].sum())
         assert b["position_ids"][row, n:].tolist() == list(range(b["input_ids"].shape[1] - n))
     segments = []  # each row's sequences in packing order, then its padding, if any
-    for row in data.best_fit_rows(lengths, capacity):
+    for row in batching.best_fit_rows(lengths, capacity):
         segments += [lengths[i] for i in row] + [b["input_ids"].shape[1] - sum(lengths[i] for i in row)]
     segments = [n for n in segments if n]
     assert b["cu_seq_lens"].tolist() == [sum(segments[:i]) for i in range(len(segments) + 1)]
