@@ -3,6 +3,7 @@ tensor names and dtypes a (sharded or gathered) state dict is exported under, as
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from utils import UserError
@@ -43,6 +44,25 @@ def shard_model(model, block_class, mesh, mixed, offload, frozen=False):
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mixed, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mixed, offload_policy=offload, reshard_after_forward=True if frozen else None)
+    if mesh.device_type == "cpu" and not frozen:
+        for unit in [*units, model]:
+            unit.set_custom_reduce_scatter(AllReduceScatter())
+
+
+class AllReduceScatter:
+    """FSDP's gradient reduce-scatter for CPU processes (gloo), through FSDP2's documented hook for it
+    (`set_custom_reduce_scatter`): an in-place all-reduce of FSDP's buffer, of which each process keeps its own
+    shard. gloo's reduce_scatter works on a copy of its whole input (its peak: 1.5x the input above FSDP's buffer,
+    against 0.5x for the all-reduce, 128 MiB measured on 2 processes), and the largest unit's reduce-scatter comes at
+    the end of the backward, when every gradient shard already exists: with it this was a training run's memory
+    peak. Same op (FSDP divides before and after, as for gloo's own), same sum."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        dist.all_reduce(input_tensor, op=op, group=group)
+        output_tensor.copy_(input_tensor.view(dist.get_world_size(group), -1)[dist.get_rank(group)])
 
 
 def keep_checkpoint_renamings(model):

@@ -2,6 +2,7 @@
 
     python bench/fsdp_memory.py                                # 207M-param Llama (F = 790 MiB), 2 processes: ~2 min
     python bench/fsdp_memory.py --size test                    # the 62.6M test model (F = 239 MiB)
+    python bench/fsdp_memory.py --size 444m                    # issue 19's 443M Llama (F = 1.65 GiB): ~6 min
     python bench/fsdp_memory.py --env MALLOC_MMAP_THRESHOLD_=1048576 --json /tmp/fsdp_memory.json
 
 Saves a Llama-shaped model (bench/sharded_load.py's SIZES, float32 safetensors) to a local folder, then starts N

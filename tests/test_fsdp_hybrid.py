@@ -49,7 +49,7 @@ def test_hybrid_2x2_matches_basic_trainer(tiny_model_dir, tmp_path):
     weights to 1e-5 of the largest update (gradients summed within AND across replicas), per-step metrics (grad_norm:
     the DTensor norm over the 2-D mesh), the export, and the DCP state read back by one process. Gradients cross
     between replicas once per step: FSDP's all-reduces over the replica group are half its reduce-scatters within
-    the shard group (2 micro-batches a step)."""
+    the shard group (2 micro-batches a step; on CPUs these run as all-reduces, sharding.AllReduceScatter)."""
     run, script = tmp_path / "run", tmp_path / "counting.py"
     script.write_text(COUNTING)
     proc = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(script), str(tmp_path),
@@ -59,7 +59,9 @@ def test_hybrid_2x2_matches_basic_trainer(tiny_model_dir, tmp_path):
     for rank in range(4):  # mesh [[0, 1], [2, 3]]: shards within a row, replicas down a column
         counts = json.loads((tmp_path / f"collectives-{rank}.json").read_text())
         replicas, shards = f"{rank % 2},{rank % 2 + 2}", f"{rank // 2 * 2},{rank // 2 * 2 + 1}"
-        across, within = counts.get(f"all_reduce {replicas}", 0), counts.get(f"reduce_scatter {shards}", 0)
+        # within the shard group: sharding.AllReduceScatter, FSDP's reduce-scatter on CPUs as an in-place all-reduce
+        across, within = counts.get(f"all_reduce {replicas}", 0), counts.get(f"all_reduce {shards}", 0)
+        assert not counts.get(f"reduce_scatter {shards}"), counts
         assert across > 0 and within == 2 * across and across % 3 == 0, counts  # 3 steps x the FSDP groups
     basic = build("dpo", tiny_model_dir, *DPO)
     initial = params_of(basic.policy)

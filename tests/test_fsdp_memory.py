@@ -17,9 +17,9 @@ def bench_module(name):
 def test_training_peak_per_rank(tmp_path, monkeypatch):
     """The 62.6M test model (F = 239 MiB in float32; L = 23 MiB, its largest tensor: embedding, head). Per rank, the
     peak above the baseline (imports, process group) during the step's phases stays below 1.5 F (the policy's, its
-    gradients' and the reference's shards) + 4 L + 64 MiB: the reduce-scatter of the largest FSDP unit on gloo (its
-    full gradient, FSDP's copy of it, gloo's own, the shard), one block (no larger than L here) and glibc's
-    small-block slack. Measured: 2.00 F. Before, 5-7 F: the reference's root unit stayed gathered after its forward
+    gradients' and the reference's shards) + 4 L + 64 MiB: a unit's backward (its full weights and gradients, the next
+    unit prefetched, FSDP's reduce-scatter buffer and the in-place all-reduce's scratch: sharding.AllReduceScatter;
+    the blocks are no larger than L here) and glibc's small-block slack. Measured: 2.00 F. Before, 5-7 F: the reference's root unit stayed gathered after its forward
     (nothing reshards a root that has no backward), the policy's embedding and head were one unit, gathered through
     the whole backward, and glibc kept FSDP's freed per-unit buffers in its heap (bench/README.md)."""
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)  # the project's own setting is under test
