@@ -76,6 +76,7 @@ def segment_sdpa(q, k, v, cu_seq_lens, scale, prefixes=None):
             out.append(sdpa(torch.cat([shared[0], qi], dim=2), *kv, scale, is_causal=True)[s:])
     return torch.cat(out)
 
+
 def sdpa(q, k, v, scale, **how):
     """SDPA of one segment: q [1, H, L, D], k / v [1, Hkv, S, D] -> [L, H, D]."""
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True, **how)

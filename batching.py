@@ -25,12 +25,6 @@ def best_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return even if used and max(used) <= capacity and max(used) < capacity - min(space) else rows
 
 
-def packed_rows(lengths: list[int], max_length: int | None, one_row: bool) -> list[list[int]]:
-    """Packing's rows of sequence indices: all in one row (one_row), or best_fit_rows of up to max_length tokens
-    (None: the longest sequence's)."""
-    return [list(range(len(lengths)))] if one_row else best_fit_rows(lengths, max_length or max(lengths))
-
-
 def even_rows(order, lengths, n_rows):
     """The sequences `order` names (longest first) spread over n_rows rows, each into the emptiest row: (rows, tokens
     in each row)."""
@@ -40,6 +34,12 @@ def even_rows(order, lengths, n_rows):
         rows[r].append(i)
         used[r] += lengths[i]
     return rows, used
+
+
+def packed_rows(lengths: list[int], max_length: int | None, one_row: bool) -> list[list[int]]:
+    """Packing's rows of sequence indices: all in one row (one_row), or best_fit_rows of up to max_length tokens
+    (None: the longest sequence's)."""
+    return [list(range(len(lengths)))] if one_row else best_fit_rows(lengths, max_length or max(lengths))
 
 
 def segments(seq_ids):

@@ -314,19 +314,7 @@ def _validate(cfg, notes, light=False):
     for key in ("policy_dtype", "reference_dtype", "fsdp_policy_mp"):
         if key == "policy_dtype" or cfg.model[key] is not None:
             _check_choice(f"model.{key}", cfg.model[key], DTYPE_NAMES)
-    if not cfg.datasets:
-        raise UserError("config: 'datasets' is empty: add at least one, e.g. datasets: [{type: custom_dataset, path: data.json}]")
-    for group in ("datasets", "eval_datasets"):
-        for i, spec in enumerate(cfg[group]):
-            _check_choice(f"{group}[{i}].type", spec.type, DATASET_TYPES)
-            if spec.type == "huggingface_dataset":
-                _check_choice(f"{group}[{i}].name", spec.name, HF_DATASET_NAMES)
-            elif not spec.path:
-                raise UserError(f"config: {group}[{i}].path is required for type custom_dataset")
-    if cfg.model.name_or_path is None and cfg.model.from_config is None:
-        raise UserError("config: set model.name_or_path (hub id or local folder) or model.from_config (random init)")
-    if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
-        raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
+    _check_sources(cfg)
     _check_ranges(cfg, Config)
     check_batch_split(cfg, 1)  # again for the number of processes, once it is known
     if cfg.n_epochs is None and cfg.n_examples is None:
@@ -355,6 +343,24 @@ def _validate(cfg, notes, light=False):
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
     _check_choice("optimizer", cfg.optimizer, sorted(optimizers))
     _check_fsdp(cfg, torch.cuda.is_available())
+
+
+def _check_sources(cfg):
+    """Where the data and the model come from: at least one dataset, each of a known type with what that type needs;
+    a model folder / hub id, or an architecture to build (with a tokenizer)."""
+    if not cfg.datasets:
+        raise UserError("config: 'datasets' is empty: add at least one, e.g. datasets: [{type: custom_dataset, path: data.json}]")
+    for group in ("datasets", "eval_datasets"):
+        for i, spec in enumerate(cfg[group]):
+            _check_choice(f"{group}[{i}].type", spec.type, DATASET_TYPES)
+            if spec.type == "huggingface_dataset":
+                _check_choice(f"{group}[{i}].name", spec.name, HF_DATASET_NAMES)
+            elif not spec.path:
+                raise UserError(f"config: {group}[{i}].path is required for type custom_dataset")
+    if cfg.model.name_or_path is None and cfg.model.from_config is None:
+        raise UserError("config: set model.name_or_path (hub id or local folder) or model.from_config (random init)")
+    if cfg.model.name_or_path is None and cfg.model.tokenizer_name_or_path is None:
+        raise UserError("config: model.from_config needs model.tokenizer_name_or_path")
 
 
 def _check_lora(cfg):
