@@ -143,12 +143,7 @@ class FSDPRanks:
         if state is None:
             return False
         state = {k: v.to(dtype) for k, v in state.items()}
-        files, size, mapping = 1, 0, {}
-        for key, value in state.items():  # files of up to 5 GB, in order, like save_pretrained's shards
-            nbytes = value.numel() * value.element_size()
-            if size and size + nbytes > 5 * 2**30:
-                files, size = files + 1, 0
-            mapping[key], size = files, size + nbytes
+        mapping = export_files(state)
         dcp.save(state, storage_writer=HuggingFaceStorageWriter(folder, fqn_to_index_mapping=mapping,
                                                                 save_distributed=True, enable_consolidation=True))
         if self.rank == 0:
@@ -205,3 +200,18 @@ def return_freed_blocks(threshold=128 * 1024):
 
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)  # what sharded checkpoints hold (all weights, unless LoRA)
 LAYOUTS = {"BasicTrainer": OneDevice, "FSDPTrainer": FSDPRanks}  # config `trainer:` -> layout
+
+
+def export_files(state, smallest=2**28) -> dict:
+    """{name: file number from 1} for an FSDP export: files in key order, each of at most a quarter of the model (at
+    least `smallest` bytes, 256 MiB, at most 5 GB; a larger tensor alone in its file). DCP's writer turns a file's local tensors into
+    one bytes object (safetensors' save) and holds them twice meanwhile, so each process's export peaks at
+    2 / world_size of a file above its state: with one file that was 2 F / world_size."""
+    total = sum(value.numel() * value.element_size() for value in state.values())
+    limit, files, size, mapping = min(5 * 2**30, max(total // 4, smallest)), 1, 0, {}
+    for key, value in state.items():
+        nbytes = value.numel() * value.element_size()
+        if size and size + nbytes > limit:
+            files, size = files + 1, 0
+        mapping[key], size = files, size + nbytes
+    return mapping

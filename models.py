@@ -11,6 +11,7 @@ none, or reference_free).
 """
 import contextlib
 import copy
+import gc
 import hashlib
 import os
 import pickle
@@ -28,7 +29,7 @@ import losses
 from adapters import (apply_lora, base_state, is_adapter_folder, merge_adapter_folder)
 from attention import VARLEN_ATTN, register_varlen_attention
 from config import DTYPE_NAMES, choices
-from sharding import find_block_class, shard_model
+from sharding import copy_shards, fill_from_main_process, find_block_class, shard_model
 from utils import UserError, check_hub_reachable
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # config name -> torch dtype
@@ -323,7 +324,8 @@ def build_models(cfg, tokenizer, layout):
 
     Sharded (FSDPTrainer), no process ever holds more than one full copy: every process builds both models on the
     meta device (no memory), shards them, and fills its shards from the ONE copy that the main process reads
-    (`fill_from_main_process`); policy and reference come from that same read (a PPO critic from one more).
+    (`fill_from_main_process`), a PPO critic from one more; a sharded reference then copies the policy's shards
+    (`copy_shards`), once the full copy is freed, so rank 0 never holds it together with two models' shards.
     The critic (ppo.initial_critic) is None unless the loss's row has one."""
     sharded, lora = layout.mesh is not None, cfg.model.lora is not None
     # FSDP2 gathers one dtype per block: sharded, a LoRA base stays float32 (1/world of it on each process)
@@ -347,37 +349,19 @@ def build_models(cfg, tokenizer, layout):
         critic = critic.to(layout.device) if critic is not None else None
     else:
         shard_policy_and_reference(cfg, layout, policy, reference, critic)
-        for model, full in ((policy, source), (reference, source), (critic, critic_source)):
+        replica = reference if reference is not None and not cfg.fsdp.shard_reference else None
+        for model, full in ((policy, source), (critic, critic_source), (replica, source)):
             if model is not None:  # a replica (shard_reference: false) lives on the compute device
                 fill_from_main_process(model, full, layout.device, cfg.fsdp.cpu_offload and isinstance(model, FSDPModule))
-        del source, critic_source
+        # rank 0's full copy goes (every name of it) before a sharded reference is filled: that copies the policy's
+        # shards, the same values, each process its own (no communication; rank 0 never holds the copy + 2 shards)
+        del source, critic_source, full
+        gc.collect()
+        if reference is not None and replica is None:
+            copy_shards(reference, policy, layout.device, cfg.fsdp.cpu_offload)
     if lora and losses.needs_reference(cfg.loss):
         return policy, AdapterOffReference(policy), critic
     return policy, FrozenReference(reference) if reference is not None else NoReference(), critic
-
-
-def fill_from_main_process(model, source, device, offload):
-    """Fill `model` (built on the meta device, sharded or not) with the weights of `source`, the main process's full
-    model (None on the others), broadcast tensor by tensor: each process keeps its shards (set_model_state_dict
-    with broadcast_from_rank0), and no other process ever holds a full copy. Non-persistent buffers (rotary
-    inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them.
-    offload (fsdp.cpu_offload, sharded models): the parameter shards live in CPU memory, the buffers (which FSDP
-    does not manage) on the compute device, where the forward pass reads them."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    model.to_empty(device="cpu" if offload else device)
-    set_model_state_dict(model, source.state_dict() if source is not None else {}, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload))
-    buffers = dict(source.named_buffers(remove_duplicate=False)) if source is not None else {}
-    for prefix, module in model.named_modules():
-        for name in sorted(k for k, v in module._buffers.items() if v is not None):  # the same order everywhere
-            key, loaded = f"{prefix}.{name}" if prefix else name, module._buffers[name]
-            if name not in module._non_persistent_buffers_set:  # in the state dict: loaded above
-                module._buffers[name] = loaded.to(device)
-                continue
-            value = buffers[key].to(device, loaded.dtype) if source is not None else torch.empty_like(loaded, device=device)
-            dist.broadcast(value, src=0)
-            module._buffers[name] = value
 
 
 def shard_policy_and_reference(cfg, layout, policy, reference, critic=None):

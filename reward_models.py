@@ -91,7 +91,7 @@ class ModelReward:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         sharding.shard_model(model, sharding.find_block_class(model, None), mesh, MixedPrecisionPolicy(),
                              OffloadPolicy(), frozen=True)
-        models.fill_from_main_process(model, source, device, offload=False)
+        sharding.fill_from_main_process(model, source, device, offload=False)
         return model
 
     def render(self, prompt, completion) -> str:

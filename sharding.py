@@ -106,3 +106,48 @@ def export_state(model, state, dtype):
             if names[0] in converted and name in converted:
                 converted[name] = converted[names[0]]
     return converted
+
+
+def fill_from_main_process(model, source, device, offload):
+    """Fill `model` (built on the meta device, sharded or not) with the weights of `source`, the main process's full
+    model (None on the others), broadcast tensor by tensor: each process keeps its shards (set_model_state_dict
+    with broadcast_from_rank0), and no other process ever holds a full copy. Non-persistent buffers (rotary
+    inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them.
+    offload (fsdp.cpu_offload, sharded models): the parameter shards live in CPU memory, the buffers (which FSDP
+    does not manage) on the compute device, where the forward pass reads them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model.to_empty(device="cpu" if offload else device)
+    set_model_state_dict(model, source.state_dict() if source is not None else {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, cpu_offload=offload))
+    buffers = dict(source.named_buffers(remove_duplicate=False)) if source is not None else {}
+    for prefix, module in model.named_modules():
+        for name in sorted(k for k, v in module._buffers.items() if v is not None):  # the same order everywhere
+            key, loaded = f"{prefix}.{name}" if prefix else name, module._buffers[name]
+            if name not in module._non_persistent_buffers_set:  # in the state dict: loaded above
+                module._buffers[name] = loaded.to(device)
+                continue
+            value = buffers[key].to(device, loaded.dtype) if source is not None else torch.empty_like(loaded, device=device)
+            dist.broadcast(value, src=0)
+            module._buffers[name] = value
+
+
+def copy_shards(model, filled, device, offload):
+    """Fill `model` (built on the meta device, sharded over the same mesh as `filled`, which is filled already: the
+    reference, a deep copy of the policy made before either was filled) with `filled`'s values: each process copies
+    its own parameter shards (in `model`'s dtype: a half-precision reference) and the buffers, no communication."""
+    from torch.distributed.tensor import DTensor
+    sources = dict(filled.named_parameters())
+    model.to_empty(device="cpu" if offload else device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            source = sources[name]
+            if not (isinstance(param, DTensor) and isinstance(source, DTensor) and param.placements == source.placements
+                    and param.device_mesh == source.device_mesh and param.shape == source.shape):
+                raise RuntimeError(f"copy_shards: {name} is not sharded as in the model it would copy")
+            param.to_local().copy_(source.to_local())
+        buffers = dict(filled.named_buffers(remove_duplicate=False))
+        for prefix, module in model.named_modules():
+            for name, value in module._buffers.items():
+                if value is not None:  # plain tensors (FSDP shards parameters only): on the compute device
+                    module._buffers[name] = buffers[f"{prefix}.{name}" if prefix else name].to(device, value.dtype, copy=True)

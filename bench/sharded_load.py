@@ -25,7 +25,8 @@ there for reuse and gives the heap's free top back only beyond its trim threshol
 64 MB), so some freed broadcast temporaries stay resident; blocks above 32 MB go back to the system when freed, so
 this allowance does not grow with the model (measured excess: 5-40 MiB, for 50M- to 207M-parameter models):
     rank r > 0:  VmHWM - baseline  <  M * F / N + L + slack      (its shards; the issue's "half of the model" for N=2)
-    rank 0:      VmHWM - baseline  <  F + M * F / N + L + slack  (the one full read, plus its shards)
+    rank 0:      VmHWM - baseline  <  F + F / N + L + slack      (the one full read, plus the policy's shards: a
+                                                                  sharded reference copies them once the read is freed)
 """
 import argparse
 import copy
@@ -117,6 +118,8 @@ def bounds(record, slack_bytes):
     """(bound in bytes on VmHWM - baseline, its formula) for this record's rank (see the module docstring)."""
     full, n, models_, largest = record["full_bytes"], record["world_size"], record["n_models"], record["largest_bytes"]
     shards = models_ * full / n
+    if record["rank"] == 0 and record.get("path", "new") == "new":  # the reference's shards come after the read
+        return full + full / n + largest + slack_bytes, f"F + F/{n} + L + slack"
     if record["rank"] == 0:
         return full + shards + largest + slack_bytes, f"F + {models_}F/{n} + L + slack"
     return shards + largest + slack_bytes, f"{models_}F/{n} + L + slack"

@@ -1,5 +1,7 @@
 """FSDPTrainer on CPU (gloo, 2 processes): the same weights as BasicTrainer under both launchers, for SFT and DPO;
 the exported checkpoint loads in transformers; the sharded state reloads into one process; one-line errors."""
+import functools
+import json
 import os
 import signal
 import subprocess
@@ -234,7 +236,8 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
     """FSDPTrainer (world size 1, bf16 mixed precision; built on the meta device and filled from one read): the
     sharded reference computes exactly what the initial policy does (step-0 rewards 0); the export, written shard by
     shard (no gather), holds the same tensors under the same names as BasicTrainer's export (save_pretrained) of the
-    same initial model: GPT-NeoX's head as embed_out (transformers finds that renaming by the model's class name,
+    same initial model (here in several files: files of a quarter of the model, without the 256 MiB floor),
+    GPT-NeoX's head as embed_out (transformers finds that renaming by the model's class name,
     which fully_shard changes), a tied head once; it loads in transformers; nothing of the per-process files is left."""
     from safetensors.torch import load_file
 
@@ -244,6 +247,8 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
         monkeypatch.setenv(key, value)
     common = ["model.policy_dtype=bfloat16", "model.reference_dtype=null", f"model.from_config={arch}", "n_eval_examples=8"]
     cfg = load_config(TINY["dpo"], [*common, "trainer=FSDPTrainer", f"output_dirs={tmp_path}/run"])
+    # files of a quarter of the model, without the 256 MiB floor: this small model is written as several files
+    monkeypatch.setattr(layouts, "export_files", functools.partial(layouts.export_files, smallest=1))
     try:
         trainer = train.build_trainer(cfg)
         metrics = trainer.evaluate()
@@ -253,9 +258,11 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
         torch.distributed.destroy_process_group()
     assert metrics["eval/rewards/margins"] == 0 and metrics["eval/rewards/chosen"] == 0
     files = sorted(f for f in os.listdir(exported) if f.endswith(".safetensors"))
-    assert files == ["model-00001-of-00001.safetensors"] and not os.path.exists(os.path.join(exported, "sharded"))
-    assert os.path.isfile(os.path.join(exported, "model.safetensors.index.json"))
-    written = load_file(os.path.join(exported, files[0]))
+    assert len(files) >= 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert not os.path.exists(os.path.join(exported, "sharded"))
+    with open(os.path.join(exported, "model.safetensors.index.json")) as f:
+        assert sorted(set(json.load(f)["weight_map"].values())) == files
+    written = {k: v for file in files for k, v in load_file(os.path.join(exported, file)).items()}
     basic = train.build_trainer(load_config(TINY["dpo"], [*common, f"output_dirs={tmp_path}/basic"]))
     want = load_file(os.path.join(checkpoints.save(basic, "final"), "model.safetensors"))
     assert sorted(written) == sorted(want) and all(torch.equal(written[k], want[k]) for k in want)
@@ -263,6 +270,31 @@ def test_sharded_reference_and_sharded_export_in_one_process(arch, tmp_path, mon
     assert (head in written) == ("tie_word_embeddings: true" not in arch)  # a tied head: only the embedding is written
     reloaded = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.bfloat16)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in live.items())
+
+
+def test_export_files_are_a_quarter_of_the_model_within_256_mib_and_5_gb():
+    """layouts.export_files (meta tensors: sizes without memory): a 1690 MiB float32 model (issue 19's 443M Llama:
+    embedding, 32 blocks of 45 MiB, head) goes into files of at most F / 4 = 422 MiB, in key order; a model under
+    1 GiB into files of 256 MiB; one under 256 MiB into one file; a 70B-sized one into files of 5 GB; a tensor larger
+    than the limit alone in its file."""
+    def state(*mib):
+        return {f"t{i}": torch.empty(int(m * 2**20) // 4, device="meta") for i, m in enumerate(mib)}
+
+    def files(sizes, mapping):
+        out = {}
+        for (name, value) in sizes.items():
+            out[mapping[name]] = out.get(mapping[name], 0) + value.numel() * 4
+        return [out[i] for i in sorted(out)]
+
+    llama = state(125, *[45] * 32, 125)
+    mapping = layouts.export_files(llama)
+    assert list(mapping.values()) == sorted(mapping.values())  # in key order
+    sizes = files(llama, mapping)
+    assert len(sizes) == 5 and max(sizes) <= sum(sizes) // 4 and sum(sizes) == 1690 * 2**20
+    assert files(state(100, 100, 100), layouts.export_files(state(100, 100, 100))) == [200 * 2**20, 100 * 2**20]
+    assert set(layouts.export_files(state(60, 60, 60)).values()) == {1}
+    assert len(set(layouts.export_files(state(*[1000] * 280)).values())) == 56  # 273 GiB: 5 GiB files of 5 tensors
+    assert layouts.export_files(state(10, 600, 10, 10, 10)) == {"t0": 1, "t1": 2, "t2": 3, "t3": 3, "t4": 3}
 
 
 LORA = ["model.lora={r: 4, alpha: 8}", "model.reference_dtype=null"]  # on every linear layer but the head

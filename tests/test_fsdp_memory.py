@@ -29,7 +29,7 @@ def test_training_peak_per_rank(tmp_path, monkeypatch):
     full, largest = records[0]["full_bytes"], records[0]["largest_bytes"]
     assert 230 * MB < full < 260 * MB and 20 * MB < largest < 30 * MB and [r["rank"] for r in records] == [0, 1]
     bound = 1.5 * full + 4 * largest + 64 * MB
-    for rank, peak in memory.training_peaks(records).items():
+    for rank, peak in memory.peaks(records).items():
         report = f"rank {rank}: peak above baseline {peak * full / MB:.0f} MiB ({peak:.2f} F), bound {bound / MB:.0f} MiB"
         print(report)
         assert 1.4 < peak and peak * full < bound, report  # it sees the shards and gradients, and no more than the bound
