@@ -1,5 +1,6 @@
-"""Sharding (FSDP2) and export: which module class is one FSDP unit, how a model is sharded into units, and the
-tensor names and dtypes a (sharded or gathered) state dict is exported under, as save_pretrained would write them."""
+"""Sharding (FSDP2) and export: which module class is one FSDP unit, how a model is sharded into units and how its
+shards are filled (from rank 0's one read, or from another model's shards), and the tensor names and dtypes a
+(sharded or gathered) state dict is exported under, as save_pretrained would write them."""
 import warnings
 
 import torch
