@@ -73,14 +73,13 @@ def plot_curves(history, path):
 
 def plot_runs(runs: dict, path):
     """plot_curves of several runs in one PNG ({label: history}): a colour per run, train solid, eval dotted."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state, and a quicker import
 
     shown = lambda key: any(key in r or "eval/" + key in r for h in runs.values() for r in h)  # noqa: E731
     panels = [("loss", "loss")] + [(key, title) for key, title in (("rewards/accuracies", "reward accuracy"),
                                                                    ("reward", "mean reward")) if shown(key)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(6 * len(panels), 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for i, (name, history) in enumerate(runs.items()):
             for prefix, style in (("", "-"), ("eval/", "o:" if name else "o-")):
@@ -95,4 +94,3 @@ def plot_runs(runs: dict, path):
             ax.legend(fontsize=8 if len(runs) > 1 else None)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
