@@ -337,7 +337,8 @@ def _validate(cfg, notes, light=False):
         _check_choice("model.attn_implementation", cfg.model.attn_implementation, allowed)
     _check_lora(cfg)
     _check_loss(cfg.loss, notes)
-    _check_online(cfg)
+    import online  # the online methods' own checks (rewards that load, groups): they import torch
+    online.check_config(cfg)
     import torch  # last: a config with a mistake elsewhere fails before torch is imported
     optimizers = [n for n, c in vars(torch.optim).items()
                   if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
@@ -408,36 +409,6 @@ def _check_loss(loss_cfg, notes):
         loss_cfg[f.name] = uses[f.name] if value is None else value
     if spec.online is not None:  # an explicit epsilon is the clip range on both sides unless epsilon_high is set
         loss_cfg.update(rl_losses.resolve(spec.online, *(explicit[k] for k in ("beta", "epsilon", "epsilon_high"))))
-
-def _check_online(cfg):
-    """What an online method needs before any model is loaded: reward functions that load and take TRL's arguments,
-    groups of >= 2 completions for a group baseline, and none of the options that apply to fixed examples only."""
-    import losses
-    spec = losses.LOSSES[cfg.loss.name]
-    if not losses.is_online(cfg.loss):
-        return
-    name = f"loss.name={cfg.loss.name}" + (" with loss.online=true" if spec.online is None else "")
-    if not cfg.rewards:
-        raise UserError(f"config: {name} needs rewards, e.g. rewards: [{{function: math}}] or "
-                        "[{function: my_rewards.py:my_function}] (docs/online.md)")
-    if (spec.online is None or spec.online.groups) and cfg.rollout.num_generations < 2:
-        raise UserError(f"config: {name} compares each completion with the others of its prompt: "
-                        f"rollout.num_generations must be >= 2, got {cfg.rollout.num_generations}")
-    if cfg.rollout.dynamic_sampling and cfg.rollout.num_generations < 2:
-        raise UserError(f"config: rollout.dynamic_sampling=true drops groups whose rewards are all equal: it needs "
-                        f"rollout.num_generations >= 2, got {cfg.rollout.num_generations}")
-    for key in ("packing", "precompute_reference_logps"):
-        if cfg[key]:
-            raise UserError(f"config: {key}=true does not apply to {name} (its completions are sampled each step); "
-                            "set it to false")
-    for i, entry in enumerate(cfg.rewards):
-        if bool(entry.function) == bool(entry.model):
-            raise UserError(f"config: rewards[{i}] needs a function (math | format | overlong | file.py:name) or a "
-                            f"model (a reward model's folder or hub id){', not both' if entry.function else ''}")
-    import online
-    import rewards
-    rewards.load_rewards(online.reward_entries(cfg))  # a missing file or function, a wrong signature: one line
-
 
 def check_batch_split(cfg, world_size):
     """The one rule: a global batch splits evenly into micro-batches x processes."""

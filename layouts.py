@@ -203,10 +203,10 @@ LAYOUTS = {"BasicTrainer": OneDevice, "FSDPTrainer": FSDPRanks}  # config `train
 
 
 def export_files(state, smallest=2**28) -> dict:
-    """{name: file number from 1} for an FSDP export: files in key order, each of at most a quarter of the model (at
-    least `smallest` bytes, 256 MiB, at most 5 GB; a larger tensor alone in its file). DCP's writer turns a file's local tensors into
-    one bytes object (safetensors' save) and holds them twice meanwhile, so each process's export peaks at
-    2 / world_size of a file above its state: with one file that was 2 F / world_size."""
+    """{name: file number from 1} for an FSDP export: files in key order, each of at most a quarter of the model, but
+    at least `smallest` bytes (256 MiB) and at most 5 GB (a larger tensor alone in its file). DCP's writer turns a
+    file's local tensors into one bytes object (safetensors' save) and holds them twice meanwhile, so each process's
+    export peaks at 2 / world_size of a file above its state: with one file that was 2 F / world_size."""
     total = sum(value.numel() * value.element_size() for value in state.values())
     limit, files, size, mapping = min(5 * 2**30, max(total // 4, smallest)), 1, 0, {}
     for key, value in state.items():

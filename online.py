@@ -23,11 +23,39 @@ import rewards as reward_fns
 import rl_losses
 import rollouts
 from objectives import OfflineObjective, Work
+from utils import UserError
 
 
 def reward_entries(cfg) -> list:
     """The `rewards:` section as rewards.load_rewards takes it: each entry's set keys."""
     return [{k: v for k, v in dict(entry).items() if v is not None} for entry in cfg.rewards]
+
+
+def check_config(cfg):
+    """What an online method needs before any model is loaded: reward functions that load and take TRL's arguments,
+    groups of >= 2 completions for a group baseline, and none of the options that apply to fixed examples only."""
+    spec = losses.LOSSES[cfg.loss.name]
+    if not losses.is_online(cfg.loss):
+        return
+    name = f"loss.name={cfg.loss.name}" + (" with loss.online=true" if spec.online is None else "")
+    if not cfg.rewards:
+        raise UserError(f"config: {name} needs rewards, e.g. rewards: [{{function: math}}] or "
+                        "[{function: my_rewards.py:my_function}] (docs/online.md)")
+    if (spec.online is None or spec.online.groups) and cfg.rollout.num_generations < 2:
+        raise UserError(f"config: {name} compares each completion with the others of its prompt: "
+                        f"rollout.num_generations must be >= 2, got {cfg.rollout.num_generations}")
+    if cfg.rollout.dynamic_sampling and cfg.rollout.num_generations < 2:
+        raise UserError(f"config: rollout.dynamic_sampling=true drops groups whose rewards are all equal: it needs "
+                        f"rollout.num_generations >= 2, got {cfg.rollout.num_generations}")
+    for key in ("packing", "precompute_reference_logps"):
+        if cfg[key]:
+            raise UserError(f"config: {key}=true does not apply to {name} (its completions are sampled each step); "
+                            "set it to false")
+    for i, entry in enumerate(cfg.rewards):
+        if bool(entry.function) == bool(entry.model):
+            raise UserError(f"config: rewards[{i}] needs a function (math | format | overlong | file.py:name) or a "
+                            f"model (a reward model's folder or hub id){', not both' if entry.function else ''}")
+    reward_fns.load_rewards(reward_entries(cfg))  # a missing file or function, a wrong signature: one line
 
 
 def rollout_seed(seed, step, index) -> int:

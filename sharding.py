@@ -6,6 +6,7 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from utils import UserError
 
@@ -116,7 +117,6 @@ def fill_from_main_process(model, source, device, offload):
     inv_freq, ...) are in no state dict: they are broadcast from the source's own, as transformers computed them.
     offload (fsdp.cpu_offload, sharded models): the parameter shards live in CPU memory, the buffers (which FSDP
     does not manage) on the compute device, where the forward pass reads them."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     model.to_empty(device="cpu" if offload else device)
     set_model_state_dict(model, source.state_dict() if source is not None else {}, options=StateDictOptions(
@@ -137,7 +137,6 @@ def copy_shards(model, filled, device, offload):
     """Fill `model` (built on the meta device, sharded over the same mesh as `filled`, which is filled already: the
     reference, a deep copy of the policy made before either was filled) with `filled`'s values: each process copies
     its own parameter shards (in `model`'s dtype: a half-precision reference) and the buffers, no communication."""
-    from torch.distributed.tensor import DTensor
     sources = dict(filled.named_parameters())
     model.to_empty(device="cpu" if offload else device)
     with torch.no_grad():
